@@ -1,0 +1,438 @@
+"""The agent host: runs one instance of an agent on a NATS connection.
+
+It serves tasks sent to the instance and to each capability (queue groups share the work
+between replicas), help requests, and the events the agent subscribes to (one durable
+consumer per agent name, so replicas see each event once). It never runs more than
+`max_concurrency` handlers at once, publishes heartbeats, and drains on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from functools import partial
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import BadRequestError
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointConfig, Service
+
+from chorus import __version__
+from chorus.agent.api import Agent
+from chorus.agent.context import Context
+from chorus.client import ChorusClient
+from chorus.config import Settings
+from chorus.connection import connect
+from chorus.errors import ChorusError, Draining, InvalidMessage, PayloadTooLarge, TaskFailed
+from chorus.llm import Model, create_model
+from chorus.llm.factory import split_model
+from chorus.messages import (
+    RUN_ID_HEADER,
+    SERVICE_ERROR_CODE_HEADER,
+    SERVICE_ERROR_HEADER,
+    TASK_ID_HEADER,
+    ErrorReply,
+    Event,
+    Heartbeat,
+    HelpReply,
+    HelpRequest,
+    Result,
+    Task,
+    decode,
+    encode,
+)
+from chorus.streams import ensure_events_stream
+
+log = logging.getLogger("chorus.agent")
+
+EVENT_ACK_WAIT_S = 30.0
+EVENT_MAX_DELIVER = 5
+
+
+class InstanceStats(msgspec.Struct):
+    """Counters an instance reports in its heartbeats."""
+
+    processed: int = 0
+    failed: int = 0
+    in_flight: int = 0
+    waiting: int = 0
+    peak_in_flight: int = 0
+    total_latency_ms: float = 0.0
+
+    @property
+    def mean_latency_ms(self) -> float:
+        done = self.processed + self.failed
+        return self.total_latency_ms / done if done else 0.0
+
+
+def new_instance_id(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:10]}"
+
+
+class AgentHost:
+    """One running instance of `agent`."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        settings: Settings,
+        *,
+        model: Model | None = None,
+        instance: str | None = None,
+        nc: Client | None = None,
+    ) -> None:
+        self.agent = agent
+        self.settings = settings
+        self.subjects = settings.subjects
+        self.instance = instance or new_instance_id(agent.name)
+        self.model_name = split_model(agent.spec.model)[1]
+        # Built here, not mid-task, so a missing API key fails at start-up.
+        self.model: Model = model if model is not None else create_model(agent.spec.model)
+        self.stats = InstanceStats()
+        self.started_at = time.time()
+        self._nc = nc
+        self._owns_connection = nc is None
+        self._slots = asyncio.Semaphore(agent.spec.max_concurrency)
+        self._room = asyncio.Event()
+        self._room.set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._service: Service | None = None
+        self._draining = False
+        self._stopped = asyncio.Event()
+
+    @property
+    def nc(self) -> Client:
+        assert self._nc is not None, "start() the host first"
+        return self._nc
+
+    @property
+    def client(self) -> ChorusClient:
+        return ChorusClient(self.nc, self.subjects, timeout=self.settings.request_timeout)
+
+    async def start(self) -> None:
+        if self._nc is None:
+            self._nc = await connect(self.settings, f"agent:{self.instance}", service=True)
+        spec = self.agent.spec
+        self._service = await add_service(
+            self.nc,
+            name=self.subjects.micro_service,
+            version=__version__,
+            description=spec.description or f"Chorus agent {spec.name}",
+            metadata={
+                "agent": spec.name,
+                "instance": self.instance,
+                "capabilities": ",".join(spec.capabilities),
+                "max_concurrency": str(spec.max_concurrency),
+                "model": spec.model,
+            },
+        )
+        await self._add_endpoint("task", self.subjects.agent_task(self.instance), self.instance)
+        for capability in spec.capabilities:
+            await self._add_endpoint(
+                f"cap-{capability}",
+                self.subjects.capability_task(capability),
+                self.subjects.capability_queue(capability),
+            )
+            await self._add_endpoint(
+                f"help-{capability}",
+                self.subjects.help(capability),
+                self.subjects.help_queue(capability),
+            )
+        if spec.subscribes:
+            self._loops.append(asyncio.create_task(self._consume_events(), name="events"))
+        self._loops.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeats"))
+        await self.nc.flush(timeout=5)
+        log.info(
+            "agent ready",
+            extra={"agent": spec.name, "instance": self.instance, "caps": spec.capabilities},
+        )
+
+    async def _add_endpoint(self, name: str, subject: str, queue: str) -> None:
+        assert self._service is not None
+        kind = "help" if name.startswith("help-") else "task"
+        await self._service.add_endpoint(
+            EndpointConfig(
+                name=name,
+                subject=subject,
+                queue_group=queue,
+                handler=partial(self._on_request, kind),
+            )
+        )
+
+    # requests: decode at once, run in a tracked task so the subscription keeps flowing
+
+    async def _on_request(self, kind: str, request: Request) -> None:
+        try:
+            if len(request.data) > self.settings.max_message_bytes:
+                raise PayloadTooLarge(
+                    f"message of {len(request.data)} bytes is over the limit of "
+                    f"{self.settings.max_message_bytes}; put large inputs in the state store"
+                )
+            if self._draining:
+                raise Draining(f"instance {self.instance} is shutting down; retry elsewhere")
+            message: Task | HelpRequest = (
+                decode(request.data, Task) if kind == "task" else decode(request.data, HelpRequest)
+            )
+        except ChorusError as exc:
+            await self._respond_error(request, exc)
+            log.warning("rejected request", extra={"subject": request.subject, "error": str(exc)})
+            return
+        self._spawn(self._serve(message, request))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, message: Task | HelpRequest, request: Request) -> None:
+        task_id = message.task_id if isinstance(message, Task) else message.request_id
+        headers = {TASK_ID_HEADER: task_id}
+        if message.run_id:
+            headers[RUN_ID_HEADER] = message.run_id
+        try:
+            body = await self._run(message)
+        except ChorusError as exc:
+            await self._respond_error(request, exc, task_id)
+            return
+        await request.respond(body, headers=headers)
+
+    async def _run(self, message: Task | HelpRequest) -> bytes:
+        """Run one handler under the concurrency limit; failures become ChorusErrors."""
+        ctx = Context(self, run_id=message.run_id, instructions=self.agent.spec.instructions)
+        async with self._slot() as started:
+            try:
+                if isinstance(message, Task):
+                    reply = await self.agent.handle_task(message, ctx)
+                    await self._publish_events(ctx.events)
+                else:
+                    reply = await self.agent.handle_help(message, ctx)
+            except ChorusError:
+                self._finish(started, ok=False)
+                raise
+            except Exception as exc:
+                self._finish(started, ok=False)
+                log.exception("handler failed", extra={"instance": self.instance})
+                raise TaskFailed(f"{type(exc).__name__}: {exc}") from exc
+            duration_ms = self._finish(started, ok=True)
+        if isinstance(message, Task):
+            return encode(
+                Result(
+                    task_id=message.task_id,
+                    agent=self.agent.name,
+                    instance=self.instance,
+                    output=reply.output,
+                    data=reply.data,
+                    usage=ctx.usage,
+                    duration_ms=duration_ms,
+                    events=ctx.events,
+                )
+            )
+        return encode(
+            HelpReply(
+                request_id=message.request_id,
+                answer=reply.output,
+                helper=self.agent.name,
+                instance=self.instance,
+                data=reply.data,
+                usage=ctx.usage,
+            )
+        )
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[float]:
+        """Hold one of `max_concurrency` slots; yields the start time."""
+        self.stats.waiting += 1
+        self._update_room()
+        try:
+            await self._slots.acquire()
+        finally:
+            self.stats.waiting -= 1
+        self.stats.in_flight += 1
+        self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
+        try:
+            yield time.monotonic()
+        finally:
+            self.stats.in_flight -= 1
+            self._slots.release()
+            self._update_room()
+
+    def _update_room(self) -> None:
+        busy = self.stats.in_flight + self.stats.waiting
+        if busy < self.agent.spec.max_concurrency:
+            self._room.set()
+        else:
+            self._room.clear()
+
+    def _finish(self, started: float, *, ok: bool) -> float:
+        duration_ms = (time.monotonic() - started) * 1000
+        self.stats.total_latency_ms += duration_ms
+        if ok:
+            self.stats.processed += 1
+        else:
+            self.stats.failed += 1
+        return duration_ms
+
+    async def _respond_error(self, request: Request, exc: ChorusError, task_id: str = "") -> None:
+        body = encode(
+            ErrorReply(code=exc.code, reason=exc.reason, task_id=task_id, instance=self.instance)
+        )
+        headers = {SERVICE_ERROR_HEADER: exc.reason, SERVICE_ERROR_CODE_HEADER: exc.code}
+        with contextlib.suppress(ValueError):  # a plain publish has no reply subject
+            await request.respond(body, headers=headers)
+
+    async def _publish_events(self, events: list[Event]) -> None:
+        for event in events:
+            await self.client.publish_event(event)
+
+    # events: a durable pull consumer shared by every replica of this agent
+
+    async def _bind_events(self) -> Any:
+        js = self.nc.jetstream()
+        await ensure_events_stream(js, self.subjects)
+        stream = self.subjects.events_stream
+        durable = self.subjects.event_consumer(self.agent.name)
+        config = ConsumerConfig(
+            durable_name=durable,
+            filter_subjects=[self.subjects.event(t) for t in self.agent.spec.subscribes],
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=EVENT_ACK_WAIT_S,
+            max_deliver=EVENT_MAX_DELIVER,
+            deliver_policy=DeliverPolicy.NEW,
+        )
+        try:
+            await js.add_consumer(stream, config)
+        except BadRequestError as exc:
+            # The consumer exists with other settings (an older spec): keep its position.
+            log.warning("event consumer exists", extra={"consumer": durable, "error": str(exc)})
+        return await js.pull_subscribe_bind(durable=durable, stream=stream)
+
+    async def _consume_events(self) -> None:
+        subscription = None
+        while not self._draining:
+            try:
+                if subscription is None:
+                    subscription = await self._bind_events()
+                await self._room.wait()
+                if self._draining:
+                    break
+                messages = await subscription.fetch(1, timeout=2, heartbeat=0.5)
+            except NatsTimeout:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # After a server restart a pull subscription may not resume: bind again.
+                log.warning("event fetch failed", extra={"error": repr(exc)})
+                subscription = None
+                await asyncio.sleep(0.5)  # backoff before binding again
+                continue
+            for msg in messages:
+                self._spawn(self._handle_event(msg))
+
+    async def _handle_event(self, msg: Msg) -> None:
+        try:
+            event = decode(msg.data, Event)
+        except InvalidMessage as exc:
+            log.error("dropping malformed event", extra={"subject": msg.subject, "error": str(exc)})
+            await msg.term()
+            return
+        keepalive = asyncio.create_task(self._keep_claim(msg))
+        ctx = Context(self, run_id=event.run_id, instructions=self.agent.spec.instructions)
+        try:
+            async with self._slot() as started:
+                try:
+                    await self.agent.handle_event(event, ctx)
+                    await self._publish_events(ctx.events)
+                except Exception as exc:
+                    self._finish(started, ok=False)
+                    attempt = msg.metadata.num_delivered
+                    log.warning(
+                        "event handler failed",
+                        extra={"topic": event.topic, "attempt": attempt, "error": repr(exc)},
+                    )
+                    await msg.nak(delay=min(2.0**attempt, 30.0))
+                    return
+                self._finish(started, ok=True)
+            await msg.ack_sync(timeout=5)
+        finally:
+            keepalive.cancel()
+
+    @staticmethod
+    async def _keep_claim(msg: Msg) -> None:
+        """Tell JetStream the event is still being worked on, so it is not redelivered."""
+        while True:
+            await asyncio.sleep(EVENT_ACK_WAIT_S / 3)
+            await msg.in_progress()
+
+    # heartbeats
+
+    def heartbeat(self, state: str = "ready") -> Heartbeat:
+        spec = self.agent.spec
+        return Heartbeat(
+            instance=self.instance,
+            name=spec.name,
+            capabilities=list(spec.capabilities),
+            in_flight=self.stats.in_flight,
+            max_concurrency=spec.max_concurrency,
+            processed=self.stats.processed,
+            failed=self.stats.failed,
+            mean_latency_ms=round(self.stats.mean_latency_ms, 3),
+            interval_s=self.settings.heartbeat_interval,
+            started_at=self.started_at,
+            state=state,
+            waiting=self.stats.waiting,
+            version=__version__,
+        )
+
+    async def _publish_heartbeat(self, state: str) -> None:
+        hb = self.heartbeat(state)
+        await self.nc.publish(self.subjects.heartbeat(self.instance), encode(hb))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._publish_heartbeat("draining" if self._draining else "ready")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self.settings.heartbeat_interval)
+                return
+
+    # shutdown
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Drain: take nothing new, finish what is in flight, leave the registry, disconnect."""
+        if self._draining:
+            return
+        self._draining = True
+        self._room.set()  # wake the event loop so it sees the drain
+        log.info("draining", extra={"instance": self.instance, "in_flight": len(self._tasks)})
+        await self._publish_heartbeat("draining")
+        if self._service is not None:
+            await self._service.stop()
+        for loop in self._loops:
+            if loop.get_name() == "events":
+                loop.cancel()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("drain timed out", extra={"cancelled": len(pending)})
+        self._stopped.set()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        await self._publish_heartbeat("stopped")
+        await self.model.close()
+        if self._owns_connection:
+            await self.nc.drain()
+        else:
+            await self.nc.flush(timeout=5)
+        log.info("agent stopped", extra={"instance": self.instance})

@@ -1,0 +1,59 @@
+"""The YAML agent spec: what one agent is, independent of how many instances run it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from chorus.errors import ConfigError
+from chorus.specfile import load_yaml
+from chorus.subjects import check_token, check_topic
+
+
+class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An agent as written in a spec file.
+
+    `handler` names a Python function or Agent (`package.module:attribute`) that replaces the
+    default behaviour (ask the model with `instructions` and the task's input).
+    """
+
+    name: str
+    instructions: str = ""
+    model: str = "offline"
+    capabilities: list[str] = []
+    max_concurrency: int = 4
+    subscribes: list[str] = []
+    emits: str | None = None
+    tools: list[str] = []
+    handler: str | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        check_token(self.name, "agent name")
+        for capability in self.capabilities:
+            check_token(capability, "capability")
+        for topic in self.subscribes:
+            check_topic(topic)
+        if self.emits is not None:
+            check_topic(self.emits)
+        if self.max_concurrency < 1:
+            raise ConfigError(f"agent {self.name}: max_concurrency must be at least 1")
+        unknown = set(self.tools) - KNOWN_TOOLS
+        if unknown:
+            raise ConfigError(
+                f"agent {self.name}: unknown tools {sorted(unknown)}; known: {sorted(KNOWN_TOOLS)}"
+            )
+
+
+# Tools a YAML agent can enable; the default handler offers them to the model.
+KNOWN_TOOLS = frozenset({"ask_help"})
+
+
+def load_spec(path: str | Path) -> AgentSpec:
+    try:
+        return load_yaml(path, AgentSpec)
+    except ConfigError as exc:
+        if exc.reason.startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {exc.reason}") from None

@@ -1,0 +1,61 @@
+"""The commands: small async functions from parsed arguments and settings to an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from chorus.config import Settings
+
+
+def register(sub: Any) -> None:
+    agent = sub.add_parser("agent", help="run an agent instance")
+    agent_sub = agent.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
+    run = agent_sub.add_parser(
+        "run",
+        help="run one instance of an agent until SIGTERM/SIGINT (which drain it)",
+        description="Run one agent instance. SPEC is a YAML spec file or package.module:agent.",
+        epilog="example: chorus agent run examples/agents/researcher.yaml",
+    )
+    run.add_argument("spec", metavar="SPEC")
+    run.add_argument("--instance", help="instance id (default: <name>-<random>)")
+    run.set_defaults(run=agent_run, service=True)
+
+    schema = sub.add_parser(
+        "schema",
+        help="print the JSON Schema of every wire message",
+        description="Print the JSON Schema (2020-12) of every Chorus wire message.",
+    )
+    schema.set_defaults(run=print_schema)
+
+    demo = sub.add_parser(
+        "demo",
+        help="start a local system (nats-server + agents) and send it a task",
+        description="Start an embedded nats-server and example agents as separate processes, "
+        "send a task, print the answer, stop. Needs no API key (offline model).",
+    )
+    demo.add_argument("--data-dir", help="keep JetStream data here (default: a temp dir)")
+    demo.add_argument("--task", default="What makes NATS a good fit for agent systems?")
+    demo.set_defaults(run=run_demo)
+
+
+async def agent_run(args: argparse.Namespace, settings: Settings) -> int:
+    from services.agent.main import serve
+
+    return await serve(args.spec, settings, instance=args.instance)
+
+
+async def print_schema(args: argparse.Namespace, settings: Settings) -> int:
+    from chorus.messages import schemas
+
+    json.dump(schemas(), sys.stdout, indent=2)
+    print()
+    return 0
+
+
+async def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from chorus.demo import quickstart
+
+    return await quickstart(args.data_dir, args.task, settings)

@@ -1,0 +1,62 @@
+"""`chorus`: entry point, argument parsing, and the one place errors become one readable line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from chorus.config import Settings
+from chorus.errors import ChorusError
+from chorus.logs import setup_logging
+
+Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        nats_url=getattr(args, "nats_url", None), prefix=getattr(args, "prefix", None)
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from chorus.cli import commands
+
+    parser = argparse.ArgumentParser(
+        prog="chorus",
+        description="Run teams of LLM agents as separate processes over NATS.",
+        epilog="Connection settings come from NATS_URL, NATS_CREDS, ... (see the README table).",
+    )
+    parser.add_argument("--nats-url", help="NATS server URL(s), comma-separated [env NATS_URL]")
+    parser.add_argument("--prefix", help="subject prefix [env CHORUS_PREFIX, default chorus]")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=None,
+        help="log format (default: json for services, text otherwise)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command: Command = args.run
+    service = bool(getattr(args, "service", False))
+    log_format = args.log_format or ("json" if service else "text")
+    try:
+        settings = _settings(args)
+        # Services log what they do; interactive commands only warnings, unless asked.
+        level = settings.log_level if service or "CHORUS_LOG_LEVEL" in os.environ else "WARNING"
+        setup_logging(level, json_lines=log_format == "json")
+        return asyncio.run(command(args, settings))
+    except ChorusError as exc:
+        print(f"chorus: error: {exc.reason}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,142 @@
+"""Talking to agents from any process: tasks, help requests, events, discovery."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from chorus.errors import NoHelper, NoResponders, RequestTimeout, error_from_code
+from chorus.messages import (
+    MSG_ID_HEADER,
+    RUN_ID_HEADER,
+    TASK_ID_HEADER,
+    ErrorReply,
+    Event,
+    HelpReply,
+    HelpRequest,
+    Result,
+    Task,
+    decode,
+    encode,
+)
+from chorus.streams import ensure_events_stream
+from chorus.subjects import Subjects
+
+
+class ChorusClient:
+    """A thin typed layer over one NATS connection."""
+
+    def __init__(self, nc: Client, subjects: Subjects, *, timeout: float = 60.0) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.timeout = timeout
+        self._events_ready = False
+
+    async def _request(
+        self, subject: str, payload: bytes, headers: dict[str, str], timeout: float | None
+    ) -> Msg:
+        try:
+            return await self.nc.request(
+                subject, payload, timeout=timeout or self.timeout, headers=headers
+            )
+        except NoRespondersError:
+            raise NoResponders(f"no agent is listening on {subject}") from None
+        except NatsTimeout:
+            raise RequestTimeout(
+                f"no reply on {subject} within {timeout or self.timeout}s"
+            ) from None
+
+    async def run_task(
+        self,
+        task: Task,
+        *,
+        instance: str | None = None,
+        capability: str | None = None,
+        timeout: float | None = None,
+    ) -> Result:
+        """Send a task to one instance or to any instance with a capability; wait for its result."""
+        if (instance is None) == (capability is None):
+            raise ValueError("give exactly one of instance or capability")
+        subject = (
+            self.subjects.agent_task(instance)
+            if instance is not None
+            else self.subjects.capability_task(capability or "")
+        )
+        headers = {TASK_ID_HEADER: task.task_id}
+        if task.run_id:
+            headers[RUN_ID_HEADER] = task.run_id
+        msg = await self._request(subject, encode(task), headers, timeout)
+        reply = decode(msg.data, Result | ErrorReply)  # type: ignore[arg-type]
+        if isinstance(reply, ErrorReply):
+            raise error_from_code(reply.code, reply.reason)
+        assert isinstance(reply, Result)
+        return reply
+
+    async def ask_help(
+        self,
+        capability: str,
+        question: str,
+        *,
+        data: Any = None,
+        requester: str = "",
+        run_id: str = "",
+        timeout: float | None = None,
+    ) -> HelpReply:
+        request = HelpRequest(
+            capability=capability,
+            question=question,
+            data=data,
+            requester=requester,
+            run_id=run_id,
+        )
+        try:
+            msg = await self._request(self.subjects.help(capability), encode(request), {}, timeout)
+        except NoResponders:
+            raise NoHelper(
+                f"no agent with capability {capability!r} is running to help; start one "
+                f"(chorus agent run SPEC) or ask for another capability"
+            ) from None
+        reply = decode(msg.data, HelpReply | ErrorReply)  # type: ignore[arg-type]
+        if isinstance(reply, ErrorReply):
+            raise error_from_code(reply.code, reply.reason)
+        assert isinstance(reply, HelpReply)
+        return reply
+
+    async def publish_event(self, event: Event) -> bool:
+        """Store an event in the events stream; returns False when it was a duplicate id."""
+        js = self.nc.jetstream()
+        if not self._events_ready:
+            await ensure_events_stream(js, self.subjects)
+            self._events_ready = True
+        headers = {MSG_ID_HEADER: event.event_id}
+        if event.run_id:
+            headers[RUN_ID_HEADER] = event.run_id
+        ack = await js.publish(
+            self.subjects.event(event.topic), encode(event), headers=headers, timeout=5
+        )
+        return not ack.duplicate
+
+    async def discover(self, timeout: float = 0.5) -> list[dict[str, Any]]:
+        """Every agent instance that answers `$SRV.PING.<service>` within `timeout`."""
+        inbox = self.nc.new_inbox()
+        found: list[dict[str, Any]] = []
+        sub = await self.nc.subscribe(inbox)
+        try:
+            await self.nc.publish(f"$SRV.PING.{self.subjects.micro_service}", b"", reply=inbox)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except NatsTimeout:
+                    break
+                found.append(json.loads(msg.data))
+        finally:
+            await sub.unsubscribe()
+        return found

@@ -1,0 +1,72 @@
+"""Settings: one typed object, read from the environment (and flags) in one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from chorus.errors import ConfigError
+from chorus.subjects import Subjects, check_token
+
+# environment variable -> settings field
+ENVIRONMENT: dict[str, str] = {
+    "NATS_URL": "nats_url",
+    "NATS_CREDS": "nats_creds",
+    "NATS_USER": "nats_user",
+    "NATS_PASSWORD": "nats_password",
+    "NATS_TOKEN": "nats_token",
+    "NATS_TLS_CA": "tls_ca",
+    "NATS_TLS_CERT": "tls_cert",
+    "NATS_TLS_KEY": "tls_key",
+    "CHORUS_PREFIX": "prefix",
+    "CHORUS_CONNECT_WAIT": "connect_wait",
+    "CHORUS_HEARTBEAT_INTERVAL": "heartbeat_interval",
+    "CHORUS_REQUEST_TIMEOUT": "request_timeout",
+    "CHORUS_MAX_MESSAGE_BYTES": "max_message_bytes",
+    "CHORUS_DATA_DIR": "data_dir",
+    "CHORUS_LOG_LEVEL": "log_level",
+}
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """How a Chorus process reaches NATS and behaves. Every field has an environment variable."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_creds: str | None = None
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_token: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    prefix: str = "chorus"
+    connect_wait: float = 0.0
+    heartbeat_interval: float = 2.0
+    request_timeout: float = 60.0
+    max_message_bytes: int = 1_048_576
+    data_dir: str = ".chorus"
+    log_level: str = "INFO"
+
+    @property
+    def subjects(self) -> Subjects:
+        return Subjects(self.prefix)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read settings from the environment; keyword overrides (from flags) win when not None."""
+        source = os.environ if env is None else env
+        raw: dict[str, Any] = {
+            field: source[var] for var, field in ENVIRONMENT.items() if source.get(var)
+        }
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            settings = msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            field = str(exc).rsplit("$.", 1)[-1].rstrip("`")
+            var = next((v for v, f in ENVIRONMENT.items() if f == field), field)
+            raise ConfigError(f"setting {var} is invalid: {exc}") from None
+        check_token(settings.prefix, "CHORUS_PREFIX")
+        return settings

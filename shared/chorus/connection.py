@@ -1,0 +1,75 @@
+"""Connecting to NATS the same way everywhere: credentials, TLS, reconnects, clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.errors import NoServersError
+
+from chorus.config import Settings
+from chorus.errors import NatsUnreachable
+
+log = logging.getLogger("chorus.connection")
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if not (settings.tls_ca or settings.tls_cert):
+        return None
+    context = ssl.create_default_context(cafile=settings.tls_ca)
+    if settings.tls_cert:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
+
+
+def connect_options(settings: Settings, name: str, *, service: bool) -> dict[str, Any]:
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error", extra={"client": name, "error": str(exc)})
+
+    async def on_disconnect() -> None:
+        log.info("disconnected from nats", extra={"client": name})
+
+    async def on_reconnect() -> None:
+        log.info("reconnected to nats", extra={"client": name})
+
+    options: dict[str, Any] = {
+        "servers": [u.strip() for u in settings.nats_url.split(",") if u.strip()],
+        "name": name,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnect,
+        "reconnected_cb": on_reconnect,
+        "connect_timeout": 2,
+        # Services keep trying forever; the default gives up after about two minutes.
+        "max_reconnect_attempts": -1 if service else 10,
+        "reconnect_time_wait": 0.5,
+        "user": settings.nats_user,
+        "password": settings.nats_password,
+        "token": settings.nats_token,
+        "user_credentials": settings.nats_creds,
+        "tls": _tls_context(settings),
+    }
+    return {k: v for k, v in options.items() if v is not None}
+
+
+async def connect(settings: Settings, name: str, *, service: bool = False) -> Client:
+    """Connect, retrying for `settings.connect_wait` seconds; raise NatsUnreachable after."""
+    options = connect_options(settings, name, service=service)
+    deadline = time.monotonic() + settings.connect_wait
+    delay = 0.1
+    while True:
+        try:
+            return await nats.connect(**options)
+        except (TimeoutError, NoServersError, OSError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise NatsUnreachable(
+                    f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}): "
+                    "start a local system with `chorus up`, or set NATS_URL to a running server"
+                ) from None
+            log.info("waiting for nats", extra={"url": settings.nats_url, "retry_in": delay})
+            await asyncio.sleep(delay)  # backoff between connection attempts
+            delay = min(delay * 2, 2.0)

@@ -1,0 +1,102 @@
+"""One exception hierarchy; each class has a stable code that is also the wire error code."""
+
+from __future__ import annotations
+
+
+class ChorusError(Exception):
+    """Base of every error Chorus raises on purpose. `code` is stable and goes on the wire."""
+
+    code = "chorus_error"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class InvalidMessage(ChorusError):
+    """A message failed validation: bad JSON, a wrong type, a missing field."""
+
+    code = "invalid_message"
+
+
+class PayloadTooLarge(ChorusError):
+    code = "payload_too_large"
+
+
+class UnknownSubject(ChorusError):
+    code = "unknown_subject"
+
+
+class ConfigError(ChorusError):
+    """Configuration, a spec file or a workflow file is wrong."""
+
+    code = "invalid_config"
+
+
+class NatsUnreachable(ChorusError):
+    code = "nats_unreachable"
+
+
+class NoResponders(ChorusError):
+    """Nobody listens on the subject: no agent has that name or capability."""
+
+    code = "no_responders"
+
+
+class NoHelper(ChorusError):
+    """A help request found no agent with the capability."""
+
+    code = "no_helper"
+
+
+class RequestTimeout(ChorusError):
+    code = "timeout"
+
+
+class TaskFailed(ChorusError):
+    """The agent's handler raised; the reason is the handler's message."""
+
+    code = "task_failed"
+
+
+class Draining(ChorusError):
+    """The instance is shutting down and takes no new work."""
+
+    code = "draining"
+
+
+class ModelError(ChorusError):
+    code = "model_error"
+
+
+class MissingApiKey(ChorusError):
+    code = "missing_api_key"
+
+
+class NotFound(ChorusError):
+    code = "not_found"
+
+
+class Conflict(ChorusError):
+    code = "conflict"
+
+
+_BY_CODE: dict[str, type[ChorusError]] = {}
+
+
+def _register(cls: type[ChorusError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(ChorusError)
+
+
+def error_from_code(code: str, reason: str) -> ChorusError:
+    """Rebuild the exception a remote process reported, so callers can catch it by type."""
+    cls = _BY_CODE.get(code, ChorusError)
+    err = cls(reason)
+    if cls is ChorusError:
+        err.code = code
+    return err

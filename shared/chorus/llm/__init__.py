@@ -1,0 +1,8 @@
+"""Models: one interface (`Model`), an `offline` and an `openai` provider."""
+
+from __future__ import annotations
+
+from chorus.llm.base import Model, ModelReply, ModelRequest
+from chorus.llm.factory import create_model
+
+__all__ = ["Model", "ModelReply", "ModelRequest", "create_model"]

