@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -19,6 +20,7 @@ from chorus.agent import Agent
 from chorus.agent.host import AgentHost
 from chorus.config import Settings
 from chorus.connection import connect
+from chorus.coordinator.service import Coordinator
 from chorus.llm.offline import OfflineModel
 from chorus.messages import Heartbeat, decode
 from chorus.server import NatsServer
@@ -65,6 +67,44 @@ async def nc(settings: Settings) -> AsyncIterator[Client]:
     client = await connect(settings, "test")
     yield client
     await client.close()
+
+
+StartCoordinator = Callable[..., Awaitable[Coordinator]]
+
+
+@pytest.fixture
+async def start_coordinator(settings: Settings) -> AsyncIterator[StartCoordinator]:
+    """Coordinators in this process, each on its own connection, with test-speed timings."""
+    running: list[tuple[Coordinator, Client]] = []
+
+    async def start(**overrides: object) -> Coordinator:
+        tuned = msgspec.structs.replace(
+            settings,
+            **{
+                "unhealthy_after": 3,
+                "dead_after": 5,
+                "retry_backoff": 0.05,
+                "breaker_failures": 3,
+                "breaker_cooldown": 0.5,
+                "claim_timeout": 3,
+                **overrides,
+            },
+        )
+        client = await connect(tuned, "coordinator")
+        service = Coordinator(client, tuned)
+        await service.start()
+        running.append((service, client))
+        return service
+
+    yield start
+    for service, client in running:
+        await service.stop()
+        await client.close()
+
+
+@pytest.fixture
+async def coordinator(start_coordinator: StartCoordinator) -> Coordinator:
+    return await start_coordinator()
 
 
 StartHost = Callable[..., Awaitable[AgentHost]]

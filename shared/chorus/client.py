@@ -58,20 +58,31 @@ class ChorusClient:
         *,
         instance: str | None = None,
         capability: str | None = None,
+        agent: str | None = None,
         timeout: float | None = None,
     ) -> Result:
-        """Send a task to one instance or to any instance with a capability; wait for its result."""
-        if (instance is None) == (capability is None):
-            raise ValueError("give exactly one of instance or capability")
-        subject = (
-            self.subjects.agent_task(instance)
-            if instance is not None
-            else self.subjects.capability_task(capability or "")
-        )
+        """Send a task to one instance, to any instance with a capability, or to any instance
+        of the agent called `agent`; wait for its result."""
+        if sum(target is not None for target in (instance, capability, agent)) != 1:
+            raise ValueError("give exactly one of instance, capability or agent")
+        if instance is not None:
+            subject = self.subjects.agent_task(instance)
+        elif agent is not None:
+            subject = self.subjects.named_task(agent)
+        else:
+            subject = self.subjects.capability_task(capability or "")
         headers = {TASK_ID_HEADER: task.task_id}
         if task.run_id:
             headers[RUN_ID_HEADER] = task.run_id
-        msg = await self._request(subject, encode(task), headers, timeout)
+        try:
+            msg = await self._request(subject, encode(task), headers, timeout)
+        except NoResponders:
+            if instance is not None:
+                raise
+            target = f"named {agent!r}" if agent is not None else f"with capability {capability!r}"
+            raise NoResponders(
+                f"no agent {target} is running; start one (chorus agent run SPEC)"
+            ) from None
         reply = decode(msg.data, Result | ErrorReply)  # type: ignore[arg-type]
         if isinstance(reply, ErrorReply):
             raise error_from_code(reply.code, reply.reason)

@@ -28,6 +28,16 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_MAX_MESSAGE_BYTES": "max_message_bytes",
     "CHORUS_DATA_DIR": "data_dir",
     "CHORUS_LOG_LEVEL": "log_level",
+    "CHORUS_UNHEALTHY_AFTER": "unhealthy_after",
+    "CHORUS_DEAD_AFTER": "dead_after",
+    "CHORUS_FORGET_AFTER": "forget_after",
+    "CHORUS_MAX_ATTEMPTS": "max_attempts",
+    "CHORUS_RETRY_BACKOFF": "retry_backoff",
+    "CHORUS_ROUTING_WEIGHTS": "routing_weights",
+    "CHORUS_BREAKER_FAILURES": "breaker_failures",
+    "CHORUS_BREAKER_COOLDOWN": "breaker_cooldown",
+    "CHORUS_TASK_TIMEOUT": "task_timeout",
+    "CHORUS_CLAIM_TIMEOUT": "claim_timeout",
 }
 
 
@@ -49,6 +59,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_message_bytes: int = 1_048_576
     data_dir: str = ".chorus"
     log_level: str = "INFO"
+    # coordinator: health thresholds in heartbeat intervals, then routing and retries
+    unhealthy_after: float = 3.0
+    dead_after: float = 6.0
+    forget_after: float = 30.0
+    max_attempts: int = 3
+    retry_backoff: float = 1.0
+    routing_weights: str = "0.4,0.4,0.2"
+    breaker_failures: int = 5
+    breaker_cooldown: float = 10.0
+    task_timeout: float = 600.0
+    claim_timeout: float = 30.0  # a dispatcher silent this long loses its task to another
 
     @property
     def subjects(self) -> Subjects:

@@ -81,6 +81,43 @@ class Conflict(ChorusError):
     code = "conflict"
 
 
+class InvalidKey(ChorusError):
+    """A shared-state key or lock name is not a valid KV key."""
+
+    code = "invalid_key"
+
+
+class LockTimeout(ChorusError):
+    """A lock was still held by another holder when the wait for it ran out."""
+
+    code = "lock_timeout"
+
+
+class LeaseLost(Conflict):
+    """A lease expired or was taken over: a fenced write or a renewal was refused."""
+
+    code = "lease_lost"
+
+
+
+class InvalidWorkflow(ConfigError, ValueError):
+    """A workflow definition is wrong. A ValueError too, so msgspec reports the field path."""
+
+    code = "invalid_workflow"
+
+
+class ExpressionError(InvalidWorkflow):
+    """A condition or template expression cannot be parsed, is not allowed, or fails."""
+
+    code = "invalid_expression"
+
+
+class RunFailed(ChorusError):
+    """A workflow run failed; the reason names the step and what went wrong."""
+
+    code = "run_failed"
+
+
 _BY_CODE: dict[str, type[ChorusError]] = {}
 
 

@@ -73,6 +73,7 @@ class Task(Message, tag="task"):
     context: dict[str, Any] = {}
     json_schema: dict[str, Any] | None = None
     capability: str = ""
+    agent: str = ""  # target an agent by name instead of a capability
     run_id: str = ""
     step: str = ""
     attempt: int = 1
@@ -151,17 +152,6 @@ class AgentInfo(Message, tag="agent_info"):
     started_at: float
 
 
-WIRE_TYPES: Final[tuple[type[Message], ...]] = (
-    Task,
-    Result,
-    ErrorReply,
-    Event,
-    Heartbeat,
-    HelpRequest,
-    HelpReply,
-    AgentInfo,
-)
-
 M = TypeVar("M")
 
 _encoder = msgspec.json.Encoder()
@@ -188,12 +178,143 @@ def reply_type(data: bytes) -> Result | ErrorReply:
     return decode(data, Result | ErrorReply)  # type: ignore[arg-type]
 
 
+def wire_types() -> list[type[Message]]:
+    """Every concrete wire message: the subclasses of Message, wherever in this module."""
+    found: list[type[Message]] = []
+    pending = list(Message.__subclasses__())
+    while pending:
+        kind = pending.pop(0)
+        found.append(kind)
+        pending.extend(kind.__subclasses__())
+    return found
+
+
 def schemas() -> dict[str, Any]:
     """JSON Schema (2020-12) of every wire message, for clients in other languages."""
-    (_, components) = msgspec.json.schema_components(WIRE_TYPES, ref_template="#/$defs/{name}")
+    kinds = wire_types()
+    (_, components) = msgspec.json.schema_components(kinds, ref_template="#/$defs/{name}")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "Chorus wire messages",
         "$defs": components,
-        "oneOf": [{"$ref": f"#/$defs/{t.__name__}"} for t in WIRE_TYPES],
+        "oneOf": [{"$ref": f"#/$defs/{t.__name__}"} for t in kinds],
     }
+
+
+# Coordinator: registry, durable dispatch, metrics
+
+
+class AgentRecord(Message, tag="agent_record"):
+    """One instance in the registry (KV `<prefix>-agents`, key = instance id)."""
+
+    instance: str
+    name: str
+    capabilities: list[str]
+    health: str  # healthy | unhealthy | dead
+    state: str  # ready | draining | stopped, as the instance last said
+    in_flight: int
+    max_concurrency: int
+    processed: int
+    failed: int
+    success_rate: float
+    mean_latency_ms: float
+    last_seen: float
+    started_at: float
+    breaker: str = "closed"  # closed | open | half_open
+
+
+class AgentStatusChange(Message, tag="agent_status"):
+    """Published by the coordinator on `<prefix>.status.<instance>.<health>`."""
+
+    instance: str
+    name: str
+    health: str
+    previous: str
+    time: float = msgspec.field(default_factory=now)
+
+
+class AttemptError(msgspec.Struct, frozen=True, kw_only=True):
+    attempt: int
+    code: str
+    reason: str
+    instance: str = ""
+    time: float = msgspec.field(default_factory=now)
+
+
+class AttemptLog(Message, tag="attempt_log"):
+    task_id: str
+    errors: list[AttemptError] = []
+
+
+class TaskOutcome(Message, tag="task_outcome"):
+    """The one recorded outcome of a durable task (KV `<prefix>-tasks`, key `outcome.<id>`)."""
+
+    task_id: str
+    status: str  # completed | failed
+    result: Result | None = None
+    errors: list[AttemptError] = []
+    attempts: int = 1
+    time: float = msgspec.field(default_factory=now)
+
+
+class DeadLetter(Message, tag="dead_letter"):
+    """A task that failed every attempt, stored on `<prefix>.dlq.<target>`."""
+
+    task: Task
+    target: str
+    errors: list[AttemptError]
+    time: float = msgspec.field(default_factory=now)
+
+
+class AgentMetrics(msgspec.Struct, frozen=True, kw_only=True):
+    instance: str
+    name: str
+    health: str
+    load: int
+    max_concurrency: int
+    success_rate: float
+    mean_latency_ms: float
+    breaker: str
+
+
+class Metrics(Message, tag="metrics"):
+    """The system metrics the coordinator serves on `<prefix>.coordinator.metrics`."""
+
+    total_agents: int
+    healthy_agents: int
+    queue_length: int
+    active_jobs: int
+    total_tasks: int
+    completed_tasks: int
+    failed_tasks: int
+    retried_tasks: int
+    dead_lettered: int
+    current_load: float
+    agents: list[AgentMetrics]
+    queues: dict[str, int] = {}
+    time: float = msgspec.field(default_factory=now)
+
+
+# Shared state (KV `<prefix>-state`, chorus.state)
+
+
+class StateEntry(Message, tag="state_entry"):
+    """A stored shared-state value with who wrote it and when, so watchers can tell.
+
+    Deletes carry one too (with `value` null) beside the `KV-Operation: DEL` header.
+    """
+
+    value: Any = None
+    writer: str = ""
+    time: float = msgspec.field(default_factory=now)
+
+
+class LockEntry(Message, tag="lock_entry"):
+    """A held lock: key `_lock.<name>` in the state bucket, removed by the server after `ttl_s`."""
+
+    holder: str
+    lease_id: str
+    ttl_s: float
+    acquired_at: float = msgspec.field(default_factory=now)
+    # The fencing token: the revision the lease was acquired at. 0 in that first write itself.
+    token: int = 0

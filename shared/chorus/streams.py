@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
 
 from chorus.subjects import Subjects
 
 EVENTS_MAX_AGE_S = 7 * 24 * 3600
+DEDUPE_WINDOW_S = 120
+REGISTRY_TTL_S = 60  # an entry not refreshed for this long expires (its coordinator is gone)
+TASKS_MAX_AGE_S = 7 * 24 * 3600
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -21,6 +25,15 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         await js.update_stream(config)
 
 
+async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    try:
+        return await js.create_key_value(config)
+    except BadRequestError as exc:
+        if exc.err_code != 10058:
+            raise
+        return await js.key_value(config.bucket)
+
+
 async def ensure_events_stream(js: JetStreamContext, subjects: Subjects) -> None:
     await ensure_stream(
         js,
@@ -30,6 +43,57 @@ async def ensure_events_stream(js: JetStreamContext, subjects: Subjects) -> None
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
             max_age=EVENTS_MAX_AGE_S,
-            duplicate_window=120,
+            duplicate_window=DEDUPE_WINDOW_S,
+        ),
+    )
+
+
+async def ensure_dispatch_stream(js: JetStreamContext, subjects: Subjects) -> None:
+    """Submitted tasks wait here until an instance is free; each is removed once acked."""
+    await ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.dispatch_stream,
+            subjects=[subjects.all_dispatch],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.WORK_QUEUE,
+            duplicate_window=DEDUPE_WINDOW_S,
+        ),
+    )
+
+
+async def ensure_dead_letter_stream(js: JetStreamContext, subjects: Subjects) -> None:
+    await ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.dead_letter_stream,
+            subjects=[subjects.all_dead_letters],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            duplicate_window=DEDUPE_WINDOW_S,
+        ),
+    )
+
+
+async def ensure_tasks_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+    return await ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=subjects.tasks_bucket,
+            history=1,
+            ttl=TASKS_MAX_AGE_S,
+            storage=StorageType.FILE,
+        ),
+    )
+
+
+async def ensure_agents_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+    return await ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=subjects.agents_bucket,
+            history=1,
+            ttl=REGISTRY_TTL_S,
+            storage=StorageType.FILE,
         ),
     )

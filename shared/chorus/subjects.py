@@ -7,6 +7,8 @@ import re
 import msgspec
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+# Keys under this prefix in the state bucket hold lock leases (chorus.state.locks).
+LOCK_KEY_PREFIX = "_lock."
 _TOPIC = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*(\.>|\.\*)?$|^>$")
 
 
@@ -17,6 +19,17 @@ def check_token(value: str, what: str) -> str:
 
         raise ConfigError(f"{what} {value!r} must use only letters, digits, '-' and '_'")
     return value
+
+
+def dispatch_target(*, capability: str = "", agent: str = "") -> str:
+    """The target token pair of a durable task: `cap.<capability>` or `agent.<name>`."""
+    if bool(capability) == bool(agent):
+        from chorus.errors import ConfigError
+
+        raise ConfigError("a task targets exactly one of a capability or an agent name")
+    if capability:
+        return f"cap.{check_token(capability, 'capability')}"
+    return f"agent.{check_token(agent, 'agent name')}"
 
 
 def check_topic(value: str) -> str:
@@ -45,6 +58,13 @@ class Subjects(msgspec.Struct, frozen=True):
 
     def help(self, capability: str) -> str:
         return f"{self.prefix}.help.{capability}"
+
+    def named_task(self, name: str) -> str:
+        """Tasks for any instance of the agent called `name`."""
+        return f"{self.prefix}.name.{name}.task"
+
+    def named_queue(self, name: str) -> str:
+        return f"{self.prefix}-name-{name}"
 
     def capability_queue(self, capability: str) -> str:
         return f"{self.prefix}-cap-{capability}"
@@ -80,24 +100,35 @@ class Subjects(msgspec.Struct, frozen=True):
     def all_status(self) -> str:
         return f"{self.prefix}.status.>"
 
-    # durable dispatch
-    def dispatch(self, capability: str) -> str:
-        return f"{self.prefix}.dispatch.{capability}"
+    # durable dispatch: `target` is `cap.<capability>` or `agent.<name>` (see dispatch_target)
+    def dispatch(self, target: str) -> str:
+        return f"{self.prefix}.dispatch.{target}"
 
     @property
     def all_dispatch(self) -> str:
         return f"{self.prefix}.dispatch.>"
 
-    def dead_letter(self, capability: str) -> str:
-        return f"{self.prefix}.dlq.{capability}"
+    def dispatch_consumer(self, target: str) -> str:
+        return f"dispatch-{target.replace('.', '-')}"
+
+    def dead_letter(self, target: str) -> str:
+        return f"{self.prefix}.dlq.{target}"
 
     @property
     def all_dead_letters(self) -> str:
         return f"{self.prefix}.dlq.>"
 
+    def outcome(self, task_id: str) -> str:
+        """Where the coordinator announces a durable task's outcome (also kept in KV)."""
+        return f"{self.prefix}.outcome.{task_id}"
+
     @property
     def metrics(self) -> str:
         return f"{self.prefix}.coordinator.metrics"
+
+    @property
+    def coordinator_queue(self) -> str:
+        return f"{self.prefix}-coordinator"
 
     # runs
     def run_submit(self) -> str:
@@ -153,13 +184,30 @@ class Subjects(msgspec.Struct, frozen=True):
     def state_bucket(self) -> str:
         return f"{self.prefix}-state"
 
+    # shared state: the stream behind the state bucket, its key subjects, and the lock keys
+    @property
+    def state_stream(self) -> str:
+        return f"KV_{self.state_bucket}"
+
+    def state_subject(self, key: str) -> str:
+        return f"$KV.{self.state_bucket}.{key}"
+
+    def state_key(self, subject: str) -> str:
+        """The key of a state bucket subject (inverse of `state_subject`)."""
+        return subject[len(f"$KV.{self.state_bucket}.") :]
+
+    def lock_key(self, name: str) -> str:
+        """A lock's lease lives in the state bucket, so a fenced write is one atomic publish."""
+        return f"{LOCK_KEY_PREFIX}{name}"
+
     @property
     def runs_bucket(self) -> str:
         return f"{self.prefix}-runs"
 
     @property
-    def results_bucket(self) -> str:
-        return f"{self.prefix}-results"
+    def tasks_bucket(self) -> str:
+        """Durable task outcomes (`outcome.<id>`) and attempt logs (`attempts.<id>`)."""
+        return f"{self.prefix}-tasks"
 
     @property
     def micro_service(self) -> str:

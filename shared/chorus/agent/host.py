@@ -138,6 +138,9 @@ class AgentHost:
             },
         )
         await self._add_endpoint("task", self.subjects.agent_task(self.instance), self.instance)
+        await self._add_endpoint(
+            "name", self.subjects.named_task(spec.name), self.subjects.named_queue(spec.name)
+        )
         for capability in spec.capabilities:
             await self._add_endpoint(
                 f"cap-{capability}",
@@ -431,8 +434,8 @@ class AgentHost:
         await asyncio.gather(*self._loops, return_exceptions=True)
         await self._publish_heartbeat("stopped")
         await self.model.close()
+        await self.nc.flush(timeout=5)
         if self._owns_connection:
-            await self.nc.drain()
-        else:
-            await self.nc.flush(timeout=5)
+            # Everything is unsubscribed; drain() can hang on JetStream pull inboxes.
+            await self.nc.close()
         log.info("agent stopped", extra={"instance": self.instance})

@@ -23,6 +23,15 @@ def register(sub: Any) -> None:
     run.add_argument("--instance", help="instance id (default: <name>-<random>)")
     run.set_defaults(run=agent_run, service=True)
 
+    coordinator = sub.add_parser(
+        "coordinator",
+        help="run the coordinator: registry, health, routing, durable dispatch, metrics",
+        description="Run the coordinator until SIGTERM/SIGINT. Any number may run; they share "
+        "the work queue. Settings: CHORUS_UNHEALTHY_AFTER, CHORUS_DEAD_AFTER, "
+        "CHORUS_MAX_ATTEMPTS, CHORUS_ROUTING_WEIGHTS, ... (README).",
+    )
+    coordinator.set_defaults(run=coordinator_run, service=True)
+
     schema = sub.add_parser(
         "schema",
         help="print the JSON Schema of every wire message",
@@ -45,6 +54,12 @@ async def agent_run(args: argparse.Namespace, settings: Settings) -> int:
     from services.agent.main import serve
 
     return await serve(args.spec, settings, instance=args.instance)
+
+
+async def coordinator_run(args: argparse.Namespace, settings: Settings) -> int:
+    from services.coordinator.main import serve
+
+    return await serve(settings)
 
 
 async def print_schema(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,0 +1,1 @@
+"""The coordinator: registry from heartbeats, routing policy, durable dispatch, metrics."""

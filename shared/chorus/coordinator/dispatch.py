@@ -1,0 +1,373 @@
+"""Durable dispatch: tasks wait in a JetStream work queue until the router finds an instance.
+
+One pull consumer per target (`cap.<capability>` or `agent.<name>`), shared by coordinator
+replicas. A task is fetched only when some candidate has a free slot, sent to the chosen
+instance by request-reply, and acknowledged only after its outcome is recorded in KV with a
+create (so a task is recorded once, however often it is delivered). While the instance
+works, the claim is kept alive with in-progress acks; if the instance dies (the registry
+marks it dead) the task is handed back and goes elsewhere. Failures are retried with
+backoff up to `max_attempts`, then the task and every attempt's error go to the
+dead-letter subject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from chorus.config import Settings
+from chorus.coordinator.registry import InstanceView, Registry
+from chorus.coordinator.routing import Router
+from chorus.errors import InvalidMessage
+from chorus.messages import (
+    MSG_ID_HEADER,
+    RUN_ID_HEADER,
+    TASK_ID_HEADER,
+    AttemptError,
+    AttemptLog,
+    DeadLetter,
+    ErrorReply,
+    Result,
+    Task,
+    TaskOutcome,
+    decode,
+    encode,
+)
+from chorus.streams import ensure_dead_letter_stream, ensure_dispatch_stream
+
+log = logging.getLogger("chorus.coordinator.dispatch")
+
+MAX_BATCH = 64
+MAX_BACKOFF_S = 30.0
+
+
+class Lost(Exception):
+    """The instance did not answer: it died, vanished, or the task timed out."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Counters(msgspec.Struct):
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    active: int = 0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        nc: Client,
+        settings: Settings,
+        registry: Registry,
+        router: Router,
+        tasks: KeyValue,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.settings = settings
+        self.subjects = settings.subjects
+        self.registry = registry
+        self.router = router
+        self.tasks = tasks
+        self.counters = Counters()
+        self._targets: dict[str, asyncio.Task[None]] = {}
+        self._work: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    @property
+    def targets(self) -> list[str]:
+        return sorted(self._targets)
+
+    async def start(self) -> None:
+        await ensure_dispatch_stream(self.js, self.subjects)
+        await ensure_dead_letter_stream(self.js, self.subjects)
+        # Targets that already have a consumer (from an earlier run) resume at once.
+        for info in await self.js.consumers_info(self.subjects.dispatch_stream):
+            target = (info.config.filter_subject or "").removeprefix(self.subjects.dispatch(""))
+            if target:
+                self.serve(target)
+
+    def serve(self, target: str) -> None:
+        """Start dispatching tasks for `target` (idempotent)."""
+        if target not in self._targets and not self._stopping:
+            self._targets[target] = asyncio.create_task(self._loop(target), name=target)
+
+    def serve_instance(self, view: InstanceView) -> None:
+        self.serve(f"agent.{view.heartbeat.name}")
+        for capability in view.heartbeat.capabilities:
+            self.serve(f"cap.{capability}")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop fetching; wait for dispatches in flight, then hand the rest back."""
+        self._stopping = True
+        for loop in self._targets.values():
+            loop.cancel()
+        await asyncio.gather(*self._targets.values(), return_exceptions=True)
+        if self._work:
+            _, pending = await asyncio.wait(set(self._work), timeout=timeout)
+            for work in pending:
+                work.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def queue_lengths(self) -> dict[str, int]:
+        lengths: dict[str, int] = {}
+        for target in self.targets:
+            with contextlib.suppress(Exception):
+                info = await self.js.consumer_info(
+                    self.subjects.dispatch_stream, self.subjects.dispatch_consumer(target)
+                )
+                lengths[target] = info.num_pending + info.num_ack_pending
+        return lengths
+
+    # fetching
+
+    async def _bind(self, target: str) -> Any:
+        durable = self.subjects.dispatch_consumer(target)
+        config = ConsumerConfig(
+            durable_name=durable,
+            filter_subject=self.subjects.dispatch(target),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.settings.claim_timeout,
+            deliver_policy=DeliverPolicy.ALL,
+            max_ack_pending=-1,
+        )
+        try:
+            await self.js.add_consumer(self.subjects.dispatch_stream, config)
+        except BadRequestError as exc:  # exists with other settings: keep it and its position
+            log.warning("dispatch consumer exists", extra={"consumer": durable, "error": str(exc)})
+        return await self.js.pull_subscribe_bind(
+            durable=durable, stream=self.subjects.dispatch_stream
+        )
+
+    def _free_slots(self, target: str) -> int:
+        return sum(v.free for v in self.router.candidates(self.registry, target))
+
+    async def _loop(self, target: str) -> None:
+        subscription = None
+        while not self._stopping:
+            try:
+                if subscription is None:
+                    subscription = await self._bind(target)
+                free = self._free_slots(target)
+                if free < 1:
+                    await self.registry.changed.wait(timeout=1.0)
+                    continue
+                messages = await subscription.fetch(
+                    min(free, MAX_BATCH), timeout=1.0, heartbeat=0.25
+                )
+            except NatsTimeout:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # After a server restart a pull subscription may not resume: bind again.
+                log.warning("dispatch fetch failed", extra={"target": target, "error": repr(exc)})
+                subscription = None
+                await asyncio.sleep(0.5)  # backoff before binding again
+                continue
+            for msg in messages:
+                await self._assign(target, msg)
+
+    async def _assign(self, target: str, msg: Msg) -> None:
+        """Give `msg` to the best instance, waiting (claim kept alive) while none is free."""
+        last_progress = time.monotonic()
+        while (view := self.router.choose(self.registry, target)) is None:
+            if time.monotonic() - last_progress > self.settings.claim_timeout / 3:
+                await msg.in_progress()
+                last_progress = time.monotonic()
+            await self.registry.changed.wait(timeout=1.0)
+        view.reserved += 1
+        work = asyncio.create_task(self._dispatch(target, msg, view))
+        self._work.add(work)
+        work.add_done_callback(self._work.discard)
+
+    # one task
+
+    async def _dispatch(self, target: str, msg: Msg, view: InstanceView) -> None:
+        self.counters.active += 1
+        keepalive = asyncio.create_task(_keep_claim(msg, self.settings.claim_timeout / 3))
+        try:
+            await self._attempt(target, msg, view)
+        except Exception:
+            log.exception("dispatch failed; the task will be redelivered", extra={"target": target})
+        finally:
+            keepalive.cancel()
+            view.reserved -= 1
+            self.counters.active -= 1
+            self.registry.changed.fire()
+
+    async def _attempt(self, target: str, msg: Msg, view: InstanceView) -> None:
+        try:
+            task = decode(msg.data, Task)
+        except InvalidMessage as exc:
+            self.router.released(view)
+            poison = Task(input="", task_id=f"invalid-{msg.metadata.sequence.stream}")
+            error = AttemptError(attempt=1, code=exc.code, reason=exc.reason)
+            await self._bury(target, msg, poison, [error])
+            return
+        recorded = await self._recorded(task.task_id)
+        if recorded is not None:
+            # A redelivery of a finished task: announce the outcome again, run nothing.
+            self.router.released(view)
+            await self.nc.publish(self.subjects.outcome(task.task_id), recorded)
+            await msg.ack_sync(timeout=5)
+            return
+        attempts = await self._attempt_log(task.task_id)
+        task = msgspec.structs.replace(task, attempt=len(attempts.errors) + 1)
+        started = time.monotonic()
+        try:
+            reply = await self._request(view, task)
+        except Lost as lost:
+            self.router.failed(view)
+            error = AttemptError(
+                attempt=task.attempt, code=lost.code, reason=lost.reason, instance=view.instance
+            )
+            await self._retry_or_bury(target, msg, task, attempts, error)
+            return
+        if isinstance(reply, Result):
+            self.router.succeeded(view, (time.monotonic() - started) * 1000)
+            outcome = TaskOutcome(
+                task_id=task.task_id,
+                status="completed",
+                result=reply,
+                errors=attempts.errors,
+                attempts=task.attempt,
+            )
+            await self._record(outcome)
+            self.counters.completed += 1
+            await msg.ack_sync(timeout=5)
+            return
+        if reply.code == "draining":
+            self.router.released(view)
+            await msg.nak()  # not the task's fault: straight back to the queue
+            return
+        self.router.failed(view)
+        error = AttemptError(
+            attempt=task.attempt, code=reply.code, reason=reply.reason, instance=view.instance
+        )
+        await self._retry_or_bury(target, msg, task, attempts, error)
+
+    async def _request(self, view: InstanceView, task: Task) -> Result | ErrorReply:
+        headers = {TASK_ID_HEADER: task.task_id}
+        if task.run_id:
+            headers[RUN_ID_HEADER] = task.run_id
+        request = asyncio.ensure_future(
+            self.nc.request(
+                self.subjects.agent_task(view.instance),
+                encode(task),
+                timeout=self.settings.task_timeout,
+                headers=headers,
+            )
+        )
+        lost = asyncio.ensure_future(view.lost.wait())
+        try:
+            done, _ = await asyncio.wait({request, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for future in (request, lost):
+                if not future.done():
+                    future.cancel()
+        if request not in done:
+            raise Lost(
+                "instance_lost",
+                f"instance {view.instance} stopped heartbeating while running the task",
+            )
+        try:
+            reply_msg = request.result()
+        except NoRespondersError:
+            raise Lost("instance_lost", f"instance {view.instance} is not listening") from None
+        except NatsTimeout:
+            raise Lost(
+                "timeout", f"no answer from {view.instance} in {self.settings.task_timeout}s"
+            ) from None
+        try:
+            return decode(reply_msg.data, Result | ErrorReply)  # type: ignore[arg-type]
+        except InvalidMessage as exc:
+            return ErrorReply(code=exc.code, reason=f"unreadable reply: {exc.reason}")
+
+    async def _retry_or_bury(
+        self, target: str, msg: Msg, task: Task, attempts: AttemptLog, error: AttemptError
+    ) -> None:
+        errors = [*attempts.errors, error]
+        log.warning(
+            "task attempt failed",
+            extra={"task_id": task.task_id, "attempt": task.attempt, "error": error.reason},
+        )
+        if len(errors) >= self.settings.max_attempts:
+            await self._bury(target, msg, task, errors)
+            return
+        await self.tasks.put(
+            f"attempts.{task.task_id}", encode(AttemptLog(task_id=task.task_id, errors=errors))
+        )
+        self.counters.retried += 1
+        delay = min(MAX_BACKOFF_S, self.settings.retry_backoff * 2 ** (len(errors) - 1))
+        await msg.nak(delay=delay)
+
+    async def _bury(self, target: str, msg: Msg, task: Task, errors: list[AttemptError]) -> None:
+        """Dead-letter the task with every attempt's error and record it failed."""
+        letter = DeadLetter(task=task, target=target, errors=errors)
+        await self.js.publish(
+            self.subjects.dead_letter(target),
+            encode(letter),
+            headers={MSG_ID_HEADER: task.task_id, TASK_ID_HEADER: task.task_id},
+            timeout=5,
+        )
+        outcome = TaskOutcome(
+            task_id=task.task_id, status="failed", errors=errors, attempts=len(errors)
+        )
+        await self._record(outcome)
+        self.counters.failed += 1
+        self.counters.dead_lettered += 1
+        log.error(
+            "task dead-lettered",
+            extra={"task_id": task.task_id, "target": target, "attempts": len(errors)},
+        )
+        await msg.ack_sync(timeout=5)
+
+    # the tasks bucket
+
+    async def _recorded(self, task_id: str) -> bytes | None:
+        try:
+            entry = await self.tasks.get(f"outcome.{task_id}")
+        except KeyNotFoundError:
+            return None
+        return entry.value
+
+    async def _attempt_log(self, task_id: str) -> AttemptLog:
+        try:
+            entry = await self.tasks.get(f"attempts.{task_id}")
+        except KeyNotFoundError:
+            return AttemptLog(task_id=task_id)
+        return decode(entry.value or b"{}", AttemptLog)
+
+    async def _record(self, outcome: TaskOutcome) -> None:
+        """Record the outcome once; a second recorder (a redelivery) finds it there."""
+        try:
+            await self.tasks.create(f"outcome.{outcome.task_id}", encode(outcome))
+        except KeyWrongLastSequenceError:
+            log.info("outcome already recorded", extra={"task_id": outcome.task_id})
+            return
+        await self.nc.publish(self.subjects.outcome(outcome.task_id), encode(outcome))
+
+
+async def _keep_claim(msg: Msg, every: float) -> None:
+    """Tell JetStream the task is still being worked on, so it is not redelivered."""
+    while True:
+        await asyncio.sleep(every)
+        await msg.in_progress()

@@ -1,0 +1,190 @@
+"""The coordinator: heartbeats in, registry and health out, durable dispatch, metrics.
+
+It can restart at any time: queued tasks wait in JetStream, tasks in flight are redelivered
+after their claim lapses (their outcome is recorded once), and the registry is rebuilt from
+the next heartbeats (the KV copy is read at start so `chorus agents` never goes blank).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.kv import KeyValue
+
+from chorus.config import Settings
+from chorus.coordinator.dispatch import Dispatcher
+from chorus.coordinator.registry import DEAD, Change, Clock, Registry
+from chorus.coordinator.routing import Router, Weights
+from chorus.errors import InvalidMessage
+from chorus.messages import (
+    AgentMetrics,
+    AgentStatusChange,
+    Heartbeat,
+    Metrics,
+    decode,
+    encode,
+)
+from chorus.streams import ensure_agents_bucket, ensure_tasks_bucket
+
+log = logging.getLogger("chorus.coordinator")
+
+REGISTRY_REFRESH_S = 5.0  # rewrite an unchanged registry entry this often (bucket TTL is 60 s)
+
+
+class Coordinator:
+    def __init__(self, nc: Client, settings: Settings, *, clock: Clock = time.monotonic) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.subjects = settings.subjects
+        self.clock = clock
+        self.registry = Registry(
+            unhealthy_after=settings.unhealthy_after,
+            dead_after=settings.dead_after,
+            clock=clock,
+        )
+        self.router = Router(
+            Weights.parse(settings.routing_weights),
+            breaker_failures=settings.breaker_failures,
+            breaker_cooldown=settings.breaker_cooldown,
+            clock=clock,
+        )
+        self._agents: KeyValue | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._written: dict[str, float] = {}
+        self._subscriptions: list[Subscription] = []
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        assert self._dispatcher is not None, "start() the coordinator first"
+        return self._dispatcher
+
+    async def start(self) -> None:
+        js = self.nc.jetstream()
+        self._agents = await ensure_agents_bucket(js, self.subjects)
+        tasks = await ensure_tasks_bucket(js, self.subjects)
+        self._dispatcher = Dispatcher(self.nc, self.settings, self.registry, self.router, tasks)
+        await self._dispatcher.start()
+        self._subscriptions = [
+            await self.nc.subscribe(self.subjects.all_heartbeats, cb=self._on_heartbeat),
+            await self.nc.subscribe(
+                self.subjects.metrics, queue=self.subjects.coordinator_queue, cb=self._on_metrics
+            ),
+        ]
+        self._sweeper = asyncio.create_task(self._sweep_loop())
+        await self.nc.flush(timeout=5)
+        log.info("coordinator ready", extra={"targets": self._dispatcher.targets})
+
+    async def stop(self) -> None:
+        for sub in self._subscriptions:
+            await sub.unsubscribe()
+        if self._sweeper:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._dispatcher:
+            await self._dispatcher.stop()
+        log.info("coordinator stopped")
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            hb = decode(msg.data, Heartbeat)
+        except InvalidMessage as exc:
+            log.warning(
+                "ignoring malformed heartbeat", extra={"subject": msg.subject, "error": str(exc)}
+            )
+            return
+        change = self.registry.observe(hb)
+        if change is not None:
+            await self._changed(change)
+
+    async def _changed(self, change: Change) -> None:
+        view = change.view
+        if change.health == "up":
+            self.dispatcher.serve_instance(view)
+        log.info(
+            "agent status",
+            extra={"instance": view.instance, "health": change.health, "previous": change.previous},
+        )
+        notice = AgentStatusChange(
+            instance=view.instance,
+            name=view.heartbeat.name,
+            health=change.health,
+            previous=change.previous,
+        )
+        await self.nc.publish(
+            self.subjects.agent_status(view.instance, change.health), encode(notice)
+        )
+        assert self._agents is not None
+        if change.health in ("left", "forgotten"):
+            self._written.pop(view.instance, None)
+            await self._agents.delete(view.instance)
+        else:
+            await self._write(view.instance)
+
+    async def _write(self, instance: str) -> None:
+        view = self.registry.get(instance)
+        if view is None or self._agents is None:
+            return
+        await self._agents.put(instance, encode(view.record()))
+        self._written[instance] = self.clock()
+
+    async def _sweep_loop(self) -> None:
+        interval = max(self.settings.heartbeat_interval / 2, 0.05)
+        while True:
+            try:
+                for change in self.registry.sweep(self.settings.forget_after):
+                    await self._changed(change)
+                now = self.clock()
+                for view in self.registry:
+                    if view.health != DEAD and now - self._written.get(view.instance, 0) > min(
+                        REGISTRY_REFRESH_S, view.heartbeat.interval_s * 2
+                    ):
+                        await self._write(view.instance)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("registry sweep failed")
+            await asyncio.sleep(interval)  # the sweep is periodic by nature: health is age
+
+    def metrics(self, queues: dict[str, int]) -> Metrics:
+        views = list(self.registry)
+        capacity = sum(v.heartbeat.max_concurrency for v in views if v.health != DEAD)
+        load = sum(v.load for v in views if v.health != DEAD)
+        counters = self.dispatcher.counters
+        return Metrics(
+            total_agents=len(views),
+            healthy_agents=sum(1 for v in views if v.health == "healthy"),
+            queue_length=sum(queues.values()) - counters.active,
+            active_jobs=counters.active,
+            total_tasks=counters.completed + counters.failed + counters.active,
+            completed_tasks=counters.completed,
+            failed_tasks=counters.failed,
+            retried_tasks=counters.retried,
+            dead_lettered=counters.dead_lettered,
+            current_load=round(load / capacity, 4) if capacity else 0.0,
+            agents=[
+                AgentMetrics(
+                    instance=v.instance,
+                    name=v.heartbeat.name,
+                    health=v.health,
+                    load=v.load,
+                    max_concurrency=v.heartbeat.max_concurrency,
+                    success_rate=round(v.success_rate, 4),
+                    mean_latency_ms=round(v.mean_latency_ms, 3),
+                    breaker=v.breaker,
+                )
+                for v in views
+            ],
+            queues=queues,
+        )
+
+    async def _on_metrics(self, msg: Msg) -> None:
+        queues = await self.dispatcher.queue_lengths()
+        await msg.respond(encode(self.metrics(queues)))

@@ -1,0 +1,126 @@
+"""Durable tasks from the submitter's side: submit to the work queue, wait for the outcome.
+
+A submission is stored in JetStream (with `Nats-Msg-Id` = task id, so a resubmission within
+the de-duplication window is dropped) before `submit` returns. The coordinator records
+exactly one outcome per task id in KV and announces it on `<prefix>.outcome.<id>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from chorus.errors import ConfigError, RequestTimeout, TaskFailed
+from chorus.messages import (
+    MSG_ID_HEADER,
+    RUN_ID_HEADER,
+    TASK_ID_HEADER,
+    Result,
+    Task,
+    TaskOutcome,
+    decode,
+    encode,
+)
+from chorus.streams import ensure_dispatch_stream, ensure_tasks_bucket
+from chorus.subjects import Subjects, dispatch_target
+
+_TASK_ID = re.compile(r"^[A-Za-z0-9_=-]+$")
+
+
+class TaskQueue:
+    def __init__(self, nc: Client, subjects: Subjects) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.subjects = subjects
+        self._bucket: KeyValue | None = None
+        self._stream_ready = False
+
+    async def _tasks(self) -> KeyValue:
+        if self._bucket is None:
+            self._bucket = await ensure_tasks_bucket(self.js, self.subjects)
+        return self._bucket
+
+    async def submit(self, task: Task, *, capability: str = "", agent: str = "") -> bool:
+        """Store the task durably; False when the same task id was already submitted."""
+        capability = capability or task.capability
+        target = dispatch_target(capability=capability, agent="" if capability else agent)
+        if not _TASK_ID.match(task.task_id):
+            raise ConfigError(f"task id {task.task_id!r} may use only letters, digits, - _ =")
+        if not self._stream_ready:
+            await ensure_dispatch_stream(self.js, self.subjects)
+            self._stream_ready = True
+        task = msgspec.structs.replace(task, capability=capability)
+        headers = {MSG_ID_HEADER: task.task_id, TASK_ID_HEADER: task.task_id}
+        if task.run_id:
+            headers[RUN_ID_HEADER] = task.run_id
+        ack = await self.js.publish(
+            self.subjects.dispatch(target), encode(task), headers=headers, timeout=5
+        )
+        return not ack.duplicate
+
+    async def outcome(self, task_id: str) -> TaskOutcome | None:
+        try:
+            entry = await (await self._tasks()).get(f"outcome.{task_id}")
+        except KeyNotFoundError:
+            return None
+        return decode(entry.value or b"", TaskOutcome)
+
+    @contextlib.asynccontextmanager
+    async def _announced(self, task_id: str) -> AsyncIterator[asyncio.Future[TaskOutcome]]:
+        """A future for the outcome announcement, subscribed before anything is sent."""
+        arrived: asyncio.Future[TaskOutcome] = asyncio.get_running_loop().create_future()
+
+        async def on_outcome(msg: Msg) -> None:
+            if not arrived.done():
+                arrived.set_result(decode(msg.data, TaskOutcome))
+
+        sub = await self.nc.subscribe(self.subjects.outcome(task_id), cb=on_outcome)
+        try:
+            yield arrived
+        finally:
+            await sub.unsubscribe()
+
+    async def wait(self, task_id: str, timeout: float) -> TaskOutcome:
+        """Wait for the recorded outcome (it may already be there)."""
+        async with self._announced(task_id) as arrived:
+            known = await self.outcome(task_id)
+            return known if known is not None else await _within(arrived, task_id, timeout)
+
+    async def run(
+        self, task: Task, *, capability: str = "", agent: str = "", timeout: float = 600.0
+    ) -> Result:
+        """Submit and wait; the result, or TaskFailed naming every attempt's error."""
+        async with self._announced(task.task_id) as arrived:
+            if not await self.submit(task, capability=capability, agent=agent):
+                known = await self.outcome(task.task_id)
+                if known is not None:
+                    return result_of(known)
+            return result_of(await _within(arrived, task.task_id, timeout))
+
+
+async def _within(
+    arrived: asyncio.Future[TaskOutcome], task_id: str, timeout: float
+) -> TaskOutcome:
+    try:
+        return await asyncio.wait_for(arrived, timeout)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"task {task_id} has no outcome after {timeout}s; it stays queued — "
+            "is a coordinator running, and an agent for its capability?"
+        ) from None
+
+
+def result_of(outcome: TaskOutcome) -> Result:
+    """The result of a completed task; TaskFailed with every attempt's error otherwise."""
+    if outcome.status == "completed" and outcome.result is not None:
+        return outcome.result
+    history = "; ".join(f"attempt {e.attempt}: {e.code}: {e.reason}" for e in outcome.errors)
+    raise TaskFailed(f"task {outcome.task_id} failed after {outcome.attempts} attempts: {history}")
