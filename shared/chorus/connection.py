@@ -29,7 +29,12 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 def connect_options(settings: Settings, name: str, *, service: bool) -> dict[str, Any]:
     async def on_error(exc: Exception) -> None:
-        log.warning("nats error", extra={"client": name, "error": str(exc)})
+        # A command line tool reports an unreachable server once, as an error, not per attempt.
+        log.log(
+            logging.WARNING if service else logging.DEBUG,
+            "nats error",
+            extra={"client": name, "error": str(exc)},
+        )
 
     async def on_disconnect() -> None:
         log.info("disconnected from nats", extra={"client": name})
@@ -45,7 +50,7 @@ def connect_options(settings: Settings, name: str, *, service: bool) -> dict[str
         "reconnected_cb": on_reconnect,
         "connect_timeout": 2,
         # Services keep trying forever; the default gives up after about two minutes.
-        "max_reconnect_attempts": -1 if service else 10,
+        "max_reconnect_attempts": -1 if service else 3,
         "reconnect_time_wait": 0.5,
         "user": settings.nats_user,
         "password": settings.nats_password,

@@ -14,6 +14,7 @@ from chorus.errors import ConfigError
 T = TypeVar("T")
 
 _PATH = re.compile(r"at `\$((?:\.[^.\[`]+|\[\d+\])*)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
 _STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 
 
@@ -55,11 +56,14 @@ def convert(raw: Any, kind: type[T], source: str, root: yaml.Node | None = None)
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _PATH.search(message)
+        path = match.group(1) if match else ""
+        unknown = _UNKNOWN.search(message)
+        if unknown:  # the error points at the object: point at the unknown key instead
+            path = f"{path}.{unknown.group(1)}"
         where = ""
-        if match:
-            line = _line_of(root, match.group(1))
-            field = match.group(1).lstrip(".") or "(top level)"
-            where = f" (field {field}" + (f", line {line})" if line else ")")
+        if path:
+            line = _line_of(root, path)
+            where = f" (field {path.lstrip('.')}" + (f", line {line})" if line else ")")
         raise ConfigError(f"{source}{where}: {message}") from None
 
 

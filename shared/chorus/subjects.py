@@ -147,6 +147,32 @@ class Subjects(msgspec.Struct, frozen=True):
     def run_cancel(self, run_id: str) -> str:
         return f"{self.prefix}.runs.cancel.{run_id}"
 
+    def classify(self, subject: str) -> str | None:
+        """What kind of Chorus subject this is (`task`, `event`, ...), None if not one of ours."""
+        tokens = subject.split(".")
+        if tokens[0] != self.prefix or len(tokens) < 2:
+            return None
+        head, last = tokens[1], tokens[-1]
+        if head in ("agent", "cap", "name") and last == "task" and len(tokens) == 4:
+            return "task"
+        kinds = {
+            "help": "help",
+            "event": "event",
+            "hb": "heartbeat",
+            "status": "status",
+            "dispatch": "dispatch",
+            "dlq": "dead_letter",
+            "outcome": "outcome",
+            "run": "run_progress",
+        }
+        if head in kinds:
+            return kinds[head]
+        if subject == self.metrics:
+            return "metrics"
+        if head == "runs":
+            return "run_submit" if last == "submit" else "run_cancel"
+        return None
+
     # JetStream names (no dots allowed)
     @property
     def _stem(self) -> str:

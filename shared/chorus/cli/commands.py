@@ -11,6 +11,10 @@ from chorus.config import Settings
 
 
 def register(sub: Any) -> None:
+    from chorus.cli import agents, messaging
+
+    messaging.register(sub)
+    agents.register(sub)
     agent = sub.add_parser("agent", help="run an agent instance")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
     run = agent_sub.add_parser(
@@ -21,7 +25,7 @@ def register(sub: Any) -> None:
     )
     run.add_argument("spec", metavar="SPEC")
     run.add_argument("--instance", help="instance id (default: <name>-<random>)")
-    run.set_defaults(run=agent_run, service=True)
+    run.set_defaults(func=agent_run, service=True)
 
     coordinator = sub.add_parser(
         "coordinator",
@@ -30,14 +34,14 @@ def register(sub: Any) -> None:
         "the work queue. Settings: CHORUS_UNHEALTHY_AFTER, CHORUS_DEAD_AFTER, "
         "CHORUS_MAX_ATTEMPTS, CHORUS_ROUTING_WEIGHTS, ... (README).",
     )
-    coordinator.set_defaults(run=coordinator_run, service=True)
+    coordinator.set_defaults(func=coordinator_run, service=True)
 
     schema = sub.add_parser(
         "schema",
         help="print the JSON Schema of every wire message",
         description="Print the JSON Schema (2020-12) of every Chorus wire message.",
     )
-    schema.set_defaults(run=print_schema)
+    schema.set_defaults(func=print_schema)
 
     demo = sub.add_parser(
         "demo",
@@ -47,7 +51,7 @@ def register(sub: Any) -> None:
     )
     demo.add_argument("--data-dir", help="keep JetStream data here (default: a temp dir)")
     demo.add_argument("--task", default="What makes NATS a good fit for agent systems?")
-    demo.set_defaults(run=run_demo)
+    demo.set_defaults(func=run_demo)
 
 
 async def agent_run(args: argparse.Namespace, settings: Settings) -> int:

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from nats.errors import Error as NatsError
+
 from chorus.config import Settings
 from chorus.errors import ChorusError
 from chorus.logs import setup_logging
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    command: Command = args.run
+    command: Command = args.func
     service = bool(getattr(args, "service", False))
     log_format = args.log_format or ("json" if service else "text")
     try:
@@ -60,3 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except (NatsError, OSError, TimeoutError) as exc:
+        print(
+            f"chorus: error: {type(exc).__name__}: {exc} (is the server healthy?)", file=sys.stderr
+        )
+        return 2

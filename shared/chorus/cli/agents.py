@@ -1,0 +1,119 @@
+"""`chorus agents`: the registry as a live table (or JSON for scripts)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from typing import Any
+
+import msgspec
+from nats.js.errors import BucketNotFoundError, NoKeysError
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from chorus.config import Settings
+from chorus.connection import connect
+from chorus.messages import AgentRecord, decode
+
+HEALTH_STYLE = {"healthy": "green", "unhealthy": "yellow", "dead": "red"}
+
+
+def register(sub: Any) -> None:
+    agents = sub.add_parser(
+        "agents",
+        help="list agent instances: health, load, success rate, latency",
+        description="Show the registry the coordinator keeps (KV bucket <prefix>-agents), "
+        "updating live until Ctrl-C. Needs a running coordinator.",
+        epilog="examples:\n  chorus agents\n  chorus agents --once\n  chorus agents --json | jq",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    agents.add_argument("--json", action="store_true", help="print the entries as JSON, once")
+    agents.add_argument("--once", action="store_true", help="print the table once")
+    agents.set_defaults(func=show_agents)
+
+
+def table(records: dict[str, AgentRecord]) -> Table:
+    view = Table(title=f"{len(records)} agent instances", title_justify="left")
+    for column in (
+        "instance",
+        "agent",
+        "capabilities",
+        "health",
+        "load",
+        "success",
+        "mean ms",
+        "breaker",
+        "last seen",
+    ):
+        view.add_column(
+            column, justify="right" if column in ("load", "success", "mean ms") else "left"
+        )
+    now = time.time()
+    for record in sorted(records.values(), key=lambda r: (r.name, r.instance)):
+        style = HEALTH_STYLE.get(record.health, "white")
+        view.add_row(
+            record.instance,
+            record.name,
+            ",".join(record.capabilities),
+            f"[{style}]{record.health}[/]",
+            f"{record.in_flight}/{record.max_concurrency}",
+            f"{record.success_rate:.0%}",
+            f"{record.mean_latency_ms:.1f}",
+            record.breaker,
+            f"{now - record.last_seen:.1f}s ago",
+        )
+    return view
+
+
+async def show_agents(args: argparse.Namespace, settings: Settings) -> int:
+    nc = await connect(settings, "chorus-agents")
+    try:
+        try:
+            kv = await nc.jetstream().key_value(settings.subjects.agents_bucket)
+        except BucketNotFoundError:
+            print("no registry yet: start a coordinator (chorus coordinator or chorus up)")
+            return 1
+        records: dict[str, AgentRecord] = {}
+        try:
+            for key in await kv.keys():
+                entry = await kv.get(key)
+                if entry.value:
+                    records[key] = decode(entry.value, AgentRecord)
+        except NoKeysError:
+            pass
+        if args.json:
+            print(json.dumps([msgspec.to_builtins(r) for r in records.values()], indent=2))
+            return 0
+        # Piped output is not cut to 80 columns: scripts and logs get whole rows.
+        console = Console() if sys.stdout.isatty() else Console(width=200)
+        if args.once:
+            console.print(table(records))
+            return 0
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        watcher = await kv.watchall()
+        with Live(table(records), console=console, refresh_per_second=4) as live:
+            while not stop.is_set():
+                try:
+                    entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
+                except TimeoutError:
+                    live.update(table(records))  # "last seen" keeps counting
+                    continue
+                if entry is None:
+                    continue
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    records.pop(entry.key, None)
+                else:
+                    records[entry.key] = decode(entry.value, AgentRecord)
+                live.update(table(records))
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    finally:
+        await nc.close()
+    return 0

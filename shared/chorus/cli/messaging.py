@@ -1,0 +1,223 @@
+"""`chorus pub`, `chorus req`, `chorus tail`: publish, request, and follow subjects."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
+from rich.console import Console
+from rich.markup import escape
+
+from chorus.cli import wire
+from chorus.client import ChorusClient
+from chorus.config import Settings
+from chorus.connection import connect
+from chorus.errors import NoResponders, RequestTimeout
+from chorus.messages import ErrorReply, Event, decode
+
+KIND_COLOURS = {
+    "task": "cyan",
+    "result": "green",
+    "error": "red",
+    "event": "magenta",
+    "heartbeat": "dim",
+    "agent_status": "yellow",
+    "task_outcome": "green",
+    "dead_letter": "red",
+}
+
+
+def register(sub: Any) -> None:
+    pub = sub.add_parser(
+        "pub",
+        help="publish a message (events are stored in JetStream)",
+        description="Publish DATA to SUBJECT. On Chorus subjects the payload is validated "
+        "against the message type and a wrong field is named. On chorus.event.<topic> a "
+        "payload that is not an Event becomes the event's data.",
+        epilog='examples:\n  chorus pub chorus.event.findings.new \'{"claim": "x"}\'\n'
+        "  chorus pub chorus.event.findings.new @finding.json\n"
+        "  echo '{}' | chorus pub some.subject -",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pub.add_argument("subject")
+    pub.add_argument("data", nargs="?", help="JSON payload, @file, or - for stdin")
+    pub.set_defaults(func=publish)
+
+    req = sub.add_parser(
+        "req",
+        help="send a request and print the reply",
+        description="Send DATA to SUBJECT and print the reply (decoded). Exits 1 on an error "
+        "reply, 2 when nobody answers.",
+        epilog='example:\n  chorus req chorus.cap.research.task \'{"input": "what is NATS?"}\'',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    req.add_argument("subject")
+    req.add_argument("data", nargs="?", help="JSON payload, @file, or - for stdin")
+    req.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    req.set_defaults(func=request)
+
+    tail = sub.add_parser(
+        "tail",
+        help="follow subjects with decoded messages",
+        description="Follow PATTERNs (default: every Chorus subject) and print each message "
+        "decoded: time, subject, type, run, agent, short payload.",
+        epilog="examples:\n  chorus tail\n  chorus tail 'chorus.event.>' --run 3f2a...\n"
+        "  chorus tail --agent researcher --json\n"
+        "  chorus tail --history --run RUN_ID     # replay the run's stored history, then follow",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tail.add_argument("patterns", nargs="*", metavar="PATTERN")
+    tail.add_argument("--run", help="only messages of this run id")
+    tail.add_argument("--agent", help="only messages from or about this agent or instance")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.add_argument("--raw", action="store_true", help="print payloads as they are")
+    tail.add_argument(
+        "--history",
+        action="store_true",
+        help="replay what the streams hold for these subjects first",
+    )
+    tail.add_argument("--no-heartbeats", action="store_true", help="hide heartbeats")
+    tail.add_argument("--count", type=int, default=0, help="stop after N messages")
+    tail.set_defaults(func=follow)
+
+
+async def publish(args: argparse.Namespace, settings: Settings) -> int:
+    payload = wire.prepare(settings.subjects, args.subject, wire.read_payload(args.data))
+    nc = await connect(settings, "chorus-cli")
+    try:
+        if settings.subjects.classify(args.subject) == "event":
+            event = decode(payload, Event)
+            await ChorusClient(nc, settings.subjects).publish_event(event)
+            print(f"stored event {event.event_id} in {settings.subjects.events_stream}")
+        else:
+            await nc.publish(args.subject, payload)
+            await nc.flush(timeout=5)
+            print(f"published {len(payload)} bytes to {args.subject}")
+    finally:
+        await nc.close()
+    return 0
+
+
+async def request(args: argparse.Namespace, settings: Settings) -> int:
+    payload = wire.prepare(settings.subjects, args.subject, wire.read_payload(args.data))
+    nc = await connect(settings, "chorus-cli")
+    try:
+        reply = await nc.request(args.subject, payload, timeout=args.timeout)
+    except NoRespondersError:
+        raise NoResponders(
+            f"nobody listens on {args.subject}: is an agent running for it?"
+        ) from None
+    except NatsTimeout:
+        raise RequestTimeout(f"no reply on {args.subject} within {args.timeout}s") from None
+    finally:
+        await nc.close()
+    message = wire.decoded(settings.subjects, args.subject, reply.data)
+    print(json.dumps(wire.to_builtins(message), indent=2, default=str))
+    return 1 if isinstance(message, ErrorReply) else 0
+
+
+class Printer:
+    def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
+        self.args = args
+        self.subjects = settings.subjects
+        self.console = Console(highlight=False, soft_wrap=True)
+        self.printed = 0
+        self.done = asyncio.Event()
+
+    def wanted(self, msg: Msg, message: Any) -> bool:
+        if self.args.no_heartbeats and self.subjects.classify(msg.subject) == "heartbeat":
+            return False
+        if self.args.run and wire.run_id_of(message, msg.headers) != self.args.run:
+            return False
+        if self.args.agent:
+            agent = wire.agent_of(message)
+            if self.args.agent not in (agent, *msg.subject.split(".")) and not agent.startswith(
+                f"{self.args.agent}-"
+            ):
+                return False
+        return True
+
+    async def handle(self, msg: Msg) -> None:
+        if msg.subject.startswith("_INBOX."):
+            return
+        message = wire.decoded(self.subjects, msg.subject, msg.data)
+        if not self.wanted(msg, message):
+            return
+        if self.args.json:
+            line = {
+                "time": time.time(),
+                "subject": msg.subject,
+                "headers": msg.headers or {},
+                "type": wire.type_of(message),
+                "data": wire.to_builtins(message),
+            }
+            print(json.dumps(line, default=str), flush=True)
+        elif self.args.raw:
+            print(f"{msg.subject} {msg.data.decode(errors='replace')}", flush=True)
+        else:
+            kind = wire.type_of(message)
+            colour = KIND_COLOURS.get(kind, "white")
+            run = wire.run_id_of(message, msg.headers)
+            agent = wire.agent_of(message)
+            parts = [
+                f"[dim]{time.strftime('%H:%M:%S')}[/]",
+                f"[bold]{escape(msg.subject)}[/]",
+                f"[{colour}]{kind}[/]",
+            ]
+            if run:
+                parts.append(f"run={escape(run[:12])}")
+            if agent:
+                parts.append(f"agent={escape(agent)}")
+            parts.append(escape(wire.short(message)))
+            self.console.print(" ".join(parts))
+        self.printed += 1
+        if self.args.count and self.printed >= self.args.count:
+            self.done.set()
+
+
+async def _subscribe(nc: Client, pattern: str, printer: Printer, history: bool) -> Any:
+    if history:
+        js = nc.jetstream()
+        try:
+            await js.find_stream_name_by_subject(pattern)
+        except NotFoundError:
+            pass
+        else:
+            return await js.subscribe(
+                pattern, cb=printer.handle, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+            )
+    return await nc.subscribe(pattern, cb=printer.handle)
+
+
+async def follow(args: argparse.Namespace, settings: Settings) -> int:
+    patterns = args.patterns or [f"{settings.prefix}.>"]
+    if args.history and not args.patterns:
+        patterns = [settings.subjects.all_events, settings.subjects.all_runs]
+    printer = Printer(args, settings)
+    nc = await connect(settings, "chorus-tail")
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, printer.done.set)
+    try:
+        seen: set[str] = set()
+        for pattern in patterns:
+            if pattern not in seen:
+                seen.add(pattern)
+                await _subscribe(nc, pattern, printer, args.history)
+        await nc.flush(timeout=5)
+        print(f"following {', '.join(sorted(seen))} (Ctrl-C to stop)", file=sys.stderr)
+        await printer.done.wait()
+    finally:
+        await nc.close()
+    return 0
