@@ -99,7 +99,6 @@ class LeaseLost(Conflict):
     code = "lease_lost"
 
 
-
 class InvalidWorkflow(ConfigError, ValueError):
     """A workflow definition is wrong. A ValueError too, so msgspec reports the field path."""
 
