@@ -277,3 +277,28 @@ async def test_max_concurrency_is_never_exceeded_under_a_burst(
     assert len(results) == 30
     assert peak == 3  # measured inside the handler: the limit was reached and never passed
     assert host.stats.peak_in_flight == 3
+
+
+async def test_handlers_share_state_through_the_context(
+    start_host: StartHost, nc: Client, settings: Settings
+) -> None:
+    agent = Agent(name="tally", capabilities=["tally"], max_concurrency=4)
+
+    @agent.on_task
+    async def tally(task: Task, ctx: Context) -> str:
+        state = await ctx.state()
+        total = await state.update("tally.total", lambda n: n + int(task.input), default=0)
+        return str(total.value)
+
+    await start_host(agent)
+    await start_host(agent)
+    client = ChorusClient(nc, settings.subjects)
+
+    await asyncio.gather(*(client.run_task(Task(input="1"), capability="tally") for _ in range(20)))
+
+    from chorus.state import SharedState
+
+    reader = await SharedState(nc, settings.subjects, "test").open()
+    value = await reader.get("tally.total")
+    assert value is not None and value.value == 20
+    await reader.close()

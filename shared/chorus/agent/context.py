@@ -10,6 +10,7 @@ from chorus.messages import Event, HelpReply, Usage
 
 if TYPE_CHECKING:
     from chorus.agent.host import AgentHost
+    from chorus.state import SharedState
 
 
 class Context:
@@ -69,6 +70,10 @@ class Context:
         )
         self.usage = self.usage + reply.usage
         return reply
+
+    async def state(self) -> SharedState:
+        """The shared state (KV), opened on first use; this instance is the writer."""
+        return await self._host.shared_state()
 
     def emit(self, topic: str, data: Any = None) -> Event:
         """Publish an event when the handler returns (a next action for other agents)."""

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from nats.aio.client import Client
@@ -52,6 +52,9 @@ from chorus.messages import (
     encode,
 )
 from chorus.streams import ensure_events_stream
+
+if TYPE_CHECKING:
+    from chorus.state import SharedState
 
 log = logging.getLogger("chorus.agent")
 
@@ -110,11 +113,20 @@ class AgentHost:
         self._service: Service | None = None
         self._draining = False
         self._stopped = asyncio.Event()
+        self._state: SharedState | None = None
 
     @property
     def nc(self) -> Client:
         assert self._nc is not None, "start() the host first"
         return self._nc
+
+    async def shared_state(self) -> SharedState:
+        """Opened on first use, so agents that never touch state pay nothing at start-up."""
+        if self._state is None:
+            from chorus.state import SharedState
+
+            self._state = await SharedState(self.nc, self.subjects, self.instance).open()
+        return self._state
 
     @property
     def client(self) -> ChorusClient:
@@ -434,6 +446,8 @@ class AgentHost:
         await asyncio.gather(*self._loops, return_exceptions=True)
         await self._publish_heartbeat("stopped")
         await self.model.close()
+        if self._state is not None:
+            await self._state.close()
         await self.nc.flush(timeout=5)
         if self._owns_connection:
             # Everything is unsubscribed; drain() can hang on JetStream pull inboxes.
