@@ -8,17 +8,17 @@ import json
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from nats.js.errors import BucketNotFoundError, NoKeysError
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
 from chorus.config import Settings
 from chorus.connection import connect
 from chorus.messages import AgentRecord, decode
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 HEALTH_STYLE = {"healthy": "green", "unhealthy": "yellow", "dead": "red"}
 
@@ -38,6 +38,8 @@ def register(sub: Any) -> None:
 
 
 def table(records: dict[str, AgentRecord]) -> Table:
+    from rich.table import Table
+
     view = Table(title=f"{len(records)} agent instances", title_justify="left")
     for column in (
         "instance",
@@ -71,6 +73,9 @@ def table(records: dict[str, AgentRecord]) -> Table:
 
 
 async def show_agents(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
     nc = await connect(settings, "chorus-agents")
     try:
         try:

@@ -16,8 +16,6 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
-from rich.console import Console
-from rich.markup import escape
 
 from chorus.cli import wire
 from chorus.client import ChorusClient
@@ -131,6 +129,8 @@ class Printer:
     def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
         self.args = args
         self.subjects = settings.subjects
+        from rich.console import Console  # imported here: agents never load rich
+
         self.console = Console(highlight=False, soft_wrap=True)
         self.printed = 0
         self.done = asyncio.Event()
@@ -166,6 +166,8 @@ class Printer:
         elif self.args.raw:
             print(f"{msg.subject} {msg.data.decode(errors='replace')}", flush=True)
         else:
+            from rich.markup import escape
+
             kind = wire.type_of(message)
             colour = KIND_COLOURS.get(kind, "white")
             run = wire.run_id_of(message, msg.headers)

@@ -1,0 +1,693 @@
+"""Start-up time and idle memory of one agent process, `python -m chorus agent run SPEC`.
+
+For each case a fresh process is started against an embedded nats-server and measured:
+
+- first heartbeat: from `Popen` to its first `ready` heartbeat on `<prefix>.hb.<instance>`;
+- first answer: from `Popen` to the reply to a `Task` sent on `<prefix>.agent.<instance>.task`
+  (sent as soon as the heartbeat arrives; the endpoints exist before the first heartbeat);
+- memory once ready and idle (sampled after the next heartbeat): VmRSS, VmHWM (peak) and
+  RssAnon (heap, as opposed to mapped files) from /proc/<pid>/status;
+- stop: from SIGTERM to exit (the drain).
+
+References measured in the same run: bare `python`, `import nats, msgspec` and
+`import nats, msgspec, openai` (time from start to exit, and memory at exit).
+
+    python bench/agent_startup.py            # 5 runs of each case, medians
+    python bench/agent_startup.py --smoke    # 1 run of each
+    python bench/agent_startup.py --imports  # also: which imports cost the time and memory
+
+Numbers are printed, never asserted. When a target is missed the import breakdown is printed
+as well (the agent run once more under an import probe): per package the time and resident
+memory its modules add (like `-X importtime`, with memory), and the Chorus module that first
+imports it; then the imports Chorus code makes, heaviest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import yaml
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from chorus.config import Settings
+from chorus.connection import connect
+from chorus.messages import Heartbeat, Result, Task, decode, encode, reply_type
+from chorus.server import NatsServer, find_binary
+from chorus.subjects import Subjects
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "shared" / "chorus" / "examples" / "agents" / "researcher.yaml"
+OPENAI_MODEL = "openai:gpt-5-mini"
+HEARTBEAT_INTERVAL_S = 0.5  # only decides how long "wait for the next heartbeat" takes
+TIMEOUT_S = 30.0
+
+# Targets from the foundation issue (MiB, seconds).
+TARGET_OFFLINE_RSS_MIB = 35.0
+TARGET_OFFLINE_READY_S = 1.0
+TARGET_OPENAI_RSS_MIB = 60.0
+
+STATUS_PROGRAM = "print(open('/proc/self/status').read())"
+REFERENCES: dict[str, str] = {
+    "python (bare)": f"import os; {STATUS_PROGRAM}",
+    "import nats, msgspec": f"import nats, msgspec, os; {STATUS_PROGRAM}",
+    "import nats, msgspec, openai": f"import nats, msgspec, openai, os; {STATUS_PROGRAM}",
+}
+
+# The agent process again, with every module load measured: the resident memory and time it
+# adds itself (its imports excluded, as in `-X importtime`), the module whose code imported
+# it, and the nearest Chorus module on the stack. Written as JSON to $CHORUS_BENCH_IMPORTS at
+# exit. `_load_unlocked` is CPython's private hook that every module load goes through.
+IMPORT_PROBE = r"""
+import _frozen_importlib as bootstrap, atexit, json, os, runpy, sys, time
+
+def rss():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+def callers():
+    # The module whose code ran the import, whether that code was a function, and the
+    # nearest Chorus module; the import machinery and this probe are skipped.
+    frame, importer, in_function, ours = sys._getframe(2), None, False, None
+    while frame is not None and ours is None:
+        spec = frame.f_globals.get("__spec__")
+        name = getattr(spec, "name", None) or frame.f_globals.get("__name__", "")
+        if frame.f_code not in PROBE and not name.startswith(("importlib", "_frozen_importlib")):
+            if importer is None:
+                importer, in_function = name, frame.f_code.co_name != "<module>"
+            if name.split(".")[0] in ("chorus", "services"):
+                ours = name
+        frame = frame.f_back
+    return importer, in_function, ours
+
+load, stack, modules = bootstrap._load_unlocked, [], []
+
+def measured_load(spec):
+    importer, lazy, ours = callers()
+    entry = {"name": spec.name, "importer": importer, "origin": ours, "lazy": lazy}
+    modules.append(entry)
+    stack.append([0, 0.0])
+    kb, started = rss(), time.perf_counter()
+    try:
+        return load(spec)
+    finally:
+        child_kb, child_s = stack.pop()
+        total_kb, total_s = rss() - kb, time.perf_counter() - started
+        if stack:
+            stack[-1][0] += total_kb
+            stack[-1][1] += total_s
+        entry.update(
+            self_kb=total_kb - child_kb, total_kb=total_kb,
+            self_ms=(total_s - child_s) * 1000, total_ms=total_s * 1000,
+        )
+
+PROBE = {callers.__code__, measured_load.__code__}
+
+def dump(baseline=rss()):
+    with open(os.environ["CHORUS_BENCH_IMPORTS"], "w") as out:
+        json.dump({"baseline_kb": baseline, "exit_kb": rss(), "modules": modules}, out)
+
+bootstrap._load_unlocked = measured_load
+atexit.register(dump)
+sys.argv = ["chorus", *sys.argv[1:]]
+runpy.run_module("chorus", run_name="__main__", alter_sys=True)
+"""
+
+
+@dataclass
+class AgentSample:
+    first_heartbeat_s: float
+    first_answer_s: float | None
+    status: dict[str, int]  # /proc/<pid>/status fields in kB
+    stop_s: float
+
+
+@dataclass
+class ReferenceSample:
+    exit_s: float
+    status: dict[str, int]
+
+
+@dataclass
+class Case:
+    """One way of starting an agent process."""
+
+    label: str
+    spec: Path
+    env: dict[str, str]
+    ask: bool  # send a task once ready
+    fails: bool = False  # the task is expected to get an error reply
+    samples: list[AgentSample] = field(default_factory=list)
+
+
+def parse_status(text: str) -> dict[str, int]:
+    """The `kB` fields of a /proc/<pid>/status text."""
+    fields: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            fields[key] = int(parts[0])
+    return fields
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    return parse_status(Path(f"/proc/{pid}/status").read_text())
+
+
+def mib(kb: float) -> float:
+    return kb / 1024
+
+
+def unused_local_url() -> str:
+    """An http URL on a local port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def child_env(nats_url: str, prefix: str, extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "NATS_URL": nats_url,
+            "CHORUS_PREFIX": prefix,
+            "CHORUS_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL_S),
+            # The code of this checkout, whatever the venv's editable install points at.
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "shared"), str(ROOT)]),
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def agent_args(spec: Path, instance: str) -> list[str]:
+    """The arguments of `chorus` that run one agent instance."""
+    return ["agent", "run", str(spec), "--instance", instance]
+
+
+class HeartbeatWatch:
+    """Records when each `ready` heartbeat of one instance arrives (perf_counter time)."""
+
+    def __init__(self) -> None:
+        self.times: asyncio.Queue[float] = asyncio.Queue()
+
+    async def on_message(self, msg: Msg) -> None:
+        arrived = time.perf_counter()
+        if decode(msg.data, Heartbeat).state == "ready":
+            self.times.put_nowait(arrived)
+
+    async def next(self, process: asyncio.subprocess.Process, log: Path) -> float:
+        """The next heartbeat's arrival time; fail with the agent's log if it exits first."""
+        beat = asyncio.ensure_future(self.times.get())
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {beat, exited}, timeout=TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiter in (beat, exited):
+                waiter.cancel()
+        if beat in done:
+            return beat.result()
+        why = f"exited with {process.returncode}" if exited in done else f"silent {TIMEOUT_S}s"
+        raise RuntimeError(f"agent {why}; its log:\n{tail(log)}")
+
+    def clear(self) -> None:
+        while not self.times.empty():
+            self.times.get_nowait()
+
+
+def tail(log: Path, lines: int = 20) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+async def terminate(process: asyncio.subprocess.Process) -> float:
+    """SIGTERM and wait for the exit; seconds it took."""
+    started = time.perf_counter()
+    process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), TIMEOUT_S)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise RuntimeError(f"agent did not exit within {TIMEOUT_S}s of SIGTERM") from None
+    return time.perf_counter() - started
+
+
+@dataclass
+class RunningAgent:
+    """An agent process started by `running_agent`, and what the bench sees of it."""
+
+    process: asyncio.subprocess.Process
+    started: float  # perf_counter just before the process was created
+    nc: Client
+    subjects: Subjects
+    instance: str
+    watch: HeartbeatWatch
+    log: Path
+
+    async def next_heartbeat(self) -> float:
+        """Seconds from the start to the next `ready` heartbeat."""
+        return await self.watch.next(self.process, self.log) - self.started
+
+    async def ask(self, fails: bool) -> float:
+        """Send a task to the instance; seconds from the start to its reply."""
+        task = Task(input="What makes NATS a good fit for agent systems?")
+        reply = await self.nc.request(
+            self.subjects.agent_task(self.instance), encode(task), timeout=TIMEOUT_S
+        )
+        answered = time.perf_counter() - self.started
+        answer = reply_type(reply.data)
+        if isinstance(answer, Result) == fails:
+            raise RuntimeError(f"unexpected reply to the task: {answer}")
+        return answered
+
+    async def stop(self) -> float:
+        """SIGTERM; seconds to a clean exit."""
+        seconds = await terminate(self.process)
+        if self.process.returncode != 0:
+            raise RuntimeError(f"agent exited with {self.process.returncode}:\n{tail(self.log)}")
+        return seconds
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    case: Case, nats_url: str, workdir: Path, python_args: list[str], env: dict[str, str]
+) -> AsyncIterator[RunningAgent]:
+    """`python <python_args> agent run SPEC --instance ID`, watched from its first heartbeat.
+
+    The heartbeat subscription exists before the process does, so no heartbeat is missed; the
+    process is killed if it is still running on the way out.
+    """
+    prefix = f"b{uuid.uuid4().hex[:8]}"
+    instance = f"bench-{uuid.uuid4().hex[:8]}"
+    subjects = Subjects(prefix)
+    log = workdir / f"{instance}.log"
+    nc: Client = await connect(Settings(nats_url=nats_url, prefix=prefix), "bench")
+    watch = HeartbeatWatch()
+    try:
+        await nc.subscribe(subjects.heartbeat(instance), cb=watch.on_message)
+        await nc.flush(timeout=5)
+        with log.open("wb") as sink:
+            started = time.perf_counter()
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                *python_args,
+                *agent_args(case.spec, instance),
+                env={**child_env(nats_url, prefix, case.env), **env},
+                stdout=sink,
+                stderr=sink,
+            )
+        try:
+            yield RunningAgent(process, started, nc, subjects, instance, watch, log)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    finally:
+        await nc.close()
+
+
+async def measure_agent(case: Case, nats_url: str, workdir: Path) -> AgentSample:
+    async with running_agent(case, nats_url, workdir, ["-m", "chorus"], {}) as agent:
+        first_heartbeat = await agent.next_heartbeat()
+        first_answer = await agent.ask(case.fails) if case.ask else None
+        # Idle: let the process finish whatever the start-up or the task left behind.
+        agent.watch.clear()
+        await agent.next_heartbeat()
+        status = proc_status(agent.process.pid)
+        stop_s = await agent.stop()
+    return AgentSample(first_heartbeat, first_answer, status, stop_s)
+
+
+async def measure_reference(code: str) -> ReferenceSample:
+    started = time.perf_counter()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), TIMEOUT_S)
+    exit_s = time.perf_counter() - started
+    if process.returncode != 0:
+        raise RuntimeError(f"reference {code!r} exited with {process.returncode}")
+    return ReferenceSample(exit_s, parse_status(out.decode()))
+
+
+def openai_spec(directory: Path) -> Path:
+    """The researcher spec with an OpenAI model."""
+    raw = yaml.safe_load(SPEC.read_text())
+    raw["model"] = OPENAI_MODEL
+    path = directory / "researcher-openai.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def build_cases(workdir: Path) -> list[Case]:
+    openai_env = {
+        "OPENAI_API_KEY": "dummy",
+        "OPENAI_BASE_URL": unused_local_url(),
+        "CHORUS_OPENAI_MAX_RETRIES": "0",  # the failed request below answers at once
+    }
+    spec = openai_spec(workdir)
+    return [
+        Case("offline model", SPEC, {}, ask=True),
+        Case(f"{OPENAI_MODEL}, idle", spec, openai_env, ask=False),
+        # A task that fails at once (nothing listens at OPENAI_BASE_URL): the memory of an
+        # OpenAI agent whose client has made a request (connection pool, response types).
+        Case(f"{OPENAI_MODEL}, after 1 failed call", spec, openai_env, ask=True, fails=True),
+    ]
+
+
+async def run_rounds(
+    cases: list[Case],
+    references: dict[str, list[ReferenceSample]],
+    runs: int,
+    nats_url: str,
+    workdir: Path,
+) -> None:
+    # Round-robin, so drift on a shared machine touches every case alike.
+    for round_no in range(1, runs + 1):
+        for case in cases:
+            case.samples.append(await measure_agent(case, nats_url, workdir))
+        for label, code in REFERENCES.items():
+            references[label].append(await measure_reference(code))
+        print(f"  round {round_no}/{runs} done", file=sys.stderr)
+
+
+# reporting
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: list[float], fmt: Callable[[float], str]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{fmt(median(values))} ({fmt(min(values))}-{fmt(max(values))})"
+
+
+def seconds(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def megabytes(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def agent_table(cases: list[Case]) -> str:
+    rows = []
+    for case in cases:
+        s = case.samples
+        answers = [x.first_answer_s for x in s if x.first_answer_s is not None]
+        rows.append(
+            [
+                case.label,
+                spread([x.first_heartbeat_s for x in s], seconds),
+                spread(answers, seconds),
+                spread([mib(x.status["VmRSS"]) for x in s], megabytes),
+                spread([mib(x.status["VmHWM"]) for x in s], megabytes),
+                spread([mib(x.status.get("RssAnon", 0)) for x in s], megabytes),
+                spread([x.stop_s for x in s], seconds),
+            ]
+        )
+    header = [
+        "agent process",
+        "first heartbeat s",
+        "first answer s",
+        "VmRSS MiB",
+        "VmHWM MiB",
+        "RssAnon MiB",
+        "SIGTERM→exit s",
+    ]
+    return markdown_table(header, rows)
+
+
+def reference_table(references: dict[str, list[ReferenceSample]]) -> str:
+    rows = [
+        [
+            label,
+            spread([x.exit_s for x in s], seconds),
+            spread([mib(x.status["VmRSS"]) for x in s], megabytes),
+            spread([mib(x.status["VmHWM"]) for x in s], megabytes),
+            spread([mib(x.status.get("RssAnon", 0)) for x in s], megabytes),
+        ]
+        for label, s in references.items()
+    ]
+    header = ["reference `python -c`", "start→exit s", "VmRSS MiB", "VmHWM MiB", "RssAnon MiB"]
+    return markdown_table(header, rows)
+
+
+def target_lines(cases: list[Case]) -> tuple[list[str], bool]:
+    offline, openai_idle = cases[0].samples, cases[1].samples
+    checks = [
+        (
+            f"offline: VmRSS idle ≤ {TARGET_OFFLINE_RSS_MIB:g} MiB",
+            median([mib(x.status["VmRSS"]) for x in offline]),
+            TARGET_OFFLINE_RSS_MIB,
+            "MiB",
+        ),
+        (
+            f"offline: ready (heartbeat and answer) ≤ {TARGET_OFFLINE_READY_S:g} s",
+            median([max(x.first_heartbeat_s, x.first_answer_s or 0.0) for x in offline]),
+            TARGET_OFFLINE_READY_S,
+            "s",
+        ),
+        (
+            f"{OPENAI_MODEL}: VmRSS idle ≤ {TARGET_OPENAI_RSS_MIB:g} MiB",
+            median([mib(x.status["VmRSS"]) for x in openai_idle]),
+            TARGET_OPENAI_RSS_MIB,
+            "MiB",
+        ),
+    ]
+    lines, all_met = [], True
+    for label, value, target, unit in checks:
+        met = value <= target
+        all_met &= met
+        lines.append(f"- {label}: median {value:.3f} {unit} — {'met' if met else 'MISSED'}")
+    return lines, all_met
+
+
+# import breakdown
+
+
+@dataclass
+class ModuleLoad:
+    """One module load in the agent process, as the import probe saw it."""
+
+    name: str
+    importer: str | None  # the module whose code ran the import
+    origin: str | None  # the nearest Chorus module on the stack
+    lazy: bool  # imported by a function at run time, not by a module body
+    self_kb: int
+    total_kb: int
+    self_ms: float
+    total_ms: float
+
+
+@dataclass
+class ImportProfile:
+    baseline_kb: int
+    exit_kb: int
+    modules: list[ModuleLoad]
+
+
+def is_ours(module: str | None) -> bool:
+    return module is not None and module.split(".")[0] in ("chorus", "services")
+
+
+def read_profile(path: Path) -> ImportProfile:
+    raw = json.loads(path.read_text())
+    loads = [ModuleLoad(**entry) for entry in raw["modules"]]
+    return ImportProfile(raw["baseline_kb"], raw["exit_kb"], loads)
+
+
+async def profile_imports(case: Case, nats_url: str, workdir: Path) -> ImportProfile:
+    """Run the agent under the import probe until it has answered (or is ready), then stop it."""
+    out = workdir / f"imports-{uuid.uuid4().hex[:8]}.json"
+    probe = ["-c", IMPORT_PROBE]
+    async with running_agent(
+        case, nats_url, workdir, probe, {"CHORUS_BENCH_IMPORTS": str(out)}
+    ) as agent:
+        await agent.next_heartbeat()
+        if case.ask:
+            await agent.ask(case.fails)
+        await agent.stop()
+    return read_profile(out)
+
+
+def imported_by(load: ModuleLoad) -> str:
+    lazy = " (lazy)" if load.lazy else ""
+    if load.origin is None or load.origin == load.importer:
+        return f"`{load.importer}`{lazy}"
+    return f"`{load.origin}` via `{load.importer}`{lazy}"
+
+
+def package_table(profile: ImportProfile, top: int) -> str:
+    # Third-party and standard library by package; Chorus module by module.
+    packages: dict[str, list[ModuleLoad]] = {}
+    for load in profile.modules:
+        key = load.name if is_ours(load.name) else load.name.split(".")[0]
+        packages.setdefault(key, []).append(load)
+
+    def kb(loads: list[ModuleLoad]) -> int:
+        return sum(load.self_kb for load in loads)
+
+    ranked = sorted(packages.items(), key=lambda item: -kb(item[1]))[:top]
+    rows = [
+        [
+            f"`{name}`",
+            str(len(loads)),
+            f"{sum(load.self_ms for load in loads):.1f}",
+            f"{mib(kb(loads)):.1f}",
+            imported_by(loads[0]),  # loads are in start order: the first brought it in
+        ]
+        for name, loads in ranked
+    ]
+    header = ["package", "modules", "import ms", "RSS MiB", "first imported by"]
+    return markdown_table(header, rows)
+
+
+def chorus_import_table(profile: ImportProfile, top: int) -> str:
+    """The imports Chorus code makes itself, heaviest first: what a lazy import would save."""
+    direct = [load for load in profile.modules if is_ours(load.importer) or load.lazy]
+    ranked = sorted(direct, key=lambda load: -load.total_kb)[:top]
+    rows = [
+        [
+            f"`{load.importer}`",
+            f"`{load.name}`" + (" (lazy)" if load.lazy else ""),
+            f"{load.total_ms:.1f}",
+            f"{mib(load.total_kb):.1f}",
+        ]
+        for load in ranked
+    ]
+    header = ["importer", "imports", "ms with its imports", "RSS MiB with its imports"]
+    return markdown_table(header, rows)
+
+
+async def import_breakdown(case: Case, nats_url: str, workdir: Path, top: int) -> str:
+    profile = await profile_imports(case, nats_url, workdir)
+    total_kb = sum(load.self_kb for load in profile.modules)
+    total_ms = sum(load.self_ms for load in profile.modules)
+    return "\n".join(
+        [
+            f"**{case.label}**: the interpreter starts at {mib(profile.baseline_kb):.1f} MiB; "
+            f"{len(profile.modules)} module loads add {mib(total_kb):.1f} MiB and take "
+            f"{total_ms:.0f} ms; VmRSS at exit {mib(profile.exit_kb):.1f} MiB.",
+            "",
+            "Packages by resident memory (each module counted alone, without its imports):",
+            "",
+            package_table(profile, top),
+            "",
+            "Imports made by Chorus code (and at run time), with everything they pull in:",
+            "",
+            chorus_import_table(profile, top),
+        ]
+    )
+
+
+# main
+
+
+def environment_lines(runs: int) -> list[str]:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = parse_status(Path("/proc/meminfo").read_text()).get("MemTotal", 0)
+    server = subprocess.run(
+        [find_binary(), "--version"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+    packages = ", ".join(
+        f"{name} {version(name)}" for name in ("nats-py", "msgspec", "openai", "PyYAML")
+    )
+    return [
+        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {cpu}, {os.cpu_count()} CPUs, {mib(memory) / 1024:.1f} GiB RAM, "
+        f"{platform.system()} {platform.release()}",
+        f"- Python {platform.python_version()}; {packages}; {server}",
+        f"- command: `python bench/agent_startup.py --runs {runs}`; "
+        f"figures are medians (min-max) of {runs} run(s)",
+    ]
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    runs = 1 if args.smoke else args.runs
+    with tempfile.TemporaryDirectory(prefix="chorus-bench-") as tmp:
+        workdir = Path(tmp)
+        server = NatsServer(workdir / "jetstream").start()
+        try:
+            cases = build_cases(workdir)
+            references: dict[str, list[ReferenceSample]] = {label: [] for label in REFERENCES}
+            await run_rounds(cases, references, runs, server.url, workdir)
+            print("\n".join(environment_lines(runs)))
+            print()
+            print(agent_table(cases))
+            print()
+            print(reference_table(references))
+            print()
+            targets, all_met = target_lines(cases)
+            print("Targets:")
+            print("\n".join(targets))
+            if args.imports or not all_met:
+                for case in cases[:2]:
+                    print()
+                    print(await import_breakdown(case, server.url, workdir, args.top))
+        finally:
+            server.stop()
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--runs", type=int, default=5, help="runs of each case (default 5)")
+    parser.add_argument("--smoke", action="store_true", help="one run of each case")
+    parser.add_argument(
+        "--imports",
+        action="store_true",
+        help="print the import breakdown even when every target is met",
+    )
+    parser.add_argument("--top", type=int, default=12, help="rows of the import breakdown")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(main_async(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
