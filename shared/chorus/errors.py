@@ -111,6 +111,12 @@ class ExpressionError(InvalidWorkflow):
     code = "invalid_expression"
 
 
+class InvalidPlan(ChorusError):
+    """A supervisor's plan does not parse or does not hold together (unknown ids, cycles)."""
+
+    code = "invalid_plan"
+
+
 class RunFailed(ChorusError):
     """A workflow run failed; the reason names the step and what went wrong."""
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import msgspec
 
 from chorus.errors import InvalidMessage
+from chorus.workflows.spec import WorkflowSpec
 
 # Header names. `Nats-Msg-Id` is JetStream's de-duplication header.
 RUN_ID_HEADER: Final = "Chorus-Run-Id"
@@ -318,3 +319,167 @@ class LockEntry(Message, tag="lock_entry"):
     acquired_at: float = msgspec.field(default_factory=now)
     # The fencing token: the revision the lease was acquired at. 0 in that first write itself.
     token: int = 0
+
+
+# Runs and workflows (KV `<prefix>-runs`, key = run id; progress on `<prefix>.run.<run>.<kind>`)
+
+RunStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+StepStatus = Literal["pending", "running", "completed", "failed", "skipped", "cancelled"]
+FINISHED_RUN: Final[frozenset[str]] = frozenset({"completed", "failed", "cancelled"})
+
+
+class Subtask(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One piece of a supervisor's plan. All fields required, unknown ones refused: the JSON
+    schema then suits strict structured output, and a sloppy plan is caught, not guessed at."""
+
+    id: str
+    description: str
+    capabilities: list[str]
+    depends_on: list[str]
+
+
+class DelegationPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a supervisor answers when asked to plan (`Result.data`)."""
+
+    subtasks: list[Subtask]
+
+
+class SubtaskResult(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    description: str
+    agent: str
+    output: str
+    data: Any = None
+
+
+class PlanResults(msgspec.Struct, frozen=True, kw_only=True):
+    """`Task.data` of the supervisor's final task: the goal and every subtask's result."""
+
+    goal: str
+    results: list[SubtaskResult]
+
+
+class StepRecord(msgspec.Struct, kw_only=True):
+    """One step, task or subtask of a run, as checkpointed in the run record."""
+
+    name: str
+    status: StepStatus = "pending"
+    agent: str = ""  # asked for by name, or the agent that answered
+    capability: str = ""
+    instance: str = ""
+    input: str = ""
+    output: str = ""
+    data: Any = None
+    error: str = ""
+    code: str = ""  # the error's code
+    attempts: int = 0
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    duration_ms: float = 0.0
+    usage: Usage = Usage()
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "completed"
+
+
+class RunRecord(Message, tag="run_record"):
+    """A run, saved after every finished step: enough for any orchestrator to resume it."""
+
+    run_id: str
+    workflow: WorkflowSpec
+    kind: str  # the workflow's type: pipeline | parallel | event | hierarchical | process
+    status: RunStatus = "pending"
+    input: str = ""
+    data: Any = None
+    steps: list[StepRecord] = []
+    output: str = ""
+    output_data: Any = None
+    error: str = ""
+    plan: DelegationPlan | None = None  # hierarchical runs
+    events: list[Event] = []  # event-driven runs: the chain of events of this run
+    usage: Usage = Usage()  # the sum of every step's
+    created_at: float = msgspec.field(default_factory=now)
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_RUN
+
+    def step(self, name: str) -> StepRecord | None:
+        return next((s for s in self.steps if s.name == name), None)
+
+
+class RunProgress(Message, tag="run_progress"):
+    """Published as a run goes, on `<prefix>.run.<run>.<kind>`.
+
+    kind: run_started, run_resumed, step_started, step_finished, step_failed, step_skipped,
+    plan_ready, event_seen, run_completed, run_failed, run_cancelled.
+    """
+
+    run_id: str
+    kind: str
+    workflow: str = ""
+    step: str = ""
+    detail: str = ""
+    time: float = msgspec.field(default_factory=now)
+
+
+class RunRequest(Message, tag="run_request"):
+    """Ask for a run: a workflow given inline, or the name of a stored one."""
+
+    run_id: str = msgspec.field(default_factory=new_id)
+    workflow: WorkflowSpec | None = None
+    workflow_name: str = ""
+    input: str = ""
+    data: Any = None
+
+
+class RunCancel(Message, tag="run_cancel"):
+    """Published on `<prefix>.runs.cancel.<run>`: stop the run and record it as cancelled."""
+
+    run_id: str
+    reason: str = ""
+
+
+# HTTP gateway bodies (chorus.gateway): JSON over HTTP only, never on NATS, so untagged
+
+
+class ApiError(msgspec.Struct, frozen=True, kw_only=True):
+    code: str  # a ChorusError code, or an HTTP one (`method_not_allowed`, `internal_error`)
+    reason: str
+
+
+class ApiErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    """Every gateway error: `{"error": {"code": ..., "reason": ...}}`."""
+
+    error: ApiError
+
+
+class RunLinks(msgspec.Struct, frozen=True, kw_only=True):
+    run: str  # where to read the run: `/api/runs/<id>`
+
+
+class RunAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    """A run taken but not finished yet (HTTP 202): its status now and where to follow it."""
+
+    run_id: str
+    status: RunStatus
+    links: RunLinks
+
+
+class RunList(msgspec.Struct, frozen=True, kw_only=True):
+    runs: list[RunRecord]  # the most recent first
+
+
+class HealthReport(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """`GET /api/health`: `ok` needs a coordinator answering and at least one healthy agent."""
+
+    status: Literal["ok", "degraded", "unavailable"]
+    nats: Literal["connected", "reconnecting", "closed"]
+    coordinator: Literal["ok", "unreachable", "unknown"]
+    healthy_agents: int
+    agents: list[AgentRecord]
+    error: ApiError | None = None  # why the gateway cannot tell (NATS unreachable)

@@ -97,3 +97,17 @@ async def ensure_agents_bucket(js: JetStreamContext, subjects: Subjects) -> KeyV
             storage=StorageType.FILE,
         ),
     )
+
+
+async def ensure_runs_stream(js: JetStreamContext, subjects: Subjects) -> None:
+    """Submitted runs wait here for an orchestrator; each is removed once its run finishes."""
+    await ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.runs_stream,
+            subjects=[subjects.run_submit()],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.WORK_QUEUE,
+            duplicate_window=DEDUPE_WINDOW_S,
+        ),
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -36,6 +37,38 @@ def register(sub: Any) -> None:
     )
     coordinator.set_defaults(func=coordinator_run, service=True)
 
+    gateway = sub.add_parser(
+        "gateway",
+        help="run the HTTP gateway: execute workflows, runs, health, metrics",
+        description="Serve the HTTP API until SIGTERM/SIGINT: POST /api/execute, "
+        "GET /api/runs/{id}, /api/health, /api/metrics, Prometheus /metrics, /openapi.json.",
+        epilog="example: chorus gateway --port 8080 && curl localhost:8080/api/health",
+    )
+    gateway.add_argument(
+        "--host",
+        default=os.environ.get("CHORUS_GATEWAY_HOST", "127.0.0.1"),
+        help="address to listen on [env CHORUS_GATEWAY_HOST, default 127.0.0.1]",
+    )
+    gateway.add_argument(
+        "--port",
+        type=int,
+        default=os.environ.get("CHORUS_GATEWAY_PORT", "8080"),
+        help="port to listen on, 0 for any free one [env CHORUS_GATEWAY_PORT, default 8080]",
+    )
+    gateway.set_defaults(func=gateway_run, service=True)
+
+    orchestrator = sub.add_parser(
+        "orchestrator",
+        help="run the orchestrator: durable workflow runs, resumed after crashes",
+        description="Run the orchestrator until SIGTERM/SIGINT. Any number may run; they share "
+        "the runs queue. Steps go through the coordinator's durable task queue unless "
+        "--direct is given (then they are plain request-reply and need no coordinator).",
+    )
+    orchestrator.add_argument(
+        "--direct", action="store_true", help="send steps by request-reply, not durably"
+    )
+    orchestrator.set_defaults(func=orchestrator_run, service=True)
+
     schema = sub.add_parser(
         "schema",
         help="print the JSON Schema of every wire message",
@@ -64,6 +97,18 @@ async def coordinator_run(args: argparse.Namespace, settings: Settings) -> int:
     from services.coordinator.main import serve
 
     return await serve(settings)
+
+
+async def gateway_run(args: argparse.Namespace, settings: Settings) -> int:
+    from services.gateway.main import serve
+
+    return await serve(settings, args.host, args.port)
+
+
+async def orchestrator_run(args: argparse.Namespace, settings: Settings) -> int:
+    from services.orchestrator.main import serve
+
+    return await serve(settings, durable_tasks=not args.direct)
 
 
 async def print_schema(args: argparse.Namespace, settings: Settings) -> int:

@@ -222,14 +222,20 @@ class Dispatcher:
             error = AttemptError(attempt=1, code=exc.code, reason=exc.reason)
             await self._bury(target, msg, poison, [error])
             return
-        recorded = await self._recorded(task.task_id)
+        # A first delivery has no history: skip the lookups, so dispatch stays quick and in order.
+        redelivered = msg.metadata.num_delivered > 1
+        recorded = await self._recorded(task.task_id) if redelivered else None
         if recorded is not None:
             # A redelivery of a finished task: announce the outcome again, run nothing.
             self.router.released(view)
             await self.nc.publish(self.subjects.outcome(task.task_id), recorded)
             await msg.ack_sync(timeout=5)
             return
-        attempts = await self._attempt_log(task.task_id)
+        attempts = (
+            await self._attempt_log(task.task_id)
+            if redelivered
+            else AttemptLog(task_id=task.task_id)
+        )
         task = msgspec.structs.replace(task, attempt=len(attempts.errors) + 1)
         started = time.monotonic()
         try:
@@ -358,12 +364,14 @@ class Dispatcher:
 
     async def _record(self, outcome: TaskOutcome) -> None:
         """Record the outcome once; a second recorder (a redelivery) finds it there."""
+        body = encode(outcome)
         try:
-            await self.tasks.create(f"outcome.{outcome.task_id}", encode(outcome))
+            await self.tasks.create(f"outcome.{outcome.task_id}", body)
         except KeyWrongLastSequenceError:
+            # Submitted again after the de-duplication window: the first outcome stands.
             log.info("outcome already recorded", extra={"task_id": outcome.task_id})
-            return
-        await self.nc.publish(self.subjects.outcome(outcome.task_id), encode(outcome))
+            body = await self._recorded(outcome.task_id) or body
+        await self.nc.publish(self.subjects.outcome(outcome.task_id), body)
 
 
 async def _keep_claim(msg: Msg, every: float) -> None:

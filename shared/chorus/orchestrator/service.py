@@ -1,0 +1,203 @@
+"""The orchestrator service: runs from the `CHORUS_RUNS` work queue, through the engine.
+
+Any number of replicas share one durable pull consumer. A run's queue message stays unacked
+(its claim kept alive with in-progress acks) until the run has finished; the engine saves the
+run record after every step. When an orchestrator dies, its claims lapse after
+`CHORUS_CLAIM_TIMEOUT`, another replica receives the request, loads the record and resumes
+from the last finished step (an interrupted step is resent under the same task id, which the
+durable task queue answers with the outcome it already recorded). On SIGTERM runs are
+interrupted (they stay resumable) and their requests handed back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import BadRequestError
+
+from chorus.client import ChorusClient
+from chorus.config import Settings
+from chorus.errors import Conflict, InvalidMessage
+from chorus.messages import Result, RunRequest, Task, decode
+from chorus.queue import TaskQueue
+from chorus.streams import ensure_runs_stream
+from chorus.workflows.directory import DiscoveryDirectory
+from chorus.workflows.engine import Engine, cancel_requests, new_record
+from chorus.workflows.events import NatsEventBus
+from chorus.workflows.progress import NatsProgress
+from chorus.workflows.protocols import TaskRunner
+from chorus.workflows.run import Processor
+from chorus.workflows.runner import DirectRunner
+from chorus.workflows.store import KvRunStore
+
+log = logging.getLogger("chorus.orchestrator")
+
+CONSUMER = "orchestrator"
+
+
+class QueueRunner:
+    """Steps as durable tasks: stored, routed by the coordinator, recorded once."""
+
+    def __init__(self, queue: TaskQueue, timeout: float) -> None:
+        self.queue = queue
+        self.timeout = timeout
+
+    async def run(self, task: Task) -> Result:
+        return await self.queue.run(
+            task, capability=task.capability, agent=task.agent, timeout=self.timeout
+        )
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        nc: Client,
+        settings: Settings,
+        *,
+        durable_tasks: bool = True,
+        max_runs: int = 32,
+        processors: Mapping[str, Processor] | None = None,
+    ) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.subjects = settings.subjects
+        self.durable_tasks = durable_tasks
+        self.processors = processors
+        self._slots = asyncio.Semaphore(max_runs)
+        self._engine: Engine | None = None
+        self._loop: asyncio.Task[None] | None = None
+        self._runs: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    @property
+    def engine(self) -> Engine:
+        assert self._engine is not None, "start() the orchestrator first"
+        return self._engine
+
+    async def start(self) -> None:
+        js = self.nc.jetstream()
+        await ensure_runs_stream(js, self.subjects)
+        client = ChorusClient(self.nc, self.subjects, timeout=self.settings.request_timeout)
+        runner: TaskRunner = (
+            QueueRunner(TaskQueue(self.nc, self.subjects), self.settings.task_timeout)
+            if self.durable_tasks
+            else DirectRunner(client)
+        )
+        self._engine = Engine(
+            runner,
+            await KvRunStore.open(js, self.subjects),
+            progress=NatsProgress(self.nc, self.subjects),
+            events=NatsEventBus(client),
+            directory=DiscoveryDirectory(client),
+            processors=self.processors,
+        )
+        config = ConsumerConfig(
+            durable_name=CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.settings.claim_timeout,
+            deliver_policy=DeliverPolicy.ALL,
+            max_ack_pending=-1,
+        )
+        try:
+            await js.add_consumer(self.subjects.runs_stream, config)
+        except BadRequestError as exc:  # exists with other settings: keep it and its position
+            log.warning("runs consumer exists", extra={"error": str(exc)})
+        subscription = await js.pull_subscribe_bind(
+            durable=CONSUMER, stream=self.subjects.runs_stream
+        )
+        self._loop = asyncio.create_task(self._take_runs(subscription))
+        log.info("orchestrator ready", extra={"durable_tasks": self.durable_tasks})
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Interrupt the runs in flight (they stay resumable) and hand their requests back."""
+        self._stopping = True
+        if self._loop:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        for run in self._runs:
+            run.cancel()
+        if self._runs:
+            await asyncio.wait(set(self._runs), timeout=timeout)
+        log.info("orchestrator stopped")
+
+    async def _take_runs(self, subscription: Any) -> None:
+        while not self._stopping:
+            await self._slots.acquire()
+            try:
+                messages = await subscription.fetch(1, timeout=1.0, heartbeat=0.25)
+            except NatsTimeout:
+                self._slots.release()
+                continue
+            except asyncio.CancelledError:
+                self._slots.release()
+                raise
+            except Exception as exc:
+                self._slots.release()
+                log.warning("fetching runs failed", extra={"error": repr(exc)})
+                await asyncio.sleep(0.5)  # backoff before fetching again
+                continue
+            for msg in messages:
+                run = asyncio.create_task(self._serve(msg))
+                self._runs.add(run)
+                run.add_done_callback(self._ran)
+
+    def _ran(self, run: asyncio.Task[None]) -> None:
+        self._runs.discard(run)
+        self._slots.release()
+
+    async def _serve(self, msg: Msg) -> None:
+        try:
+            request = decode(msg.data, RunRequest)
+        except InvalidMessage as exc:
+            log.error("dropping malformed run request", extra={"error": exc.reason})
+            await msg.term()
+            return
+        keepalive = asyncio.create_task(_keep_claim(msg, self.settings.claim_timeout / 3))
+        try:
+            await self._drive(msg, request)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await msg.nak()  # shutting down: another replica resumes it now
+            raise
+        finally:
+            keepalive.cancel()
+
+    async def _drive(self, msg: Msg, request: RunRequest) -> None:
+        store = self.engine.services.store
+        record = await store.load(request.run_id)
+        if record is None:
+            if request.workflow is None:
+                log.error("run request without a workflow", extra={"run_id": request.run_id})
+                await msg.term()
+                return
+            record = new_record(
+                request.workflow, request.input, data=request.data, run_id=request.run_id
+            )
+        if record.finished:
+            await msg.ack_sync(timeout=5)
+            return
+        handle = self.engine.start(record)
+        async with cancel_requests(self.nc, self.subjects, handle):
+            try:
+                await handle
+            except Conflict:
+                # Another orchestrator advanced this run: look again once it may be done.
+                log.info("run taken over elsewhere", extra={"run_id": record.run_id})
+                await msg.nak(delay=self.settings.claim_timeout)
+                return
+        await msg.ack_sync(timeout=5)
+
+
+async def _keep_claim(msg: Msg, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        await msg.in_progress()

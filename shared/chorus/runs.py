@@ -1,0 +1,159 @@
+"""Runs from the submitter's side: submit a workflow run, read it, wait for it, cancel it.
+
+`submit` saves the run record as `pending` in KV, then stores the request in the runs work
+queue (with `Nats-Msg-Id` = run id), so the run exists and can be looked up at once and is
+never lost; an orchestrator takes it from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import msgspec
+from nats.aio.client import Client
+from nats.js.errors import KeyNotFoundError, NoKeysError
+
+from chorus.errors import ConfigError, Conflict, NotFound, RequestTimeout
+from chorus.examples import WORKFLOWS
+from chorus.messages import (
+    FINISHED_RUN,
+    MSG_ID_HEADER,
+    RUN_ID_HEADER,
+    RunCancel,
+    RunRecord,
+    RunRequest,
+    decode,
+    encode,
+    now,
+)
+from chorus.streams import ensure_runs_stream
+from chorus.subjects import Subjects, check_token
+from chorus.workflows.spec import WorkflowSpec, load_workflow
+from chorus.workflows.store import KvRunStore
+
+
+def workflow_dirs() -> list[Path]:
+    """Where named workflows are found: CHORUS_WORKFLOWS (colon-separated), then the examples."""
+    extra = [Path(p) for p in os.environ.get("CHORUS_WORKFLOWS", "").split(":") if p]
+    return [*extra, WORKFLOWS]
+
+
+def find_workflow(name: str) -> WorkflowSpec:
+    check_token(name, "workflow name")
+    for folder in workflow_dirs():
+        for suffix in (".yaml", ".yml"):
+            path = folder / f"{name}{suffix}"
+            if path.is_file():
+                return load_workflow(path)
+    known = sorted({p.stem for d in workflow_dirs() if d.is_dir() for p in d.glob("*.y*ml")})
+    raise NotFound(f"no workflow named {name!r}; known: {', '.join(known) or 'none'}")
+
+
+class RunClient:
+    def __init__(self, nc: Client, subjects: Subjects) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.subjects = subjects
+        self._store: KvRunStore | None = None
+        self._stream_ready = False
+
+    async def store(self) -> KvRunStore:
+        if self._store is None:
+            self._store = await KvRunStore.open(self.js, self.subjects)
+        return self._store
+
+    async def submit(self, request: RunRequest) -> RunRecord:
+        """Record the run as pending and queue it; returns the pending record."""
+        check_token(request.run_id, "run id")
+        workflow = request.workflow
+        if workflow is None:
+            if not request.workflow_name:
+                raise ConfigError("give a workflow (inline) or a workflow_name")
+            workflow = find_workflow(request.workflow_name)
+        request = msgspec.structs.replace(request, workflow=workflow, workflow_name=workflow.name)
+        record = RunRecord(
+            run_id=request.run_id,
+            workflow=workflow,
+            kind=workflow.kind,
+            input=request.input,
+            data=request.data,
+        )
+        store = await self.store()
+        existing = await store.load(request.run_id)
+        if existing is None:
+            await store.save(record)
+        if not self._stream_ready:
+            await ensure_runs_stream(self.js, self.subjects)
+            self._stream_ready = True
+        await self.js.publish(
+            self.subjects.run_submit(),
+            encode(request),
+            headers={MSG_ID_HEADER: request.run_id, RUN_ID_HEADER: request.run_id},
+            timeout=5,
+        )
+        return existing or record
+
+    async def get(self, run_id: str) -> RunRecord:
+        record = await (await self.store()).load(run_id)
+        if record is None:
+            raise NotFound(f"no run {run_id!r}")
+        return record
+
+    async def list(self, limit: int = 50) -> list[RunRecord]:
+        """The most recently created runs first."""
+        store = await self.store()
+        try:
+            keys = await store.kv.keys()
+        except NoKeysError:
+            return []
+        records = []
+        for key in keys:
+            try:
+                entry = await store.kv.get(key)
+            except KeyNotFoundError:
+                continue
+            if entry.value:
+                records.append(decode(entry.value, RunRecord))
+        records.sort(key=lambda r: r.created_at, reverse=True)
+        return records[:limit]
+
+    async def wait(self, run_id: str, timeout: float) -> RunRecord:
+        """Wait until the run is completed, failed or cancelled."""
+        store = await self.store()
+        watcher = await store.kv.watch(run_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    entry = await watcher.updates(timeout=left)  # type: ignore[no-untyped-call]
+                except TimeoutError:
+                    break
+                if entry is None or not entry.value:
+                    continue
+                record = decode(entry.value, RunRecord)
+                if record.status in FINISHED_RUN:
+                    return record
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        raise RequestTimeout(
+            f"run {run_id} did not finish within {timeout}s; it goes on — "
+            f"follow it with `chorus runs show {run_id}` or `chorus tail --run {run_id}`"
+        )
+
+    async def cancel(self, run_id: str) -> None:
+        """Ask the orchestrator running it to stop; a run nobody has started is cancelled here."""
+        record = await self.get(run_id)
+        if record.status == "pending":
+            cancelled = msgspec.structs.replace(
+                record, status="cancelled", error="cancelled before it started", ended_at=now()
+            )
+            try:
+                await (await self.store()).save(cancelled)
+                return
+            except Conflict:
+                pass  # an orchestrator took it meanwhile: ask it to stop
+        await self.nc.publish(self.subjects.run_cancel(run_id), encode(RunCancel(run_id=run_id)))
+        await self.nc.flush(timeout=5)

@@ -1,0 +1,62 @@
+"""The engine's seams: small Protocols the orchestrator can fill with durable implementations.
+
+The engine runs tasks, saves run records, reports progress, publishes and follows events, and
+asks which agents run, only through these. `chorus.workflows.runner`, `.store`, `.progress`,
+`.events` and `.directory` hold the implementations on NATS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+from chorus.messages import Event, Result, RunProgress, RunRecord, Task
+
+
+class TaskRunner(Protocol):
+    """Runs one task on an agent (`task.agent`) or a capability (`task.capability`).
+
+    Raises a ChorusError when the task fails or nobody can take it. A resumed run sends an
+    interrupted step again with the same `task_id`, so a durable runner can answer it with the
+    outcome it already recorded instead of running it twice.
+    """
+
+    async def run(self, task: Task) -> Result: ...
+
+
+class RunStore(Protocol):
+    """Where run records live. `save` is revision-checked: it raises chorus.errors.Conflict
+    when another process saved the record since this store loaded (or created) it."""
+
+    async def load(self, run_id: str) -> RunRecord | None: ...
+
+    async def save(self, record: RunRecord) -> None: ...
+
+
+class ProgressSink(Protocol):
+    """Told about a run as it goes (step started, finished, failed...)."""
+
+    async def publish(self, progress: RunProgress) -> None: ...
+
+
+class EventSource(Protocol):
+    async def next(self, timeout: float) -> Event:
+        """The next event of the run; raises TimeoutError after `timeout` seconds."""
+        ...
+
+
+class EventBus(Protocol):
+    """Publishes events and follows the events of one run (every event carries its run id)."""
+
+    async def publish(self, event: Event) -> None: ...
+
+    def watch(self, run_id: str, since: float) -> AbstractAsyncContextManager[EventSource]:
+        """The run's events published at or after `since` (a Unix time), in order."""
+        ...
+
+
+class AgentDirectory(Protocol):
+    async def agents(self) -> Mapping[str, frozenset[str]]:
+        """Every running agent's name and its capabilities."""
+        ...

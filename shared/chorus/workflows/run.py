@@ -1,0 +1,240 @@
+"""One run in progress: its record, the services it uses, and the step machinery every pattern
+shares (dispatch with retries and timeouts, checkpoint, progress, the expression context)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats.errors
+
+from chorus.errors import ChorusError, RequestTimeout
+from chorus.messages import (
+    Result,
+    RunProgress,
+    RunRecord,
+    StepRecord,
+    StepStatus,
+    Task,
+    Usage,
+    now,
+)
+from chorus.workflows.protocols import (
+    AgentDirectory,
+    EventBus,
+    ProgressSink,
+    RunStore,
+    TaskRunner,
+)
+from chorus.workflows.spec import Target
+
+log = logging.getLogger("chorus.workflows")
+
+Processor = Callable[[StepRecord], Any]
+"""A Python output processor: gets the finished step, returns the text to pass on (a str, or
+any other value, passed on as JSON). May be a coroutine function."""
+
+Finish = Callable[[StepRecord, Result], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Services:
+    """What a run may use. Only `runner` and `store` are needed by every pattern."""
+
+    runner: TaskRunner
+    store: RunStore
+    progress: ProgressSink
+    events: EventBus | None = None
+    directory: AgentDirectory | None = None
+    processors: Mapping[str, Processor] = field(default_factory=dict)
+
+
+class StepFailed(Exception):
+    """A step failed after its last attempt; the step record says why. Patterns decide what
+    that means for the run."""
+
+    def __init__(self, step: StepRecord) -> None:
+        super().__init__(step.error)
+        self.step = step
+
+
+async def together(work: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run coroutines at once; the first error cancels the rest and is raised as itself (not
+    wrapped in an ExceptionGroup), so the engine can tell a Conflict from a failure."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for coroutine in work:
+                group.create_task(coroutine)
+    except BaseExceptionGroup as errors:
+        for extra in errors.exceptions[1:]:
+            log.warning("also failed", extra={"error": repr(extra)})
+        raise errors.exceptions[0] from None
+
+
+def task_id(run_id: str, step: str, attempt: int) -> str:
+    """Stable per attempt: a resumed run sends an interrupted attempt again under the same id."""
+    return f"{run_id}-{step}-{attempt}"
+
+
+class Run:
+    """A run record and the ways to advance it. One engine task owns it at a time."""
+
+    def __init__(self, record: RunRecord, services: Services) -> None:
+        self.record = record
+        self.services = services
+        self._save = asyncio.Lock()  # parallel steps finish together; saves go one at a time
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+    def step(self, name: str) -> StepRecord:
+        """The step's record, added (pending) when the run has none yet."""
+        existing = self.record.step(name)
+        if existing is not None:
+            return existing
+        step = StepRecord(name=name)
+        self.record.steps.append(step)
+        return step
+
+    def done(self, name: str) -> StepRecord | None:
+        """The step's record when it already completed (so a resumed run skips it)."""
+        step = self.record.step(name)
+        return step if step is not None and step.status in ("completed", "skipped") else None
+
+    def context(self) -> dict[str, Any]:
+        """What conditions and templates can read: the run's input and data, finished steps."""
+        steps = {
+            s.name: {
+                "output": s.output,
+                "data": s.data,
+                "status": s.status,
+                "agent": s.agent,
+                "instance": s.instance,
+                "error": s.error,
+            }
+            for s in self.record.steps
+            if s.status in ("completed", "skipped", "failed")
+        }
+        return {"input": self.record.input, "data": self.record.data, "steps": steps}
+
+    async def checkpoint(self) -> None:
+        """Save the record (revision-checked). Every finished step is saved before the next."""
+        record = self.record
+        record.usage = sum((s.usage for s in record.steps), Usage())
+        record.updated_at = now()
+        async with self._save:
+            await self.services.store.save(record)
+
+    async def report(self, kind: str, step: str = "", detail: str = "") -> None:
+        progress = RunProgress(
+            run_id=self.run_id,
+            kind=kind,
+            workflow=self.record.workflow.name,
+            step=step,
+            detail=detail,
+        )
+        try:
+            await self.services.progress.publish(progress)
+        except nats.errors.Error as exc:
+            # Progress is a live view; the record in the store is the account that matters.
+            log.warning("progress not published", extra={"run_id": self.run_id, "error": repr(exc)})
+
+    async def perform(
+        self,
+        name: str,
+        target: Target,
+        task_input: str,
+        *,
+        instructions: str = "",
+        data: Any = None,
+        json_schema: dict[str, Any] | None = None,
+        finish: Finish | None = None,
+    ) -> StepRecord:
+        """Run one step's task with the target's retries and timeout; checkpoint its outcome.
+
+        `finish` turns the result into the step's final form (parse a plan, apply an output
+        processor); when it raises a ChorusError the attempt counts as failed. Raises
+        StepFailed when the last attempt failed.
+        """
+        step = self.step(name)
+        step.agent, step.capability, step.input = target.agent, target.capability, task_input
+        # A step left `running` by an interrupted engine: send the same attempt again.
+        resend = step.status == "running" and step.attempts > 0
+        step.started_at = step.started_at or now()
+        while True:
+            if not resend:
+                step.attempts += 1
+            resend = False
+            step.status, step.error, step.code = "running", "", ""
+            await self.checkpoint()
+            await self.report("step_started", name, f"{target.target}, attempt {step.attempts}")
+            task = Task(
+                task_id=task_id(self.run_id, name, step.attempts),
+                input=task_input,
+                instructions=instructions or target.instructions,
+                data=data,
+                json_schema=json_schema,
+                agent=target.agent,
+                capability=target.capability,
+                run_id=self.run_id,
+                step=name,
+                attempt=step.attempts,
+            )
+            try:
+                result = await self._dispatch(task, target.timeout)
+                step.agent, step.instance = result.agent, result.instance
+                step.output, step.data, step.usage = result.output, result.data, result.usage
+                if finish is not None:
+                    await finish(step, result)
+            except ChorusError as exc:
+                step.error, step.code = exc.reason, exc.code
+                if step.attempts <= target.retries:
+                    log.warning(
+                        "step attempt failed, retrying",
+                        extra={"run_id": self.run_id, "step": name, "error": exc.reason},
+                    )
+                    await self.report("step_retry", name, exc.reason)
+                    continue
+                self.end_step(step, "failed")
+                await self.checkpoint()
+                await self.report("step_failed", name, exc.reason)
+                raise StepFailed(step) from None
+            break
+        self.end_step(step, "completed")
+        await self.checkpoint()
+        await self.report("step_finished", name, f"{step.agent} in {step.duration_ms:.0f} ms")
+        return step
+
+    async def skip(self, name: str, reason: str) -> None:
+        step = self.step(name)
+        step.error = reason
+        step.started_at = step.started_at or now()
+        self.end_step(step, "skipped")
+        await self.checkpoint()
+        await self.report("step_skipped", name, reason)
+
+    async def fail(self, name: str, reason: str) -> None:
+        """Record a step as failed without running it (a requirement was not met)."""
+        step = self.step(name)
+        step.error, step.code = reason, "run_failed"
+        step.started_at = step.started_at or now()
+        self.end_step(step, "failed")
+        await self.checkpoint()
+        await self.report("step_failed", name, reason)
+
+    @staticmethod
+    def end_step(step: StepRecord, status: StepStatus) -> None:
+        step.status = status
+        step.ended_at = now()
+        step.duration_ms = round((step.ended_at - step.started_at) * 1000, 3)
+
+    async def _dispatch(self, task: Task, timeout: float | None) -> Result:
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.services.runner.run(task)
+        except TimeoutError:
+            raise RequestTimeout(f"no result within the step's timeout of {timeout}s") from None
