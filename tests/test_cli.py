@@ -14,7 +14,7 @@ from chorus.agent import Agent
 from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
 from chorus.messages import Event, decode
-from tests.conftest import StartHost, child_env, write_spec
+from tests.conftest import ROOT, StartHost, child_env, write_spec
 from tests.coordination import wait_for_record
 
 
@@ -194,3 +194,36 @@ def test_schema_prints_every_message_type(settings: Settings) -> None:
         "AgentInfo",
     } <= set(schema["$defs"])
     assert decode(b'{"topic": "x"}', Event).topic == "x"
+
+
+def test_refused_credentials_are_one_line_even_for_a_service(tmp_path: Path) -> None:
+    from chorus.server import NatsServer
+
+    config = tmp_path / "auth.conf"
+    config.write_text('authorization { user: "agent", password: "right" }\n')
+    server = NatsServer(tmp_path / "js", config_file=str(config)).start()
+    try:
+        env = {
+            **child_env(Settings(nats_url=server.url)),
+            "NATS_USER": "agent",
+            "NATS_PASSWORD": "wrong",
+        }
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "chorus",
+                "agent",
+                "run",
+                str(ROOT / "shared/chorus/examples/agents/researcher.yaml"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.stop()
+
+    assert result.returncode == 2
+    assert "refused agent: check NATS_USER and NATS_PASSWORD" in result.stderr.splitlines()[-1]

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
+from nats.aio.client import Client
 
 from chorus.config import Settings
 from chorus.connection import connect
+from chorus.lifecycle import serve_until_signalled
 from chorus.orchestrator.service import Orchestrator
 
 
 async def serve(settings: Settings, *, durable_tasks: bool = True) -> int:
-    nc = await connect(settings, "orchestrator", service=True)
-    orchestrator = Orchestrator(nc, settings, durable_tasks=durable_tasks)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await orchestrator.start()
-    await stop.wait()
-    await orchestrator.stop()
-    await nc.flush(timeout=5)
-    await nc.close()
-    return 0
+    running: list[tuple[Orchestrator, Client]] = []
+
+    async def start() -> None:
+        nc = await connect(settings, "orchestrator", service=True)
+        orchestrator = Orchestrator(nc, settings, durable_tasks=durable_tasks)
+        running.append((orchestrator, nc))
+        await orchestrator.start()
+
+    async def stop() -> None:
+        for orchestrator, nc in running:
+            await orchestrator.stop()
+            await nc.flush(timeout=5)
+            await nc.close()
+
+    return await serve_until_signalled(start, stop)

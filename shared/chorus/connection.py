@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -13,7 +14,7 @@ from nats.aio.client import Client
 from nats.errors import NoServersError
 
 from chorus.config import Settings
-from chorus.errors import NatsUnreachable
+from chorus.errors import NatsAuthRefused, NatsUnreachable
 
 log = logging.getLogger("chorus.connection")
 
@@ -62,13 +63,14 @@ def connect_options(settings: Settings, name: str, *, service: bool) -> dict[str
 
 
 async def connect(settings: Settings, name: str, *, service: bool = False) -> Client:
-    """Connect, retrying for `settings.connect_wait` seconds; raise NatsUnreachable after."""
+    """Connect, retrying for `settings.connect_wait` seconds; raise NatsUnreachable after,
+    or NatsAuthRefused at once when the server refuses our credentials."""
     options = connect_options(settings, name, service=service)
     deadline = time.monotonic() + settings.connect_wait
     delay = 0.1
     while True:
         try:
-            return await nats.connect(**options)
+            return await _connect_unless_refused(options, settings)
         except (TimeoutError, NoServersError, OSError) as exc:
             if time.monotonic() + delay > deadline:
                 raise NatsUnreachable(
@@ -78,3 +80,28 @@ async def connect(settings: Settings, name: str, *, service: bool = False) -> Cl
             log.info("waiting for nats", extra={"url": settings.nats_url, "retry_in": delay})
             await asyncio.sleep(delay)  # backoff between connection attempts
             delay = min(delay * 2, 2.0)
+
+
+async def _connect_unless_refused(options: dict[str, Any], settings: Settings) -> Client:
+    """nats-py retries a refused login for ever when reconnects are unlimited: stop that."""
+    refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    report = options["error_cb"]
+
+    async def on_error(exc: Exception) -> None:
+        if "authorization violation" in str(exc).lower() and not refused.done():
+            refused.set_result(str(exc))
+        await report(exc)
+
+    connecting = asyncio.ensure_future(nats.connect(**{**options, "error_cb": on_error}))
+    racing: set[asyncio.Future[Any]] = {connecting, refused}
+    await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+    if connecting.done():
+        return connecting.result()
+    connecting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await connecting
+    who = settings.nats_user or ("the credentials in NATS_CREDS" if settings.nats_creds else "")
+    raise NatsAuthRefused(
+        f"NATS at {settings.nats_url} refused {who or 'this client'}: check NATS_USER and "
+        "NATS_PASSWORD, NATS_TOKEN or NATS_CREDS"
+    )

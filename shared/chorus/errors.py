@@ -37,6 +37,12 @@ class NatsUnreachable(ChorusError):
     code = "nats_unreachable"
 
 
+class NatsAuthRefused(ChorusError):
+    """The server refused the credentials (user/password, token or creds file)."""
+
+    code = "nats_auth_refused"
+
+
 class NoResponders(ChorusError):
     """Nobody listens on the subject: no agent has that name or capability."""
 

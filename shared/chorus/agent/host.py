@@ -165,7 +165,12 @@ class AgentHost:
                 self.subjects.help_queue(capability),
             )
         if spec.subscribes:
-            self._loops.append(asyncio.create_task(self._consume_events(), name="events"))
+            # Bound before start() returns: with "new events only" delivery, an event
+            # published once the instance says it is ready must not be missed.
+            subscription = await self._bind_events()
+            self._loops.append(
+                asyncio.create_task(self._consume_events(subscription), name="events")
+            )
         self._loops.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeats"))
         await self.nc.flush(timeout=5)
         log.info(
@@ -332,8 +337,7 @@ class AgentHost:
             log.warning("event consumer exists", extra={"consumer": durable, "error": str(exc)})
         return await js.pull_subscribe_bind(durable=durable, stream=stream)
 
-    async def _consume_events(self) -> None:
-        subscription = None
+    async def _consume_events(self, subscription: Any) -> None:
         while not self._draining:
             try:
                 if subscription is None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
@@ -26,11 +27,11 @@ from nats.js.errors import BadRequestError
 from chorus.client import ChorusClient
 from chorus.config import Settings
 from chorus.errors import Conflict, InvalidMessage
-from chorus.messages import Result, RunRequest, Task, decode
+from chorus.messages import Result, RunCancel, RunRequest, Task, decode, now
 from chorus.queue import TaskQueue
 from chorus.streams import ensure_runs_stream
 from chorus.workflows.directory import DiscoveryDirectory
-from chorus.workflows.engine import Engine, cancel_requests, new_record
+from chorus.workflows.engine import Engine, RunHandle, new_record
 from chorus.workflows.events import NatsEventBus
 from chorus.workflows.progress import NatsProgress
 from chorus.workflows.protocols import TaskRunner
@@ -75,6 +76,8 @@ class Orchestrator:
         self._engine: Engine | None = None
         self._loop: asyncio.Task[None] | None = None
         self._runs: set[asyncio.Task[None]] = set()
+        self._handles: dict[str, RunHandle] = {}
+        self._cancels: Subscription | None = None
         self._stopping = False
 
     @property
@@ -113,12 +116,15 @@ class Orchestrator:
         subscription = await js.pull_subscribe_bind(
             durable=CONSUMER, stream=self.subjects.runs_stream
         )
+        self._cancels = await self.nc.subscribe(self.subjects.run_cancel("*"), cb=self._on_cancel)
         self._loop = asyncio.create_task(self._take_runs(subscription))
         log.info("orchestrator ready", extra={"durable_tasks": self.durable_tasks})
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Interrupt the runs in flight (they stay resumable) and hand their requests back."""
         self._stopping = True
+        if self._cancels is not None:
+            await self._cancels.unsubscribe()
         if self._loop:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -186,15 +192,42 @@ class Orchestrator:
             await msg.ack_sync(timeout=5)
             return
         handle = self.engine.start(record)
-        async with cancel_requests(self.nc, self.subjects, handle):
-            try:
-                await handle
-            except Conflict:
-                # Another orchestrator advanced this run: look again once it may be done.
-                log.info("run taken over elsewhere", extra={"run_id": record.run_id})
-                await msg.nak(delay=self.settings.claim_timeout)
-                return
+        self._handles[record.run_id] = handle
+        try:
+            await handle
+        except Conflict:
+            # Another orchestrator advanced this run: look again once it may be done.
+            log.info("run taken over elsewhere", extra={"run_id": record.run_id})
+            await msg.nak(delay=self.settings.claim_timeout)
+            return
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if handle.reason is None or (task is not None and task.cancelling()):
+                raise  # we are shutting down: the run stays resumable
+            # Cancelled before the engine took its first step: record it here.
+            await self._record_cancelled(record.run_id, handle.reason)
+        finally:
+            self._handles.pop(record.run_id, None)
         await msg.ack_sync(timeout=5)
+
+    async def _record_cancelled(self, run_id: str, reason: str) -> None:
+        store = self.engine.services.store
+        record = await store.load(run_id)
+        if record is not None and not record.finished:
+            record.status, record.error, record.ended_at = "cancelled", reason, now()
+            await store.save(record)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        """One subscription for every run, made at start, so no cancel can slip past a run."""
+        try:
+            request = decode(msg.data, RunCancel)
+        except InvalidMessage as exc:
+            log.warning("bad cancel request", extra={"error": exc.reason})
+            return
+        handle = self._handles.get(request.run_id)
+        if handle is not None:
+            log.info("cancelling run", extra={"run_id": request.run_id})
+            handle.cancel(request.reason or "cancelled on request")
 
 
 async def _keep_claim(msg: Msg, every: float) -> None:
