@@ -11,6 +11,7 @@ from typing import Any
 
 import nats
 from nats.aio.client import Client
+from nats.aio.subscription import Subscription
 from nats.errors import NoServersError
 
 from chorus.config import Settings
@@ -105,3 +106,31 @@ async def _connect_unless_refused(options: dict[str, Any], settings: Settings) -
         f"NATS at {settings.nats_url} refused {who or 'this client'}: check NATS_USER and "
         "NATS_PASSWORD, NATS_TOKEN or NATS_CREDS"
     )
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a library swallowed.
+
+    Python 3.11's `asyncio.wait_for` returns the result instead of raising when the awaited
+    future completes in the same loop turn as the cancellation (nats-py's request uses it),
+    and nats-py's `_flush_pending` catches `CancelledError`. The task then still counts the
+    cancellation (`cancelling()`); call this before any long wait.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def subscribe(nc: Client, subject: str, **options: Any) -> Subscription:
+    """`nc.subscribe`, but a cancellation that arrives meanwhile is not lost.
+
+    nats-py's `_flush_pending` swallows `CancelledError` (nats-py 2.16), so a task cancelled
+    while subscribing would carry on as if nothing happened and then wait for ever.
+    """
+    subscription = await nc.subscribe(subject, **options)
+    try:
+        raise_if_cancelled()
+    except asyncio.CancelledError:
+        await subscription.unsubscribe()
+        raise
+    return subscription

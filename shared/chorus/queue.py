@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from chorus.connection import raise_if_cancelled, subscribe
 from chorus.errors import ConfigError, RequestTimeout, TaskFailed
 from chorus.messages import (
     MSG_ID_HEADER,
@@ -82,7 +83,7 @@ class TaskQueue:
             if not arrived.done():
                 arrived.set_result(decode(msg.data, TaskOutcome))
 
-        sub = await self.nc.subscribe(self.subjects.outcome(task_id), cb=on_outcome)
+        sub = await subscribe(self.nc, self.subjects.outcome(task_id), cb=on_outcome)
         try:
             yield arrived
         finally:
@@ -109,8 +110,10 @@ class TaskQueue:
 async def _within(
     arrived: asyncio.Future[TaskOutcome], task_id: str, timeout: float
 ) -> TaskOutcome:
+    raise_if_cancelled()
     try:
-        return await asyncio.wait_for(arrived, timeout)
+        async with asyncio.timeout(timeout):
+            return await arrived
     except TimeoutError:
         raise RequestTimeout(
             f"task {task_id} has no outcome after {timeout}s; it stays queued — "

@@ -11,6 +11,7 @@ from typing import Any
 
 import nats.errors
 
+from chorus.connection import raise_if_cancelled
 from chorus.errors import ChorusError, RequestTimeout
 from chorus.messages import (
     Result,
@@ -233,6 +234,7 @@ class Run:
         step.duration_ms = round((step.ended_at - step.started_at) * 1000, 3)
 
     async def _dispatch(self, task: Task, timeout: float | None) -> Result:
+        raise_if_cancelled()  # a cancel swallowed by a library call since the last step
         try:
             async with asyncio.timeout(timeout):
                 return await self.services.runner.run(task)
