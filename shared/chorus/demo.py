@@ -1,55 +1,114 @@
-"""`chorus demo`: the main job on the embedded default, end to end, with no API key."""
+"""`chorus demo`: the main job on the embedded default, end to end, with no API key.
+
+It starts a local system (nats-server, coordinator, orchestrator and the example agents,
+each its own process) unless `--attach` points it at a running one, routes one task to
+the `research` capability, then runs the example workflow of each pattern and prints what
+came back.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from chorus.client import ChorusClient
 from chorus.config import Settings
 from chorus.connection import connect
-from chorus.examples import AGENTS
 from chorus.local import LocalSystem, wait_for_instances
-from chorus.messages import Task
+from chorus.messages import RunRecord, RunRequest, Task
+from chorus.runs import RunClient
+from chorus.up import default_agents, start_services
 
-console = Console(stderr=False)
+# Wide enough for the results table when piped (rich assumes 80 columns then).
+console = Console() if sys.stdout.isatty() else Console(width=140)
+
+# pattern -> example workflow (shared/chorus/examples/workflows/<name>.yaml), its data
+PATTERNS: tuple[tuple[str, str, object], ...] = (
+    ("pipeline", "research-report", None),
+    ("parallel", "perspectives", None),
+    ("event-driven", "findings", None),
+    ("hierarchical", "delegated-brief", None),
+    ("business process", "vendor-review", {"vendor": "Acme Ltd", "amount": 25000}),
+)
 
 
-async def quickstart(data_dir: str | None, question: str, settings: Settings) -> int:
-    """Start nats-server and three agent processes, route one task, print the answer, stop."""
-    root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="chorus-demo-"))
-    system = LocalSystem(root, prefix=settings.prefix)
-    with console.status("starting nats-server"):
-        await asyncio.to_thread(system.start_server)
-    console.print(f"[green]nats-server[/] ready at {system.url} (data in {root})")
+async def run_demo(
+    settings: Settings, data_dir: str | None, question: str, *, attach: bool, timeout: float
+) -> int:
+    system: LocalSystem | None = None
+    if not attach:
+        root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="chorus-demo-"))
+        system = LocalSystem(root, prefix=settings.prefix)
+        with console.status("starting nats-server"):
+            await asyncio.to_thread(system.start_server)
+        console.print(f"[green]nats-server[/] ready at {system.url} (data and logs in {root})")
+        start_services(system, default_agents(), gateway_port=None)
+        settings = Settings.from_env(nats_url=system.url, prefix=settings.prefix)
     try:
-        system.spawn("researcher-1", "agent", "run", str(AGENTS / "researcher.yaml"))
-        system.spawn("researcher-2", "agent", "run", str(AGENTS / "researcher.yaml"))
-        system.spawn("analyst-1", "agent", "run", str(AGENTS / "analyst.yaml"))
-        local = Settings.from_env(nats_url=system.url, prefix=settings.prefix)
-        nc = await connect(local, "chorus-demo")
+        nc = await connect(settings, "chorus-demo")
         try:
-            with console.status("waiting for 3 agent processes to report ready"):
-                seen = await wait_for_instances(
-                    nc, local.subjects, {"researcher": 2, "analyst": 1}, timeout=30
-                )
-            for name, instances in seen.items():
-                console.print(f"[green]{name}[/]: {', '.join(sorted(instances))}")
-            client = ChorusClient(nc, local.subjects, timeout=30)
-            result = await client.run_task(Task(input=question), capability="research")
-            console.print(f"\n[bold]task[/] → capability [cyan]research[/]: {escape(question)}")
-            console.print(
-                f"[bold]answered by[/] {result.agent} ({result.instance}) "
-                f"in {result.duration_ms:.1f} ms, {result.usage.total_tokens} tokens"
-            )
-            console.print(f"[bold]output[/]: {escape(result.output)}")
+            return await _show(nc, settings, question, timeout, expect_all=system is not None)
         finally:
             await nc.close()
     finally:
-        with console.status("stopping (agents drain first)"):
-            await asyncio.to_thread(system.stop)
-    return 0
+        if system is not None:
+            with console.status("stopping: agents drain, then services, then nats-server"):
+                await asyncio.to_thread(system.stop)
+
+
+async def _show(
+    nc: object, settings: Settings, question: str, timeout: float, *, expect_all: bool
+) -> int:
+    from nats.aio.client import Client
+
+    assert isinstance(nc, Client)
+    wanted = {a.name: (a.replicas if expect_all else 1) for a in default_agents()}
+    with console.status(f"waiting for {sum(wanted.values())} agent processes to report ready"):
+        seen = await wait_for_instances(nc, settings.subjects, wanted, timeout=60)
+    for name, instances in seen.items():
+        console.print(f"[green]{name}[/]: {', '.join(sorted(instances))}")
+
+    client = ChorusClient(nc, settings.subjects, timeout=30)
+    result = await client.run_task(Task(input=question), capability="research")
+    console.print(f"\n[bold]task[/] → capability [cyan]research[/]: {escape(question)}")
+    console.print(
+        f"[bold]answered by[/] {result.agent} ({result.instance}) in "
+        f"{result.duration_ms:.1f} ms, {result.usage.total_tokens} tokens"
+    )
+    console.print(f"[bold]output[/]: {escape(result.output)}\n")
+
+    runs = RunClient(nc, settings.subjects)
+    table = Table(title="one workflow of each pattern", title_justify="left")
+    for column in ("pattern", "workflow", "status", "steps", "tokens", "output"):
+        table.add_column(column, overflow="fold")
+    records: list[RunRecord] = []
+    for pattern, name, data in PATTERNS:
+        with console.status(f"running {pattern}: {name}"):
+            request = RunRequest(workflow_name=name, input=question, data=data)
+            pending = await runs.submit(request)
+            record = await runs.wait(pending.run_id, timeout=timeout)
+        records.append(record)
+        done = sum(1 for s in record.steps if s.status == "completed")
+        colour = "green" if record.status == "completed" else "red"
+        text = record.output or record.error
+        table.add_row(
+            pattern,
+            name,
+            f"[{colour}]{record.status}[/]",
+            f"{done}/{len(record.steps)}",
+            str(record.usage.total_tokens),
+            escape(text if len(text) < 90 else text[:87] + "..."),
+        )
+    console.print(table)
+    console.print(
+        "see any run in full: chorus runs show <run id>  (run ids: "
+        + ", ".join(r.run_id[:8] for r in records)
+        + ")"
+    )
+    return 0 if all(r.status == "completed" for r in records) else 1

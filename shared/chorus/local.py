@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from nats.aio.client import Client
@@ -34,6 +35,10 @@ class LocalSystem:
             data_dir / "jetstream", port=port, log_file=data_dir / "nats-server.log"
         )
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.commands: dict[str, tuple[str, ...]] = {}
+        self.restarts: dict[str, int] = {}
+        self._next_start: dict[str, float] = {}
+        self.stopping = False
 
     @property
     def url(self) -> str:
@@ -60,10 +65,34 @@ class LocalSystem:
                 start_new_session=True,
             )
         self.children[name] = child
+        self.commands[name] = args
         return child
+
+    def supervise(self) -> list[str]:
+        """Restart children that exited (backoff 1 s doubling to 30 s); returns their names.
+
+        Call it periodically, like a container runtime's `restart: unless-stopped`.
+        """
+        restarted = []
+        now = time.monotonic()
+        for name, child in list(self.children.items()):
+            if self.stopping or child.poll() is None:
+                continue
+            due = self._next_start.setdefault(
+                name, now + min(30.0, 2.0 ** self.restarts.get(name, 0))
+            )
+            if now < due:
+                continue
+            del self._next_start[name]
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            log.warning("restarting exited child", extra={"child": name, "code": child.returncode})
+            self.spawn(name, *self.commands[name])
+            restarted.append(name)
+        return restarted
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM every child (they drain), wait, SIGKILL stragglers, then stop the server."""
+        self.stopping = True
         for child in self.children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)

@@ -78,13 +78,45 @@ def register(sub: Any) -> None:
 
     demo = sub.add_parser(
         "demo",
-        help="start a local system (nats-server + agents) and send it a task",
-        description="Start an embedded nats-server and example agents as separate processes, "
-        "send a task, print the answer, stop. Needs no API key (offline model).",
+        help="start a local system and run a task and one workflow of each pattern",
+        description="Start an embedded nats-server, the coordinator, the orchestrator and the "
+        "example agents as separate processes, route a task, run one example workflow of each "
+        "pattern, print the results, stop. Needs no API key (offline model) and no Docker.",
+        epilog="examples:\n  chorus demo\n  chorus demo --attach   # use the system at NATS_URL",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--data-dir", help="keep JetStream data here (default: a temp dir)")
+    demo.add_argument("--data-dir", help="keep JetStream data and logs here (default: temp dir)")
     demo.add_argument("--task", default="What makes NATS a good fit for agent systems?")
+    demo.add_argument(
+        "--attach",
+        action="store_true",
+        help="use the running system at NATS_URL (e.g. from chorus up)",
+    )
+    demo.add_argument("--timeout", type=float, default=120.0, help="seconds per workflow")
     demo.set_defaults(func=run_demo)
+
+    up = sub.add_parser(
+        "up",
+        help="run the whole system locally, each part its own process",
+        description="Start an embedded nats-server (data in --data-dir), the coordinator, the "
+        "orchestrator, the gateway and agents (the examples unless --agent is given), with a "
+        "live status table. Children that exit are restarted. Ctrl-C stops everything.",
+        epilog="examples:\n  chorus up\n  chorus up --agent researcher=3 --agent my-agent.yaml\n"
+        "  NATS_URL=nats://127.0.0.1:4222 chorus tail   # in another terminal",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    up.add_argument("--data-dir", default=".chorus", help="JetStream data and logs (.chorus)")
+    up.add_argument("--port", type=int, default=4222, help="NATS client port (4222)")
+    up.add_argument("--gateway-port", type=int, default=8080, help="HTTP port (8080)")
+    up.add_argument("--no-gateway", action="store_true", help="do not start the gateway")
+    up.add_argument(
+        "--agent",
+        action="append",
+        default=[],
+        metavar="SPEC[=N]",
+        help="an agent spec file or example name, N replicas; repeatable",
+    )
+    up.set_defaults(func=run_up)
 
 
 async def agent_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -120,6 +152,17 @@ async def print_schema(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def run_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from chorus.demo import quickstart
+    from chorus.demo import run_demo as demo
 
-    return await quickstart(args.data_dir, args.task, settings)
+    return await demo(settings, args.data_dir, args.task, attach=args.attach, timeout=args.timeout)
+
+
+async def run_up(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from chorus.up import default_agents, parse_agent
+    from chorus.up import run_up as up
+
+    agents = [parse_agent(a) for a in args.agent] or default_agents()
+    gateway_port = None if args.no_gateway else args.gateway_port
+    return await up(Path(args.data_dir), args.port, gateway_port, agents, settings.prefix)

@@ -1,0 +1,137 @@
+"""`chorus up`: the whole system on this machine, each part its own process.
+
+An embedded nats-server (data kept in `--data-dir`), the coordinator, the orchestrator, the
+gateway and the example agents (or yours), supervised: a child that exits is restarted with
+backoff. Ctrl-C (or SIGTERM) drains the agents, stops the services, then the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from chorus.errors import ConfigError
+from chorus.examples import AGENTS
+from chorus.local import LocalSystem
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+DEFAULT_AGENTS: tuple[tuple[str, int], ...] = (
+    ("researcher", 2),
+    ("analyst", 1),
+    ("writer", 1),
+    ("planner", 1),
+)
+
+
+@dataclass(frozen=True)
+class AgentLaunch:
+    name: str
+    spec: Path
+    replicas: int
+
+
+def parse_agent(argument: str) -> AgentLaunch:
+    """`SPEC` or `SPEC=N` (N replicas); SPEC is a file or the name of an example agent."""
+    spec_text, _, count = argument.partition("=")
+    spec = Path(spec_text)
+    if not spec.is_file():
+        example = AGENTS / f"{spec_text}.yaml"
+        if not example.is_file():
+            raise ConfigError(
+                f"--agent {argument}: no file {spec_text} and no example of that name"
+            )
+        spec = example
+    try:
+        replicas = int(count) if count else 1
+    except ValueError:
+        raise ConfigError(f"--agent {argument}: N in SPEC=N must be a whole number") from None
+    if replicas < 1:
+        raise ConfigError(f"--agent {argument}: N must be at least 1")
+    return AgentLaunch(spec.stem, spec, replicas)
+
+
+def default_agents() -> list[AgentLaunch]:
+    return [AgentLaunch(n, AGENTS / f"{n}.yaml", r) for n, r in DEFAULT_AGENTS]
+
+
+def start_services(
+    system: LocalSystem,
+    agents: list[AgentLaunch],
+    *,
+    gateway_port: int | None,
+) -> None:
+    """Start the coordinator, orchestrator, gateway (unless None) and agents as children."""
+    system.spawn("coordinator", "coordinator")
+    system.spawn("orchestrator", "orchestrator")
+    if gateway_port is not None:
+        system.spawn("gateway", "gateway", "--port", str(gateway_port))
+    for agent in agents:
+        for replica in range(1, agent.replicas + 1):
+            system.spawn(f"{agent.name}-{replica}", "agent", "run", str(agent.spec))
+
+
+def status_table(system: LocalSystem, gateway_port: int | None) -> Table:
+    from rich.table import Table
+
+    table = Table(
+        title=f"chorus up — NATS_URL={system.url}"
+        + (f"  gateway http://127.0.0.1:{gateway_port}" if gateway_port is not None else "")
+        + "  (Ctrl-C stops everything)",
+        title_justify="left",
+    )
+    for column in ("process", "pid", "state", "restarts", "log"):
+        table.add_column(column)
+    table.add_row(
+        "nats-server",
+        str(system.server.pid or ""),
+        "running",
+        "0",
+        str(system.data_dir / "nats-server.log"),
+    )
+    for name, child in system.children.items():
+        code = child.poll()
+        state = "[green]running[/]" if code is None else f"[red]exited {code}[/]"
+        table.add_row(
+            name,
+            str(child.pid),
+            state,
+            str(system.restarts.get(name, 0)),
+            str(system.data_dir / "logs" / f"{name}.log"),
+        )
+    return table
+
+
+async def run_up(
+    data_dir: Path, port: int, gateway_port: int | None, agents: list[AgentLaunch], prefix: str
+) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    system = LocalSystem(data_dir, port=port, prefix=prefix)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    console = Console()
+    await asyncio.to_thread(system.start_server)
+    try:
+        start_services(system, agents, gateway_port=gateway_port)
+        with Live(
+            status_table(system, gateway_port), console=console, refresh_per_second=2
+        ) as live:
+            while not stop.is_set():
+                system.supervise()
+                live.update(status_table(system, gateway_port))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)  # the status refresh period
+    finally:
+        with console.status("stopping: agents drain, then services, then nats-server"):
+            await asyncio.to_thread(system.stop)
+    console.print(f"stopped; data kept in {data_dir}")
+    return 0

@@ -1,0 +1,85 @@
+"""The README's main job (`chorus demo`) and `chorus up`, through the real entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from chorus.config import Settings
+from chorus.connection import connect
+from chorus.local import wait_for_instances
+
+
+def test_demo_runs_a_task_and_every_pattern_offline(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "OPENAI_"))}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "chorus", "demo", "--data-dir", str(tmp_path / "demo")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "answered by researcher" in result.stdout
+    for pattern in ("pipeline", "parallel", "event-driven", "hierarchical", "business process"):
+        line = next(line for line in result.stdout.splitlines() if f" {pattern} " in line)
+        assert "completed" in line, line
+    assert (tmp_path / "demo" / "logs" / "coordinator.log").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_up_starts_every_part_and_ctrl_c_stops_them_keeping_data(tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chorus",
+            "up",
+            "--data-dir",
+            str(data),
+            "--port",
+            str(port),
+            "--no-gateway",
+            "--agent",
+            "researcher=2",
+            "--agent",
+            "writer",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        settings = Settings(nats_url=f"nats://127.0.0.1:{port}", connect_wait=30)
+        nc = await connect(settings, "test")
+        try:
+            seen = await wait_for_instances(
+                nc, settings.subjects, {"researcher": 2, "writer": 1}, timeout=60
+            )
+        finally:
+            await nc.close()
+        assert len(seen["researcher"]) == 2 and len(seen["writer"]) == 1
+    finally:
+        up.send_signal(signal.SIGINT)
+        code = await asyncio.to_thread(up.wait, 60)
+
+    errors = up.stderr.read() if up.stderr else ""
+    if up.stderr:
+        up.stderr.close()
+    assert code == 0, errors
+    assert (data / "jetstream" / "jetstream").is_dir()  # kept for the next `chorus up`
+    assert (data / "logs" / "coordinator.log").exists()
