@@ -1,0 +1,283 @@
+"""The HTTP gateway: run workflows, read runs, health and metrics, over one NATS connection.
+
+`create_app` takes everything it needs (the connection, the settings, an event that says the
+process is stopping) and holds no global state, so tests start as many gateways as they like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from chorus.config import Settings
+from chorus.errors import (
+    ConfigError,
+    Conflict,
+    InvalidMessage,
+    NoResponders,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+)
+from chorus.gateway.access import AccessLog, RequestCounts
+from chorus.gateway.openapi import document
+from chorus.gateway.prometheus import CONTENT_TYPE, gateway_families, render, system_families
+from chorus.gateway.responses import EXCEPTION_HANDLERS, JSONResponse
+from chorus.gateway.system import (
+    SystemView,
+    connection_state,
+    nats_unreachable,
+    require_connected,
+)
+from chorus.messages import (
+    ApiError,
+    HealthReport,
+    Metrics,
+    RunAccepted,
+    RunLinks,
+    RunList,
+    RunRecord,
+    RunRequest,
+    RunStatus,
+    decode,
+)
+from chorus.runs import RunClient
+from chorus.subjects import check_token
+
+log = logging.getLogger("chorus.gateway")
+
+DEFAULT_WAIT_S: Final = 300.0
+MAX_WAIT_S: Final = 3600.0
+DEFAULT_LIST: Final = 50
+MAX_LIST: Final = 1000
+STATUS_TIMEOUT_S: Final = 1.0  # for the coordinator's metrics: a health check answers fast
+_TRUE: Final = frozenset({"true", "1", "yes"})
+_FALSE: Final = frozenset({"false", "0", "no"})
+
+
+def run_link(run_id: str) -> str:
+    return f"/api/runs/{run_id}"
+
+
+def accepted(run_id: str, status: RunStatus) -> JSONResponse:
+    """202: the run is queued or still going; where to follow it."""
+    link = run_link(run_id)
+    body = RunAccepted(run_id=run_id, status=status, links=RunLinks(run=link))
+    return JSONResponse(body, status_code=202, headers={"Location": link})
+
+
+def _flag(request: Request, name: str, default: bool) -> bool:
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    if value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    raise InvalidMessage(f"query parameter `{name}` must be true or false, not {value!r}")
+
+
+def _number(request: Request, name: str, default: float, *, most: float) -> float:
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 < number <= most:
+        raise InvalidMessage(
+            f"query parameter `{name}` must be a number above 0 and at most {most:g}, not {value!r}"
+        )
+    return number
+
+
+def _run_id(request: Request) -> str:
+    run_id: str = request.path_params["run_id"]
+    try:
+        return check_token(run_id, "run id")
+    except ConfigError:
+        raise NotFound(
+            f"no run {run_id!r}: run ids use only letters, digits, '-' and '_'"
+        ) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it is known to be larger than `limit`."""
+    too_large = PayloadTooLarge(
+        f"the request body is larger than {limit} bytes (CHORUS_MAX_MESSAGE_BYTES); "
+        "pass large inputs by reference (a URL or a shared-state key) instead"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the client has gone (after the body is read, the server says only that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Gateway:
+    """The route handlers, over one NATS connection."""
+
+    def __init__(
+        self, nc: Client, settings: Settings, *, stopping: asyncio.Event, status_timeout: float
+    ) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.stopping = stopping
+        self.runs = RunClient(nc, settings.subjects)
+        self.system = SystemView(nc, settings.subjects, timeout=status_timeout)
+        self.counts = RequestCounts()
+        self.openapi = document()
+
+    async def execute(self, request: Request) -> Response:
+        """`POST /api/execute`: submit a run; 200 with it once finished, else 202."""
+        wait = _flag(request, "wait", True)
+        timeout = _number(request, "timeout", DEFAULT_WAIT_S, most=MAX_WAIT_S)
+        run_request = decode(await _read_body(request, self.settings.max_message_bytes), RunRequest)
+        require_connected(self.nc)
+        record = await self.runs.submit(run_request)
+        log.info(
+            "run submitted",
+            extra={"run_id": record.run_id, "workflow": record.workflow.name, "wait": wait},
+        )
+        if not wait or record.finished:
+            return JSONResponse(record) if record.finished else accepted(record.run_id, "pending")
+        finished = await self._wait(request, record.run_id, timeout)
+        if finished is not None:
+            return JSONResponse(finished)
+        current = await self.runs.get(record.run_id)
+        return (
+            JSONResponse(current) if current.finished else accepted(current.run_id, current.status)
+        )
+
+    async def _wait(self, request: Request, run_id: str, timeout: float) -> RunRecord | None:
+        """The finished run; None when it goes on past the timeout, the client left, or the
+        gateway is stopping (the run carries on either way)."""
+        waiting = asyncio.create_task(self.runs.wait(run_id, timeout))
+        gone = asyncio.create_task(_until_disconnected(request))
+        stopped = asyncio.create_task(self.stopping.wait())
+        try:
+            await asyncio.wait([waiting, gone, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waiting, gone, stopped):
+                task.cancel()
+            outcome, _, _ = await asyncio.gather(waiting, gone, stopped, return_exceptions=True)
+        if isinstance(outcome, RunRecord):
+            return outcome
+        if isinstance(outcome, RequestTimeout | asyncio.CancelledError):
+            return None
+        raise outcome  # NATS failed while waiting: answered as a 503
+
+    async def get_run(self, request: Request) -> Response:
+        """`GET /api/runs/{run_id}`."""
+        run_id = _run_id(request)
+        require_connected(self.nc)
+        return JSONResponse(await self.runs.get(run_id))
+
+    async def list_runs(self, request: Request) -> Response:
+        """`GET /api/runs?limit=`: the most recent first."""
+        limit = int(_number(request, "limit", DEFAULT_LIST, most=MAX_LIST))
+        require_connected(self.nc)
+        return JSONResponse(RunList(runs=await self.runs.list(limit)))
+
+    async def cancel_run(self, request: Request) -> Response:
+        """`POST /api/runs/{run_id}/cancel`: 202 with the status the run has now."""
+        run_id = _run_id(request)
+        require_connected(self.nc)
+        record = await self.runs.get(run_id)
+        if record.finished:
+            raise Conflict(f"run {run_id} is {record.status} already; there is nothing to cancel")
+        await self.runs.cancel(run_id)
+        log.info("run cancel asked", extra={"run_id": run_id})
+        # A pending run is cancelled at once; a running one when its orchestrator stops it.
+        return accepted(run_id, (await self.runs.get(run_id)).status)
+
+    async def health(self, request: Request) -> Response:
+        """`GET /api/health`: 200 ok or degraded; 503 while NATS is away."""
+        if not self.nc.is_connected:
+            unreachable = nats_unreachable(self.nc)
+            report = HealthReport(
+                status="unavailable",
+                nats=connection_state(self.nc),
+                coordinator="unknown",
+                healthy_agents=0,
+                agents=[],
+                error=ApiError(code=unreachable.code, reason=unreachable.reason),
+            )
+            return JSONResponse(report, status_code=503)
+        return JSONResponse(await self.system.health())
+
+    async def metrics(self, request: Request) -> Response:
+        """`GET /api/metrics`: the coordinator's Metrics; 503 when none answers."""
+        require_connected(self.nc)
+        return JSONResponse(await self.system.metrics())
+
+    async def prometheus(self, request: Request) -> Response:
+        """`GET /metrics`, always 200: what the gateway knows by itself is worth scraping
+        when the coordinator or NATS is away."""
+        metrics: Metrics | None = None
+        if self.nc.is_connected:
+            try:
+                metrics = await self.system.metrics()
+            except (NoResponders, NatsError) as exc:
+                log.debug("no coordinator metrics", extra={"error": str(exc)})
+        families = gateway_families(
+            self.counts,
+            coordinator_up=metrics is not None,
+            nats_connected=connection_state(self.nc) == "connected",
+        )
+        if metrics is not None:
+            families += system_families(metrics)
+        return Response(render(families), media_type=CONTENT_TYPE)
+
+    async def openapi_json(self, request: Request) -> Response:
+        """`GET /openapi.json`."""
+        return JSONResponse(self.openapi)
+
+
+def create_app(
+    nc: Client,
+    settings: Settings,
+    *,
+    stopping: asyncio.Event | None = None,
+    status_timeout: float = STATUS_TIMEOUT_S,
+) -> Starlette:
+    """The gateway's ASGI app. Set `stopping` on shutdown: requests waiting for a run then
+    answer 202 at once instead of holding the server open."""
+    gateway = Gateway(
+        nc, settings, stopping=stopping or asyncio.Event(), status_timeout=status_timeout
+    )
+    routes = [
+        Route("/api/execute", gateway.execute, methods=["POST"], name="execute"),
+        Route("/api/runs", gateway.list_runs, methods=["GET"], name="runs"),
+        Route("/api/runs/{run_id}", gateway.get_run, methods=["GET"], name="run"),
+        Route("/api/runs/{run_id}/cancel", gateway.cancel_run, methods=["POST"], name="cancel"),
+        Route("/api/health", gateway.health, methods=["GET"], name="health"),
+        Route("/api/metrics", gateway.metrics, methods=["GET"], name="metrics"),
+        Route("/metrics", gateway.prometheus, methods=["GET"], name="prometheus"),
+        Route("/openapi.json", gateway.openapi_json, methods=["GET"], name="openapi"),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(AccessLog, counts=gateway.counts)],
+        exception_handlers=EXCEPTION_HANDLERS,
+    )

@@ -1,0 +1,199 @@
+"""The gateway's OpenAPI 3.1 document; its schemas are generated from the msgspec types."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+
+from chorus import __version__
+from chorus.messages import (
+    AgentRecord,
+    ApiErrorBody,
+    HealthReport,
+    Metrics,
+    RunAccepted,
+    RunList,
+    RunRecord,
+    RunRequest,
+)
+
+REF: Final = "#/components/schemas/{name}"
+
+
+def _ref(kind: type[Any]) -> dict[str, str]:
+    return {"$ref": REF.format(name=kind.__name__)}
+
+
+def _json(description: str, kind: type[Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(kind)}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(description, ApiErrorBody)
+
+
+_NATS_DOWN: Final = _error("NATS is unreachable (code `nats_unreachable`)")
+_RUN_ID: Final = {
+    "name": "run_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
+}
+_ACCEPTED_HEADERS: Final = {
+    "Location": {"description": "where to read the run", "schema": {"type": "string"}}
+}
+
+
+def _paths() -> dict[str, Any]:
+    accepted = {**_json("the run is queued or still going", RunAccepted)}
+    accepted["headers"] = _ACCEPTED_HEADERS
+    return {
+        "/api/execute": {
+            "post": {
+                "summary": "Run a workflow, given inline or by name",
+                "description": "Waits for the run to finish (up to `timeout` seconds) unless "
+                "`wait=false`. A finished run answers 200 whatever its status (completed, "
+                "failed or cancelled); a run still going answers 202.",
+                "parameters": [
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "schema": {"type": "boolean", "default": True},
+                    },
+                    {
+                        "name": "timeout",
+                        "in": "query",
+                        "description": "seconds to wait for the result",
+                        "schema": {"type": "number", "exclusiveMinimum": 0, "default": 300},
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref(RunRequest)}},
+                },
+                "responses": {
+                    "200": _json("the finished run", RunRecord),
+                    "202": accepted,
+                    "400": _error("the request is invalid; the reason names the field"),
+                    "404": _error("no workflow has that `workflow_name`"),
+                    "413": _error("the body is larger than CHORUS_MAX_MESSAGE_BYTES"),
+                    "503": _NATS_DOWN,
+                },
+            }
+        },
+        "/api/runs": {
+            "get": {
+                "summary": "The most recent runs first",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "default": 50},
+                    }
+                ],
+                "responses": {"200": _json("runs", RunList), "503": _NATS_DOWN},
+            }
+        },
+        "/api/runs/{run_id}": {
+            "get": {
+                "summary": "One run: status, steps, output",
+                "parameters": [_RUN_ID],
+                "responses": {
+                    "200": _json("the run", RunRecord),
+                    "404": _error("no such run"),
+                    "503": _NATS_DOWN,
+                },
+            }
+        },
+        "/api/runs/{run_id}/cancel": {
+            "post": {
+                "summary": "Cancel a run",
+                "description": "A pending run is cancelled at once; a running one is asked "
+                "to stop, and its record says `cancelled` when it has.",
+                "parameters": [_RUN_ID],
+                "responses": {
+                    "202": accepted,
+                    "404": _error("no such run"),
+                    "409": _error("the run has finished already"),
+                    "503": _NATS_DOWN,
+                },
+            }
+        },
+        "/api/health": {
+            "get": {
+                "summary": "NATS, the coordinator and the agents in the registry",
+                "description": "`ok` when a coordinator answers and at least one agent is "
+                "healthy, else `degraded`; 503 with status `unavailable` when NATS is away.",
+                "responses": {
+                    "200": _json("the system's health", HealthReport),
+                    "503": _json("NATS is unreachable", HealthReport),
+                },
+            }
+        },
+        "/api/metrics": {
+            "get": {
+                "summary": "The coordinator's metrics",
+                "responses": {
+                    "200": _json("metrics", Metrics),
+                    "503": _error("no coordinator answered, or NATS is unreachable"),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (text format 0.0.4)",
+                "responses": {
+                    "200": {
+                        "description": "the exposition; `chorus_coordinator_up 0` and the "
+                        "gateway's own counters when no coordinator answers",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+    }
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the gateway's routes."""
+    (_, schemas) = msgspec.json.schema_components(
+        (
+            RunRequest,
+            RunRecord,
+            RunAccepted,
+            RunList,
+            HealthReport,
+            Metrics,
+            AgentRecord,
+            ApiErrorBody,
+        ),
+        ref_template=REF,
+    )
+    # A request decoded as one known type may leave its `type` tag out.
+    request = schemas["RunRequest"]
+    request["required"] = [f for f in request.get("required", []) if f != "type"]
+    if not request["required"]:
+        del request["required"]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Chorus gateway",
+            "version": __version__,
+            "description": "Run workflows on a Chorus system and watch its health over HTTP. "
+            'Errors answer `{"error": {"code": ..., "reason": ...}}`.',
+        },
+        "paths": _paths(),
+        "components": {"schemas": schemas},
+    }
