@@ -25,7 +25,7 @@ from chorus.messages import (
     decode,
     encode,
 )
-from chorus.streams import ensure_events_stream
+from chorus.streams import ensure_events_stream, publish_durably
 from chorus.subjects import Subjects
 
 
@@ -128,9 +128,7 @@ class ChorusClient:
         headers = {MSG_ID_HEADER: event.event_id}
         if event.run_id:
             headers[RUN_ID_HEADER] = event.run_id
-        ack = await js.publish(
-            self.subjects.event(event.topic), encode(event), headers=headers, timeout=5
-        )
+        ack = await publish_durably(js, self.subjects.event(event.topic), encode(event), headers)
         return not ack.duplicate
 
     async def discover(self, timeout: float = 0.5) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from chorus.messages import (
     decode,
     encode,
 )
-from chorus.streams import ensure_dispatch_stream, ensure_tasks_bucket
+from chorus.streams import ensure_dispatch_stream, ensure_tasks_bucket, publish_durably
 from chorus.subjects import Subjects, dispatch_target
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9_=-]+$")
@@ -62,9 +62,7 @@ class TaskQueue:
         headers = {MSG_ID_HEADER: task.task_id, TASK_ID_HEADER: task.task_id}
         if task.run_id:
             headers[RUN_ID_HEADER] = task.run_id
-        ack = await self.js.publish(
-            self.subjects.dispatch(target), encode(task), headers=headers, timeout=5
-        )
+        ack = await publish_durably(self.js, self.subjects.dispatch(target), encode(task), headers)
         return not ack.duplicate
 
     async def outcome(self, task_id: str) -> TaskOutcome | None:

@@ -28,7 +28,7 @@ from chorus.messages import (
     encode,
     now,
 )
-from chorus.streams import ensure_runs_stream
+from chorus.streams import ensure_runs_stream, publish_durably
 from chorus.subjects import Subjects, check_token
 from chorus.workflows.spec import WorkflowSpec, load_workflow
 from chorus.workflows.store import KvRunStore
@@ -87,11 +87,11 @@ class RunClient:
         if not self._stream_ready:
             await ensure_runs_stream(self.js, self.subjects)
             self._stream_ready = True
-        await self.js.publish(
+        await publish_durably(
+            self.js,
             self.subjects.run_submit(),
             encode(request),
-            headers={MSG_ID_HEADER: request.run_id, RUN_ID_HEADER: request.run_id},
-            timeout=5,
+            {MSG_ID_HEADER: request.run_id, RUN_ID_HEADER: request.run_id},
         )
         return existing or record
 

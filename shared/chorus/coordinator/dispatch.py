@@ -45,7 +45,7 @@ from chorus.messages import (
     decode,
     encode,
 )
-from chorus.streams import ensure_dead_letter_stream, ensure_dispatch_stream
+from chorus.streams import ensure_dead_letter_stream, ensure_dispatch_stream, publish_durably
 
 log = logging.getLogger("chorus.coordinator.dispatch")
 
@@ -328,11 +328,11 @@ class Dispatcher:
     async def _bury(self, target: str, msg: Msg, task: Task, errors: list[AttemptError]) -> None:
         """Dead-letter the task with every attempt's error and record it failed."""
         letter = DeadLetter(task=task, target=target, errors=errors)
-        await self.js.publish(
+        await publish_durably(
+            self.js,
             self.subjects.dead_letter(target),
             encode(letter),
-            headers={MSG_ID_HEADER: task.task_id, TASK_ID_HEADER: task.task_id},
-            timeout=5,
+            {MSG_ID_HEADER: task.task_id, TASK_ID_HEADER: task.task_id},
         )
         outcome = TaskOutcome(
             task_id=task.task_id, status="failed", errors=errors, attempts=len(errors)

@@ -20,6 +20,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
@@ -195,6 +196,12 @@ class Orchestrator:
         self._handles[record.run_id] = handle
         try:
             await handle
+        except (NatsError, TimeoutError, ConnectionError) as exc:
+            # NATS went away under the run: hand it back; it resumes from its checkpoint.
+            log.warning("run interrupted", extra={"run_id": record.run_id, "error": repr(exc)})
+            with contextlib.suppress(NatsError, TimeoutError):
+                await msg.nak(delay=1.0)
+            return
         except Conflict:
             # Another orchestrator advanced this run: look again once it may be done.
             log.info("run taken over elsewhere", extra={"run_id": record.run_id})

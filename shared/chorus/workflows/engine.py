@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -199,6 +200,11 @@ class Engine:
             raise  # another process owns the record now: save nothing more
         except ChorusError as exc:
             await self._finish(run, "failed", exc.reason)
+        except (nats.errors.Error, TimeoutError, ConnectionError):
+            # NATS is away (a restart, a network cut): the run is interrupted, not failed. Its
+            # record keeps the finished steps; the orchestrator hands it back to be resumed.
+            log.warning("run interrupted: NATS unavailable", extra={"run_id": record.run_id})
+            raise
         except Exception as exc:
             log.exception("run failed on an internal error", extra={"run_id": record.run_id})
             await self._finish(run, "failed", f"internal error: {type(exc).__name__}: {exc}")

@@ -235,8 +235,11 @@ class Run:
 
     async def _dispatch(self, task: Task, timeout: float | None) -> Result:
         raise_if_cancelled()  # a cancel swallowed by a library call since the last step
+        scope = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with scope:
                 return await self.services.runner.run(task)
         except TimeoutError:
-            raise RequestTimeout(f"no result within the step's timeout of {timeout}s") from None
+            if scope.expired():
+                raise RequestTimeout(f"no result within the step's timeout of {timeout}s") from None
+            raise  # NATS itself did not answer: an interruption, not a failed step
