@@ -233,6 +233,26 @@ async def test_heartbeats_carry_correct_counters(
     assert beat.capabilities == ["count"]
     assert beat.name == "counter" and beat.instance == host.instance
     assert beat.mean_latency_ms >= 0 and beat.state == "ready"
+    assert beat.usage.total_tokens == 0  # this handler never called its model
+
+
+async def test_heartbeats_count_the_tokens_an_instance_used(
+    start_host: StartHost, nc: Client, settings: Settings
+) -> None:
+    host = await start_host(researcher())
+    client = ChorusClient(nc, settings.subjects)
+    results = [
+        await client.run_task(Task(input=f"q {i}"), instance=host.instance) for i in range(3)
+    ]
+    beats: asyncio.Queue[Heartbeat] = asyncio.Queue()
+
+    async def on_beat(msg: Msg) -> None:
+        await beats.put(decode(msg.data, Heartbeat))
+
+    await nc.subscribe(settings.subjects.heartbeat(host.instance), cb=on_beat)
+    beat = await asyncio.wait_for(beats.get(), 5)
+
+    assert beat.usage.total_tokens == sum(r.usage.total_tokens for r in results) > 0
 
 
 async def test_srv_ping_discovers_every_instance(

@@ -264,3 +264,23 @@ async def test_metrics_report_agents_load_and_totals(
     assert current.agents[0].instance == host.instance
     assert current.agents[0].max_concurrency == 5
     assert current.agents[0].success_rate == 1.0
+
+
+async def test_a_malformed_queued_task_is_dead_lettered_and_dispatch_goes_on(
+    coordinator: Coordinator, start_host: StartHost, nc: Client, settings: Settings
+) -> None:
+    await start_host(worker())
+    queue = TaskQueue(nc, settings.subjects)
+    await queue.run(Task(input="warm-up"), capability="work", timeout=10)
+    js = nc.jetstream()
+    letters = await js.subscribe(settings.subjects.all_dead_letters, ordered_consumer=True)
+
+    await js.publish(
+        settings.subjects.dispatch("cap.work"), b'{"input": 42}', headers={"Nats-Msg-Id": "bad-1"}
+    )
+    letter = decode((await letters.next_msg(timeout=10)).data, DeadLetter)
+    after = await queue.run(Task(input="still serving"), capability="work", timeout=10)
+
+    assert letter.errors[0].code == "invalid_message"
+    assert "$.input" in letter.errors[0].reason
+    assert after.output.endswith("still serving")

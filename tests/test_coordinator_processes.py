@@ -103,3 +103,26 @@ async def test_coordinator_restart_mid_load_loses_no_task(
 
     assert [o.status for o in outcomes] == ["completed"] * 40
     assert [o.result.output for o in outcomes if o.result] == [f"done: {i}" for i in range(40)]
+
+
+async def test_sigterm_drains_the_agent_and_it_leaves_the_registry(
+    coordinator: Coordinator,
+    spawn_agent: SpawnAgent,
+    nc: Client,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    agent = await spawn_agent(write_spec(tmp_path, "slow", SLOW))
+    await wait_for_record(nc, settings, agent.instance, lambda r: r is not None)
+    queue = TaskQueue(nc, settings.subjects)
+    task = Task(input="finish me", data=0.5)
+    run = asyncio.create_task(queue.run(task, capability="slow", timeout=30))
+    await wait_for_record(nc, settings, agent.instance, lambda r: r is not None and r.in_flight > 0)
+
+    agent.signal(signal.SIGTERM)
+    result = await run
+    gone = await wait_for_record(nc, settings, agent.instance, lambda r: r is None, timeout=10)
+
+    assert result.output == "done: finish me"
+    assert gone is None
+    assert await asyncio.to_thread(agent.wait, 15) == 0

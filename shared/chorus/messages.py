@@ -138,6 +138,7 @@ class Heartbeat(Message, tag="heartbeat"):
     sent_at: float = msgspec.field(default_factory=now)
     state: str = "ready"  # ready | draining | stopped
     waiting: int = 0
+    usage: Usage = Usage()  # tokens used by this instance since it started
     version: str = ""
 
 
@@ -222,6 +223,7 @@ class AgentRecord(Message, tag="agent_record"):
     last_seen: float
     started_at: float
     breaker: str = "closed"  # closed | open | half_open
+    usage: Usage = Usage()
 
 
 class AgentStatusChange(Message, tag="agent_status"):

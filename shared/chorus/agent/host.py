@@ -48,6 +48,7 @@ from chorus.messages import (
     HelpRequest,
     Result,
     Task,
+    Usage,
     decode,
     encode,
 )
@@ -71,6 +72,7 @@ class InstanceStats(msgspec.Struct):
     waiting: int = 0
     peak_in_flight: int = 0
     total_latency_ms: float = 0.0
+    usage: Usage = Usage()  # tokens of every model call this instance made
 
     @property
     def mean_latency_ms(self) -> float:
@@ -238,13 +240,13 @@ class AgentHost:
                 else:
                     reply = await self.agent.handle_help(message, ctx)
             except ChorusError:
-                self._finish(started, ok=False)
+                self._finish(started, ok=False, usage=ctx.usage)
                 raise
             except Exception as exc:
-                self._finish(started, ok=False)
+                self._finish(started, ok=False, usage=ctx.usage)
                 log.exception("handler failed", extra={"instance": self.instance})
                 raise TaskFailed(f"{type(exc).__name__}: {exc}") from exc
-            duration_ms = self._finish(started, ok=True)
+            duration_ms = self._finish(started, ok=True, usage=ctx.usage)
         if isinstance(message, Task):
             return encode(
                 Result(
@@ -294,9 +296,10 @@ class AgentHost:
         else:
             self._room.clear()
 
-    def _finish(self, started: float, *, ok: bool) -> float:
+    def _finish(self, started: float, *, ok: bool, usage: Usage) -> float:
         duration_ms = (time.monotonic() - started) * 1000
         self.stats.total_latency_ms += duration_ms
+        self.stats.usage = self.stats.usage + usage
         if ok:
             self.stats.processed += 1
         else:
@@ -374,7 +377,7 @@ class AgentHost:
                     await self.agent.handle_event(event, ctx)
                     await self._publish_events(ctx.events)
                 except Exception as exc:
-                    self._finish(started, ok=False)
+                    self._finish(started, ok=False, usage=ctx.usage)
                     attempt = msg.metadata.num_delivered
                     log.warning(
                         "event handler failed",
@@ -382,7 +385,7 @@ class AgentHost:
                     )
                     await msg.nak(delay=min(2.0**attempt, 30.0))
                     return
-                self._finish(started, ok=True)
+                self._finish(started, ok=True, usage=ctx.usage)
             await msg.ack_sync(timeout=5)
         finally:
             keepalive.cancel()
@@ -411,6 +414,7 @@ class AgentHost:
             started_at=self.started_at,
             state=state,
             waiting=self.stats.waiting,
+            usage=self.stats.usage,
             version=__version__,
         )
 

@@ -86,6 +86,7 @@ class InstanceView:
             last_seen=self.last_seen_wall,
             started_at=hb.started_at,
             breaker=self.breaker,
+            usage=hb.usage,
         )
 
 
