@@ -68,7 +68,7 @@ class SharedState:
     async def close(self) -> None:
         """Stop every watch this object started. Held locks are left to their owners."""
         watches, self._watches = self._watches, set()
-        for watch in watches:
+        for watch in list(watches):
             await watch.close()
 
     async def __aenter__(self) -> SharedState:

@@ -1,0 +1,660 @@
+"""`chorus run` (run a workflow file, with live progress) and `chorus runs` (list, show, cancel)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Protocol, TextIO
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.errors import NoKeysError
+
+from chorus.cli import wire
+from chorus.config import Settings
+from chorus.connection import connect
+from chorus.errors import ConfigError, InvalidMessage, NotFound, RequestTimeout
+from chorus.messages import RunProgress, RunRecord, RunRequest, decode, encode
+from chorus.runs import RunClient, find_workflow
+from chorus.subjects import check_token
+from chorus.workflows.progress import FINAL_KINDS
+from chorus.workflows.spec import EventDriven, Hierarchical, Parallel, WorkflowSpec, load_workflow
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+    from rich.spinner import Spinner
+    from rich.table import Table
+
+STATUS_STYLE: Final = {
+    "pending": "dim",
+    "running": "cyan",
+    "completed": "green",
+    "failed": "red",
+    "cancelled": "yellow",
+    "skipped": "dim",
+}
+MARKS: Final = {"completed": "✓", "failed": "✗", "skipped": "-", "cancelled": "✗", "pending": "·"}
+# progress kind that ends a step -> the step status it means, and back
+STEP_ENDS: Final = {
+    "step_finished": "completed",
+    "step_failed": "failed",
+    "step_skipped": "skipped",
+}
+END_KINDS: Final = {
+    "completed": "step_finished",
+    "failed": "step_failed",
+    "skipped": "step_skipped",
+    "cancelled": "step_cancelled",
+}
+DEFAULT_TIMEOUT: Final = 600.0
+
+
+class ExamplesFormatter(argparse.HelpFormatter):
+    """Wraps the description to the terminal, keeps the examples of the epilog line by line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def register(sub: Any) -> None:
+    run = sub.add_parser(
+        "run",
+        help="run a workflow file and follow its progress",
+        description="Submit a workflow run and follow it step by step until it ends. FILE is a "
+        "workflow YAML file, or the name of a stored workflow (CHORUS_WORKFLOWS, then the "
+        "examples). An orchestrator must be running (chorus orchestrator, or chorus up). "
+        "Exit status: 0 completed, 1 failed or cancelled, 2 on a usage error, a wrong "
+        "workflow file, or when the run did not end within --timeout (it goes on).",
+        epilog="examples:\n"
+        "  chorus run report.yaml 'What makes NATS a good fit for agents?'\n"
+        '  chorus run report.yaml @question.txt --data \'{"audience": "ops"}\'\n'
+        "  echo 'Compare JetStream and Kafka' | chorus run research-report -\n"
+        "  chorus run report.yaml 'q' --detach      # print the run id, do not wait\n"
+        "  chorus run report.yaml 'q' --json | jq .output",
+        formatter_class=ExamplesFormatter,
+    )
+    run.add_argument("file", metavar="FILE", help="workflow file, or a stored workflow's name")
+    run.add_argument("input", metavar="INPUT", nargs="?", help="input text, @file, or - for stdin")
+    run.add_argument("--data", help="structured input as JSON (or @file): conditions read it")
+    run.add_argument("--detach", action="store_true", help="print the run id and exit at once")
+    run.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds to wait for the run to end (default {DEFAULT_TIMEOUT:g})",
+    )
+    run.add_argument("--json", action="store_true", help="print the finished run record as JSON")
+    run.set_defaults(func=run_workflow)
+
+    runs = sub.add_parser(
+        "runs",
+        help="list recent runs; show or cancel one",
+        description="List the most recent workflow runs (KV bucket <prefix>-runs). A run id "
+        "may be shortened to a unique prefix of at least 4 characters. An unknown id is an "
+        "error (exit 2).",
+        epilog="examples:\n  chorus runs --limit 10\n  chorus runs show 3f2a9c\n"
+        "  chorus runs show 3f2a9c --json | jq .steps\n  chorus runs cancel 3f2a9c",
+        formatter_class=ExamplesFormatter,
+    )
+    runs.add_argument("--limit", type=_positive(int), default=20, help="how many runs (default 20)")
+    runs.add_argument("--json", action="store_true", help="print the run records as JSON")
+    runs.set_defaults(func=list_runs)
+    actions = runs.add_subparsers(dest="runs_command", metavar="[ACTION]")
+    show = actions.add_parser(
+        "show",
+        help="one run: steps, plan, events, output",
+        description="Show one run: its steps (status, agent and instance, attempts, duration, "
+        "error or output), the plan of a hierarchical run, the chain of events of an event "
+        "run, and the output.",
+        epilog="example: chorus runs show 3f2a9c --json",
+        formatter_class=ExamplesFormatter,
+    )
+    show.add_argument("run_id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="print the run record as JSON")
+    show.set_defaults(func=show_run)
+    cancel = actions.add_parser(
+        "cancel",
+        help="cancel a queued or running run",
+        description="Cancel a run: a queued one at once, a running one by asking its "
+        "orchestrator, then wait until the run record says it stopped. Exit status 0 when it "
+        "was cancelled, 1 when it had already finished or did not stop in time.",
+        epilog="example: chorus runs cancel 3f2a9c",
+        formatter_class=ExamplesFormatter,
+    )
+    cancel.add_argument("run_id", metavar="ID")
+    cancel.add_argument(
+        "--timeout", type=_positive(float), default=10.0, help="seconds to wait (default 10)"
+    )
+    cancel.set_defaults(func=cancel_run)
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+        return value
+
+    return parse
+
+
+# reading the command line
+
+
+def workflow_of(argument: str) -> WorkflowSpec:
+    """A workflow file, or (a bare word that is no file) the name of a stored workflow."""
+    path = Path(argument)
+    if path.exists() or path.suffix in (".yaml", ".yml", ".json") or "/" in argument:
+        return load_workflow(path)
+    return find_workflow(argument)
+
+
+def text_of(argument: str | None) -> str:
+    # A file or stdin usually ends in a newline that is no part of the question.
+    return wire.read_payload(argument).decode(errors="replace").rstrip("\n")
+
+
+def data_of(argument: str | None) -> Any:
+    if argument is None:
+        return None
+    try:
+        return json.loads(wire.read_payload(argument))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--data is not JSON: {exc}") from None
+
+
+def expected_steps(workflow: WorkflowSpec) -> int | None:
+    """How many steps a run of the workflow has; None while it is not known (a plan's)."""
+    if isinstance(workflow, Parallel):
+        return len(workflow.tasks)
+    if isinstance(workflow, EventDriven):
+        return 2  # publish the start event, wait for the final one
+    if isinstance(workflow, Hierarchical):
+        return None
+    return len(workflow.steps)
+
+
+def steps_done(record: RunRecord) -> str:
+    done = sum(s.status in ("completed", "skipped") for s in record.steps)
+    total = expected_steps(record.workflow) or 0
+    if record.plan is not None:
+        total = len(record.plan.subtasks) + 2  # plan, the subtasks, compile
+    return f"{done}/{max(total, len(record.steps))}"
+
+
+def duration(record: RunRecord) -> str:
+    if not record.started_at:
+        return "-"
+    seconds = (record.ended_at or time.time()) - record.started_at
+    return seconds_text(seconds) + ("" if record.ended_at else "…")
+
+
+def seconds_text(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{int(seconds // 60)}m {int(seconds % 60)}s"
+
+
+def clock(timestamp: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+def when(timestamp: float) -> str:
+    if not timestamp:
+        return "-"
+    local = time.localtime(timestamp)
+    today = time.localtime().tm_yday == local.tm_yday
+    return time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M", local)
+
+
+def short(text: str, width: int = 80) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def record_json(record: RunRecord | list[RunRecord]) -> str:
+    return msgspec.json.format(encode(record), indent=2).decode()
+
+
+# following a run
+
+
+class Display(Protocol):
+    def show(self, progress: RunProgress) -> None: ...
+
+    def close(self, record: RunRecord | None) -> None: ...
+
+
+class PlainProgress:
+    """One line per progress event: for pipes, logs and CI."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.ended: set[str] = set()  # steps whose end was shown
+
+    def line(self, at: float, kind: str, step: str, detail: str) -> None:
+        where = f"{step}: " if step else ""
+        print(f"{clock(at)} {kind:<14} {where}{short(detail, 200)}", file=self.stream, flush=True)
+
+    def show(self, progress: RunProgress) -> None:
+        if progress.kind in STEP_ENDS or progress.kind in FINAL_KINDS:
+            self.ended.add(progress.step or progress.kind)
+        self.line(progress.time, progress.kind, progress.step, progress.detail)
+
+    def close(self, record: RunRecord | None) -> None:
+        # Progress is fire-and-forget: a step whose end we did not hear of is told from the
+        # record, which is the account that matters.
+        for step in record.steps if record is not None else []:
+            kind = END_KINDS.get(step.status)
+            if kind is not None and step.name not in self.ended:
+                detail = step.error or f"{step.agent} in {step.duration_ms:.0f} ms"
+                self.line(step.ended_at, kind, step.name, detail)
+        if record is not None and record.finished and f"run_{record.status}" not in self.ended:
+            self.line(record.ended_at, f"run_{record.status}", "", record.error or record.output)
+
+
+@dataclass
+class StepView:
+    status: str = "running"
+    detail: str = ""
+    started: float = field(default_factory=time.time)
+    ended: float = 0.0
+    spinner: Spinner | None = None
+
+
+class LiveProgress:
+    """A line per step with a spinner, mark and time, under a bar of the run: for terminals."""
+
+    def __init__(self, console: Console, workflow: WorkflowSpec, run_id: str) -> None:
+        from rich.live import Live
+
+        self.workflow = workflow
+        self.run_id = run_id
+        self.total = expected_steps(workflow)
+        self.steps: dict[str, StepView] = {}
+        self.notes: list[str] = []  # plan, events, retries: the latest few are shown
+        self.status = "pending"
+        self.live = Live(console=console, get_renderable=self.render, refresh_per_second=8)
+        self.live.start()
+
+    def show(self, progress: RunProgress) -> None:
+        kind, name = progress.kind, progress.step
+        if kind in ("run_started", "run_resumed"):
+            self.status = "running"
+        elif kind.startswith("run_"):
+            self.status = kind.removeprefix("run_")
+        elif kind == "step_started":
+            self.steps[name] = StepView(detail=progress.detail, started=progress.time)
+        elif kind in STEP_ENDS:
+            view = self.steps.setdefault(name, StepView(started=progress.time))
+            view.status, view.detail, view.ended = STEP_ENDS[kind], progress.detail, progress.time
+        elif kind == "plan_ready":
+            subtasks = [s for s in progress.detail.split(", ") if s]
+            self.total = len(subtasks) + 2  # plan, the subtasks, compile
+            self.notes.append(f"plan: {progress.detail}")
+        elif kind == "event_seen":
+            self.notes.append(f"event {name} from {progress.detail or '?'}")
+        elif kind == "step_retry":
+            self.notes.append(f"{name} retrying: {progress.detail}")
+        self.live.refresh()
+
+    def close(self, record: RunRecord | None) -> None:
+        if record is not None:  # the record is the account: show every step as it ended
+            self.status = record.status
+            if record.plan is not None:
+                self.total = len(record.plan.subtasks) + 2
+            for step in record.steps:
+                view = self.steps.setdefault(step.name, StepView(started=step.started_at))
+                view.status, view.ended = step.status, step.ended_at
+                if step.status == "completed":
+                    view.detail = f"{step.agent} in {step.duration_ms:.0f} ms"
+                elif step.error:
+                    view.detail = step.error
+        self.live.update(self.render(), refresh=True)
+        self.live.stop()
+
+    def render(self) -> RenderableType:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.spinner import Spinner
+        from rich.table import Table
+        from rich.text import Text
+
+        done = sum(v.status in ("completed", "skipped") for v in self.steps.values())
+        total = max(self.total or 0, len(self.steps))
+        head = Table.grid(padding=(0, 1))
+        style = STATUS_STYLE.get(self.status, "white")
+        head.add_row(
+            Text(self.workflow.name, style="bold"),
+            ProgressBar(total=total or None, completed=done, width=30),
+            Text(f"{done}/{total if self.total is not None else '?'} steps"),
+            Text(self.status, style=style),
+            Text(f"run {self.run_id[:12]}", style="dim"),
+        )
+        steps = Table.grid(padding=(0, 1))
+        now = time.time()
+        for name, view in self.steps.items():
+            mark: RenderableType
+            if view.status == "running":
+                view.spinner = view.spinner or Spinner("dots", style="cyan")
+                mark = view.spinner
+            else:
+                mark = Text(MARKS.get(view.status, "?"), style=STATUS_STYLE.get(view.status, ""))
+            # A finished step's detail says how long it took; a running one's time counts up.
+            took = (view.ended or now) - view.started if view.started else 0.0
+            clock_text = "" if view.status == "completed" else seconds_text(max(took, 0.0))
+            steps.add_row(
+                mark,
+                Text(name, style="bold"),
+                Text(short(view.detail, 70)),
+                Text(clock_text, style="dim"),
+            )
+        notes = [Text(short(note, 100), style="dim") for note in self.notes[-4:]]
+        return Group(head, steps, *notes)
+
+
+async def run_workflow(args: argparse.Namespace, settings: Settings) -> int:
+    # Everything the user gave is checked before anything is sent.
+    workflow = workflow_of(args.file)
+    request = RunRequest(workflow=workflow, input=text_of(args.input), data=data_of(args.data))
+    nc = await connect(settings, "chorus-run")
+    try:
+        runs = RunClient(nc, settings.subjects)
+        if args.detach:
+            await runs.submit(request)
+            print(request.run_id)
+            return 0
+        record = await follow(args, settings, nc, runs, request)
+    finally:
+        await nc.close()
+    if record is None:
+        return 130
+    if args.json:
+        print(record_json(record))
+    else:
+        print_result(record)
+    return 0 if record.status == "completed" else 1
+
+
+def display_for(args: argparse.Namespace, workflow: WorkflowSpec, run_id: str) -> Display:
+    # With --json, stdout is for the record alone: progress goes to stderr.
+    stream = sys.stderr if args.json else sys.stdout
+    if not stream.isatty():
+        return PlainProgress(stream)
+    from rich.console import Console
+
+    return LiveProgress(Console(file=stream, highlight=False), workflow, run_id)
+
+
+async def follow(
+    args: argparse.Namespace, settings: Settings, nc: Client, runs: RunClient, request: RunRequest
+) -> RunRecord | None:
+    """Show the run's progress until it ends; None when the user stopped following (Ctrl-C)."""
+    assert request.workflow is not None
+    display = display_for(args, request.workflow, request.run_id)
+    record: RunRecord | None = None
+
+    async def on_progress(msg: Msg) -> None:
+        # A message on the run's subjects that is not progress is not ours to draw.
+        with contextlib.suppress(InvalidMessage):
+            display.show(decode(msg.data, RunProgress))
+
+    # Subscribed before submitting, so no progress of the run is missed.
+    subscription = await nc.subscribe(settings.subjects.run_all(request.run_id), cb=on_progress)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    try:
+        await nc.flush(timeout=5)
+        await runs.submit(request)
+        # The run record in KV says when the run ended; progress messages only draw it.
+        waiting = asyncio.create_task(runs.wait(request.run_id, args.timeout))
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waiting, stopping):
+                task.cancel()
+            await asyncio.gather(waiting, stopping, return_exceptions=True)
+        if waiting.cancelled():
+            print(
+                f"stopped following run {request.run_id}; it goes on: "
+                f"`chorus runs show {request.run_id}`, `chorus runs cancel {request.run_id}`",
+                file=sys.stderr,
+            )
+            return None
+        try:
+            record = waiting.result()
+        except RequestTimeout:
+            current = await runs.get(request.run_id)
+            if current.status == "pending":
+                raise RequestTimeout(
+                    f"run {request.run_id} is still queued after {args.timeout:g}s: no "
+                    "orchestrator took it. It stays queued and runs when one starts: start "
+                    "`chorus orchestrator` (or `chorus up`), or cancel it with "
+                    f"`chorus runs cancel {request.run_id}`"
+                ) from None
+            raise
+        return record
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        await subscription.unsubscribe()
+        display.close(record)
+
+
+def print_result(record: RunRecord) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    if record.output:
+        print(record.output)
+    console = Console(highlight=False, soft_wrap=True)
+    style = STATUS_STYLE.get(record.status, "white")
+    console.print(
+        f"[{style}]{record.status}[/] run {record.run_id} · {escape(record.workflow.name)} "
+        f"({record.kind}) · {steps_done(record)} steps · {record.usage.total_tokens} tokens · "
+        f"{duration(record)}"
+    )
+    if record.error:
+        print(f"chorus: run {record.status}: {record.error}", file=sys.stderr)
+
+
+# runs
+
+
+async def find_run(runs: RunClient, run_id: str) -> RunRecord:
+    """The run with this id, or with the only id that starts with it (4 characters or more)."""
+    check_token(run_id, "run id")
+    try:
+        return await runs.get(run_id)
+    except NotFound:
+        if len(run_id) < 4:
+            raise NotFound(f"no run {run_id!r}; `chorus runs` lists the recent ones") from None
+    try:
+        keys = await (await runs.store()).kv.keys()
+    except NoKeysError:
+        keys = []
+    matches = sorted(k for k in keys if k.startswith(run_id))
+    if len(matches) == 1:
+        return await runs.get(matches[0])
+    if matches:
+        raise NotFound(
+            f"run id {run_id!r} is ambiguous: {len(matches)} runs start with it "
+            f"({', '.join(matches[:3])}{', ...' if len(matches) > 3 else ''}); give more of it"
+        )
+    raise NotFound(f"no run {run_id!r}; `chorus runs` lists the recent ones")
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    # Piped output is not cut to 80 columns: scripts and logs get whole rows.
+    return Console(highlight=False) if sys.stdout.isatty() else Console(highlight=False, width=200)
+
+
+def runs_table(records: list[RunRecord]) -> Table:
+    from rich.markup import escape
+    from rich.table import Table
+
+    view = Table(title="runs, most recent first", title_justify="left")
+    for column in ("run", "workflow", "kind", "status", "steps", "started", "duration", "tokens"):
+        view.add_column(column, justify="right" if column in ("steps", "tokens") else "left")
+    for record in records:
+        style = STATUS_STYLE.get(record.status, "white")
+        view.add_row(
+            record.run_id[:12],
+            escape(record.workflow.name),
+            record.kind,
+            f"[{style}]{record.status}[/]",
+            steps_done(record),
+            when(record.started_at or record.created_at),
+            duration(record),
+            str(record.usage.total_tokens),
+        )
+    return view
+
+
+async def list_runs(args: argparse.Namespace, settings: Settings) -> int:
+    nc = await connect(settings, "chorus-runs")
+    try:
+        records = await RunClient(nc, settings.subjects).list(args.limit)
+    finally:
+        await nc.close()
+    if args.json:
+        print(record_json(records))
+    elif not records:
+        print("no runs yet: start one with `chorus run FILE INPUT`")
+    else:
+        _console().print(runs_table(records))
+    return 0
+
+
+def run_view(record: RunRecord) -> list[RenderableType]:
+    from rich.markup import escape
+    from rich.table import Table
+
+    style = STATUS_STYLE.get(record.status, "white")
+    head = Table.grid(padding=(0, 2))
+    for label, value in (
+        ("run", record.run_id),
+        ("workflow", f"{escape(record.workflow.name)} ({record.kind})"),
+        ("status", f"[{style}]{record.status}[/]"),
+        ("submitted", when(record.created_at)),
+        ("started", when(record.started_at)),
+        ("ended", when(record.ended_at)),
+        ("duration", duration(record)),
+        (
+            "tokens",
+            f"{record.usage.total_tokens} ({record.usage.input_tokens} in, "
+            f"{record.usage.output_tokens} out)",
+        ),
+        ("input", escape(short(record.input, 120))),
+    ):
+        head.add_row(f"[bold]{label}[/]", value)
+    parts: list[RenderableType] = [head]
+    if record.steps:
+        steps = Table(title="steps", title_justify="left")
+        for column in ("step", "status", "agent / instance", "attempts", "duration", "result"):
+            steps.add_column(column, justify="right" if column == "attempts" else "left")
+        for step in record.steps:
+            step_style = STATUS_STYLE.get(step.status, "white")
+            who = step.agent or (f"capability {step.capability}" if step.capability else "")
+            result = (
+                f"[red]{escape(short(step.error))}[/]" if step.error else escape(short(step.output))
+            )
+            steps.add_row(
+                escape(step.name),
+                f"[{step_style}]{step.status}[/]",
+                escape(f"{who} / {step.instance}" if step.instance else who),
+                str(step.attempts),
+                seconds_text(step.duration_ms / 1000) if step.ended_at else "-",
+                result,
+            )
+        parts.append(steps)
+    if record.plan is not None:
+        plan = Table(title="plan", title_justify="left")
+        for column in ("subtask", "capabilities", "depends on", "description"):
+            plan.add_column(column)
+        for subtask in record.plan.subtasks:
+            plan.add_row(
+                escape(subtask.id),
+                escape(", ".join(subtask.capabilities)),
+                escape(", ".join(subtask.depends_on)),
+                escape(short(subtask.description)),
+            )
+        parts.append(plan)
+    if record.events:
+        chain = Table(title="events", title_justify="left")
+        for column in ("time", "topic", "source", "data"):
+            chain.add_column(column)
+        for event in record.events:
+            data = event.data if isinstance(event.data, str) else json.dumps(event.data)
+            chain.add_row(
+                clock(event.time), escape(event.topic), escape(event.source), escape(short(data))
+            )
+        parts.append(chain)
+    return parts
+
+
+async def show_run(args: argparse.Namespace, settings: Settings) -> int:
+    nc = await connect(settings, "chorus-runs")
+    try:
+        record = await find_run(RunClient(nc, settings.subjects), args.run_id)
+    finally:
+        await nc.close()
+    if args.json:
+        print(record_json(record))
+        return 0
+    from rich.markup import escape
+
+    console = _console()
+    for part in run_view(record):
+        console.print(part)
+    if record.output:
+        console.rule("output", align="left")
+        print(record.output)
+    if record.error:
+        console.print(f"[red]error:[/] {escape(record.error)}")
+    return 0
+
+
+async def cancel_run(args: argparse.Namespace, settings: Settings) -> int:
+    nc = await connect(settings, "chorus-runs")
+    try:
+        runs = RunClient(nc, settings.subjects)
+        record = await find_run(runs, args.run_id)
+        if record.finished:
+            print(f"run {record.run_id} already {record.status}: nothing to cancel")
+            return 1
+        await runs.cancel(record.run_id)
+        try:
+            final = await runs.wait(record.run_id, args.timeout)
+        except RequestTimeout:
+            print(
+                f"cancel of run {record.run_id} asked, but it has not stopped within "
+                f"{args.timeout:g}s: is the orchestrator running it alive? (`chorus runs show "
+                f"{record.run_id}`)"
+            )
+            return 1
+    finally:
+        await nc.close()
+    if final.status != "cancelled":
+        print(f"run {final.run_id} {final.status} before the cancel took effect")
+        return 1
+    print(f"run {final.run_id} cancelled: {final.error}")
+    return 0

@@ -1,0 +1,295 @@
+"""`chorus run` and `chorus runs` through the real entry point, against a real system.
+
+The CLI runs as a child process; the coordinator, orchestrator and agents run in this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+from nats.aio.client import Client
+
+from chorus.agent import Agent, Context
+from chorus.cli.runs import LiveProgress, PlainProgress
+from chorus.config import Settings
+from chorus.connection import connect
+from chorus.coordinator.service import Coordinator
+from chorus.messages import RunProgress, RunRecord, RunRequest, StepRecord, Task
+from chorus.orchestrator.service import Orchestrator
+from chorus.runs import RunClient
+from chorus.workflows.spec import Pipeline, Step, decode_workflow
+from tests.conftest import StartHost, child_env
+
+StartOrchestrator = Callable[..., Awaitable[Orchestrator]]
+
+PIPELINE = """\
+type: pipeline
+name: chain
+steps:
+  - name: draft
+    agent: worker
+  - name: polish
+    agent: worker
+"""
+
+FAILING = """\
+type: pipeline
+name: doomed
+steps:
+  - name: brew
+    agent: broken
+    retries: 0
+"""
+
+
+@pytest.fixture
+async def start_orchestrator(settings: Settings) -> AsyncIterator[StartOrchestrator]:
+    running: list[tuple[Orchestrator, Client]] = []
+
+    async def start(**kw: object) -> Orchestrator:
+        tuned = msgspec.structs.replace(settings, claim_timeout=2)
+        client = await connect(tuned, "orchestrator")
+        service = Orchestrator(client, tuned, **kw)  # type: ignore[arg-type]
+        await service.start()
+        running.append((service, client))
+        return service
+
+    yield start
+    for service, client in running:
+        await service.stop()
+        await client.close()
+
+
+@pytest.fixture
+async def system(
+    coordinator: Coordinator, start_orchestrator: StartOrchestrator, start_host: StartHost
+) -> None:
+    """A coordinator, an orchestrator, a `worker` agent and a `broken` one that always raises."""
+    broken = Agent(name="broken")
+
+    @broken.on_task
+    async def fail(task: Task, ctx: Context) -> str:
+        raise RuntimeError("out of coffee")
+
+    await start_host(Agent(name="worker", instructions="Work.", capabilities=["work"]))
+    await start_host(broken)
+    await start_orchestrator()
+
+
+def chorus(
+    settings: Settings, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chorus", *args],
+        env=child_env(settings),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def achorus(
+    settings: Settings, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(chorus, settings, *args, stdin=stdin)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("chorus: error: ")
+    return lines[0]
+
+
+def workflow_file(tmp_path: Path, text: str, name: str = "flow") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+async def finished_run(nc: Client, settings: Settings, text: str, input: str) -> RunRecord:
+    runs = RunClient(nc, settings.subjects)
+    pending = await runs.submit(RunRequest(workflow=decode_workflow(text), input=input))
+    return await runs.wait(pending.run_id, timeout=20)
+
+
+@pytest.mark.usefixtures("system")
+async def test_run_shows_each_step_and_prints_the_output(
+    settings: Settings, tmp_path: Path
+) -> None:
+    result = await achorus(settings, "run", str(workflow_file(tmp_path, PIPELINE)), "what is NATS?")
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for step in ("draft", "polish"):
+        assert any("step_started" in line and f"{step}:" in line for line in lines), lines
+        assert any("step_finished" in line and f"{step}:" in line for line in lines), lines
+    assert "[offline] Work.: [offline] Work.: what is NATS?" in lines
+    [summary] = [line for line in lines if line.startswith("completed run ")]
+    assert "chain (pipeline) · 2/2 steps" in summary and "tokens" in summary
+
+
+@pytest.mark.usefixtures("system")
+async def test_run_reads_its_input_from_stdin(settings: Settings, tmp_path: Path) -> None:
+    result = await achorus(
+        settings, "run", str(workflow_file(tmp_path, PIPELINE)), "-", "--json", stdin="hi\n"
+    )
+
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert (record["status"], record["input"]) == ("completed", "hi")
+    assert record["output"] == "[offline] Work.: [offline] Work.: hi"
+    assert "step_finished" in result.stderr  # progress goes to stderr beside --json
+
+
+@pytest.mark.usefixtures("system")
+async def test_failed_run_exits_1_and_shows_the_error(settings: Settings, tmp_path: Path) -> None:
+    result = await achorus(settings, "run", str(workflow_file(tmp_path, FAILING)), "coffee?")
+
+    assert result.returncode == 1, result.stderr
+    assert any(
+        "step_failed" in line and "brew:" in line and "out of coffee" in line
+        for line in result.stdout.splitlines()
+    ), result.stdout
+    assert "failed run " in result.stdout
+    assert "chorus: run failed:" in result.stderr and "out of coffee" in result.stderr
+
+
+async def test_detached_run_prints_an_id_that_runs_show_reports(
+    settings: Settings, tmp_path: Path
+) -> None:
+    detached = await achorus(
+        settings, "run", str(workflow_file(tmp_path, PIPELINE)), "later", "--detach"
+    )
+    assert detached.returncode == 0, detached.stderr
+    run_id = detached.stdout.strip()
+
+    shown = await achorus(settings, "runs", "show", run_id, "--json")
+
+    assert shown.returncode == 0, shown.stderr
+    record = json.loads(shown.stdout)
+    assert (record["run_id"], record["status"], record["input"]) == (run_id, "pending", "later")
+    assert record["workflow"]["name"] == "chain"
+
+
+async def test_workflow_with_a_wrong_field_is_one_line_and_nothing_is_sent(
+    settings: Settings, nc: Client, tmp_path: Path
+) -> None:
+    wrong = workflow_file(tmp_path, PIPELINE.replace("    agent: worker\n", "    agnet: worker\n"))
+
+    line = one_line_error(await achorus(settings, "run", str(wrong), "q"))
+
+    assert "agnet" in line and "line 5" in line
+    assert await RunClient(nc, settings.subjects).list() == []
+
+
+async def test_run_without_an_orchestrator_says_to_start_one(
+    settings: Settings, nc: Client, tmp_path: Path
+) -> None:
+    result = await achorus(
+        settings, "run", str(workflow_file(tmp_path, PIPELINE)), "q", "--timeout", "0.5"
+    )
+
+    line = one_line_error(result)
+    assert "still queued after 0.5s" in line and "chorus orchestrator" in line
+    [queued] = await RunClient(nc, settings.subjects).list()
+    assert queued.status == "pending" and queued.run_id in line
+
+
+@pytest.mark.usefixtures("system")
+async def test_runs_lists_recent_runs_with_status_and_steps(settings: Settings, nc: Client) -> None:
+    record = await finished_run(nc, settings, PIPELINE, "q")
+
+    table = await achorus(settings, "runs")
+    as_json = await achorus(settings, "runs", "--json")
+
+    assert table.returncode == 0, table.stderr
+    [row] = [line for line in table.stdout.splitlines() if record.run_id[:12] in line]
+    assert "chain" in row and "pipeline" in row and "completed" in row and "2/2" in row
+    assert [r["run_id"] for r in json.loads(as_json.stdout)] == [record.run_id]
+
+
+@pytest.mark.usefixtures("system")
+async def test_runs_show_lists_steps_agents_and_output(settings: Settings, nc: Client) -> None:
+    record = await finished_run(nc, settings, PIPELINE, "q")
+
+    shown = await achorus(settings, "runs", "show", record.run_id[:8])
+
+    assert shown.returncode == 0, shown.stderr
+    draft = next(line for line in shown.stdout.splitlines() if "draft" in line)
+    assert "completed" in draft and f"worker / {record.steps[0].instance}" in draft
+    assert shown.stdout.rstrip().endswith(record.output)
+
+
+def test_runs_show_of_an_unknown_id_is_one_line(settings: Settings) -> None:
+    line = one_line_error(chorus(settings, "runs", "show", "feedface"))
+
+    assert "no run 'feedface'" in line
+
+
+async def test_runs_cancel_cancels_a_queued_run(settings: Settings, nc: Client) -> None:
+    runs = RunClient(nc, settings.subjects)
+    pending = await runs.submit(RunRequest(workflow=decode_workflow(PIPELINE), input="q"))
+
+    result = await achorus(settings, "runs", "cancel", pending.run_id)
+
+    assert result.returncode == 0, result.stderr
+    assert f"run {pending.run_id} cancelled" in result.stdout
+    assert (await runs.get(pending.run_id)).status == "cancelled"
+
+
+def progress(kind: str, step: str = "", detail: str = "") -> RunProgress:
+    return RunProgress(run_id="r1", kind=kind, workflow="chain", step=step, detail=detail)
+
+
+def finished_record() -> RunRecord:
+    workflow = Pipeline(name="chain", steps=[Step(name="a", agent="w"), Step(name="b", agent="w")])
+    return RunRecord(
+        run_id="r1",
+        workflow=workflow,
+        kind="pipeline",
+        status="completed",
+        steps=[
+            StepRecord(name="a", status="completed", agent="w", duration_ms=5, ended_at=2.0),
+            StepRecord(name="b", status="completed", agent="w", duration_ms=7, ended_at=3.0),
+        ],
+    )
+
+
+def test_plain_progress_tells_the_ends_it_did_not_hear_of_from_the_record() -> None:
+    out = io.StringIO()
+    display = PlainProgress(out)
+
+    display.show(progress("step_finished", "a", "w in 5 ms"))
+    display.close(finished_record())
+
+    lines = [line.split()[1:3] for line in out.getvalue().splitlines()]
+    assert lines == [["step_finished", "a:"], ["step_finished", "b:"], ["run_completed"]]
+
+
+def test_live_progress_draws_a_line_per_step_in_a_terminal() -> None:
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=100, color_system=None)
+    display = LiveProgress(console, finished_record().workflow, "r1")
+
+    display.show(progress("run_started", detail="pipeline"))
+    display.show(progress("step_started", "a", "w, attempt 1"))
+    display.show(progress("step_failed", "a", "out of coffee"))
+    display.close(None)
+
+    screen = out.getvalue()
+    assert "chain" in screen and "0/2 steps" in screen
+    assert "✗ a" in screen and "out of coffee" in screen
