@@ -23,6 +23,7 @@ from chorus.connection import connect
 from chorus.coordinator.service import Coordinator
 from chorus.llm.offline import OfflineModel
 from chorus.messages import Heartbeat, decode
+from chorus.orchestrator.service import Orchestrator
 from chorus.server import NatsServer
 from tests.fake_openai import FakeOpenAI
 
@@ -105,6 +106,28 @@ async def start_coordinator(settings: Settings) -> AsyncIterator[StartCoordinato
 @pytest.fixture
 async def coordinator(start_coordinator: StartCoordinator) -> Coordinator:
     return await start_coordinator()
+
+
+StartOrchestrator = Callable[..., Awaitable[Orchestrator]]
+
+
+@pytest.fixture
+async def start_orchestrator(settings: Settings) -> AsyncIterator[StartOrchestrator]:
+    """Orchestrators in this process, each on its own connection; claims lapse after 2 s."""
+    running: list[tuple[Orchestrator, Client]] = []
+
+    async def start(**kw: object) -> Orchestrator:
+        tuned = msgspec.structs.replace(settings, claim_timeout=2)
+        client = await connect(tuned, "orchestrator")
+        service = Orchestrator(client, tuned, **kw)  # type: ignore[arg-type]
+        await service.start()
+        running.append((service, client))
+        return service
+
+    yield start
+    for service, client in running:
+        await service.stop()
+        await client.close()
 
 
 StartHost = Callable[..., Awaitable[AgentHost]]

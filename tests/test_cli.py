@@ -14,34 +14,9 @@ from chorus.agent import Agent
 from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
 from chorus.messages import Event, decode
+from tests.cli import achorus, chorus, one_line_error
 from tests.conftest import ROOT, StartHost, child_env, write_spec
 from tests.coordination import wait_for_record
-
-
-def chorus(
-    settings: Settings, *args: str, stdin: bytes | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "chorus", *args],
-        env=child_env(settings),
-        input=stdin.decode() if stdin else None,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-async def achorus(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(chorus, settings, *args)
-
-
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2, result
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("chorus: error: ")
-    return lines[0]
 
 
 async def test_pub_then_tail_shows_the_decoded_event(settings: Settings) -> None:

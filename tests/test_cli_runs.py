@@ -5,30 +5,22 @@ The CLI runs as a child process; the coordinator, orchestrator and agents run in
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import msgspec
 import pytest
 from nats.aio.client import Client
 
 from chorus.agent import Agent, Context
 from chorus.cli.runs import LiveProgress, PlainProgress
 from chorus.config import Settings
-from chorus.connection import connect
 from chorus.coordinator.service import Coordinator
 from chorus.messages import RunProgress, RunRecord, RunRequest, StepRecord, Task
-from chorus.orchestrator.service import Orchestrator
 from chorus.runs import RunClient
 from chorus.workflows.spec import Pipeline, Step, decode_workflow
-from tests.conftest import StartHost, child_env
-
-StartOrchestrator = Callable[..., Awaitable[Orchestrator]]
+from tests.cli import achorus, chorus, one_line_error
+from tests.conftest import StartHost, StartOrchestrator
 
 PIPELINE = """\
 type: pipeline
@@ -51,24 +43,6 @@ steps:
 
 
 @pytest.fixture
-async def start_orchestrator(settings: Settings) -> AsyncIterator[StartOrchestrator]:
-    running: list[tuple[Orchestrator, Client]] = []
-
-    async def start(**kw: object) -> Orchestrator:
-        tuned = msgspec.structs.replace(settings, claim_timeout=2)
-        client = await connect(tuned, "orchestrator")
-        service = Orchestrator(client, tuned, **kw)  # type: ignore[arg-type]
-        await service.start()
-        running.append((service, client))
-        return service
-
-    yield start
-    for service, client in running:
-        await service.stop()
-        await client.close()
-
-
-@pytest.fixture
 async def system(
     coordinator: Coordinator, start_orchestrator: StartOrchestrator, start_host: StartHost
 ) -> None:
@@ -82,34 +56,6 @@ async def system(
     await start_host(Agent(name="worker", instructions="Work.", capabilities=["work"]))
     await start_host(broken)
     await start_orchestrator()
-
-
-def chorus(
-    settings: Settings, *args: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "chorus", *args],
-        env=child_env(settings),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-async def achorus(
-    settings: Settings, *args: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(chorus, settings, *args, stdin=stdin)
-
-
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2, result
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("chorus: error: ")
-    return lines[0]
 
 
 def workflow_file(tmp_path: Path, text: str, name: str = "flow") -> Path:

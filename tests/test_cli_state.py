@@ -12,26 +12,21 @@ from nats.aio.client import Client
 
 from chorus.config import Settings
 from chorus.state import SharedState
+from tests.cli import achorus as arun_chorus
+from tests.cli import chorus as run_chorus
 from tests.conftest import child_env
 
 
 def chorus(
     settings: Settings, *args: str, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "chorus", "state", *args],
-        env=child_env(settings),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_chorus(settings, "state", *args, stdin=stdin)
 
 
 async def achorus(
     settings: Settings, *args: str, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(chorus, settings, *args, stdin=stdin)
+    return await arun_chorus(settings, "state", *args, stdin=stdin)
 
 
 def succeeded(result: subprocess.CompletedProcess[str]) -> str:

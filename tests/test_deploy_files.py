@@ -27,11 +27,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
+import httpx
 import pytest
 import yaml
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from prometheus_client.parser import text_string_to_metric_families
 
 from chorus.agent.host import AgentHost
 from chorus.agent.loader import load_agent
@@ -39,7 +41,7 @@ from chorus.cli.main import build_parser
 from chorus.client import ChorusClient
 from chorus.config import Settings
 from chorus.connection import connect
-from chorus.messages import Heartbeat, Task, decode
+from chorus.messages import Heartbeat, RunRecord, Task, decode
 from chorus.server import NatsServer, find_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -377,6 +379,37 @@ def free_port() -> int:
         return port
 
 
+def compose_nats_server(store_dir: Path) -> NatsServer:
+    """The compose `nats` service as a local nats-server, with every flag of its command: the
+    config file through its bind mount (the repository file), the store on `store_dir` instead
+    of the named volume, the monitoring port on a free port. Any other flag compose adds is
+    passed on as it is; a flag compose drops (`-js`, ...) fails here."""
+    command = list(SERVICES[NATS_SERVICE]["command"])
+    mounts = {
+        target: source
+        for source, target, *_ in (
+            volume.split(":") for volume in SERVICES[NATS_SERVICE]["volumes"]
+        )
+    }
+
+    def take(flag: str, *, with_value: bool = True) -> str:
+        at = command.index(flag)
+        value = command[at + 1] if with_value else ""
+        del command[at : at + (2 if with_value else 1)]
+        return value
+
+    config = take("-c")
+    take("-js", with_value=False)  # NatsServer always passes -js
+    take("-sd")
+    take("-m")
+    return NatsServer(
+        store_dir,
+        config_file=str(ROOT / mounts[config]),
+        monitor_port=free_port(),
+        extra_args=command,
+    )
+
+
 class ConfiguredServer:
     def __init__(self, server: NatsServer, passwords: dict[str, str], monitor_port: int) -> None:
         self.server = server
@@ -400,10 +433,10 @@ def configured_nats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     passwords = {user: f"pw{secrets.token_hex(12)}" for user in SERVICE_USERS}
     for user, variable in nats_users().items():
         monkeypatch.setenv(variable, passwords[user])
-    monitor_port = free_port()
-    server = NatsServer(tmp_path / "data", config_file=str(NATS_CONF), monitor_port=monitor_port)
+    server = compose_nats_server(tmp_path / "data")
     server.start()
-    yield ConfiguredServer(server, passwords, monitor_port)
+    assert server.monitor_port is not None
+    yield ConfiguredServer(server, passwords, server.monitor_port)
     server.stop()
 
 
@@ -516,3 +549,191 @@ async def test_compose_agent_services_serve_tasks_as_local_processes(
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+# --- the whole compose system as local processes ------------------------------------------------
+
+# What `docker compose up` starts: every service that is not behind a profile.
+UP = [name for name in SERVICES if "profiles" not in SERVICES[name]]
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class LocalSystem:
+    """Compose's services (all but nats) running as local processes, each logging to a file."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, local: LocalProcess) -> None:
+        with (self.log_dir / f"{name}.log").open("wb") as log:
+            self.processes[name] = subprocess.Popen(
+                local.argv, env=local.env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def check_running(self) -> None:
+        """Fail at once, with its log, when a service has exited: waiting on would only time out."""
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                log = tail(self.log_dir / f"{name}.log")
+                raise AssertionError(f"service {name} exited with {process.returncode}:\n{log}")
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {name}\n{tail(self.log_dir / f'{name}.log')}" for name in self.processes
+        )
+
+    def kill_leftovers(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+async def wait_until_healthy(
+    http: httpx.AsyncClient,
+    system: LocalSystem,
+    looked_again: asyncio.Event,
+    agents: set[str],
+    timeout: float,
+) -> dict[str, Any]:
+    """`GET /api/health` until it is ok with every agent healthy. It is asked again only when
+    something that can change the answer arrived (a heartbeat or an agent status change):
+    before that the gateway may not be listening yet, or the coordinator not have seen them."""
+    last: Any = "the gateway never answered"
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                looked_again.clear()
+                system.check_running()
+                try:
+                    response = await http.get("/api/health")
+                except httpx.TransportError as exc:  # not listening yet
+                    last = repr(exc)
+                else:
+                    last = health = response.json()
+                    healthy = {a["name"] for a in health["agents"] if a["health"] == "healthy"}
+                    if health["status"] == "ok" and healthy >= agents:
+                        return dict(health)
+                await looked_again.wait()
+    except TimeoutError:
+        raise AssertionError(
+            f"no healthy system within {timeout}s; last health: {last}\n{system.logs()}"
+        ) from None
+
+
+@pytest.mark.slow
+async def test_the_compose_system_runs_workflows_through_the_gateway_as_local_processes(
+    configured_nats: ConfiguredServer, tmp_path: Path
+) -> None:
+    started = [name for name in UP if name != NATS_SERVICE]
+    locals_ = {
+        name: as_local_process(name, configured_nats.server.url, configured_nats.variables)
+        for name in started
+    }
+    gateways = [name for name in started if SERVICES[name]["command"][0] == "gateway"]
+    assert len(gateways) == 1, f"compose should run one gateway, not {gateways}"
+    gateway_env = locals_[gateways[0]].env
+    # Compose publishes the gateway's CHORUS_GATEWAY_PORT (8080) on the host; here only that
+    # port changes, to a free one, so the test runs beside anything on 8080. The host stays
+    # the local default 127.0.0.1 (the image's CHORUS_GATEWAY_HOST=0.0.0.0 is for containers).
+    assert "CHORUS_GATEWAY_PORT" in SERVICES[gateways[0]]["environment"]
+    gateway_env["CHORUS_GATEWAY_PORT"] = str(free_port())
+    prefix = gateway_env["CHORUS_PREFIX"]
+    assert {local.env["CHORUS_PREFIX"] for local in locals_.values()} == {prefix}
+    subjects = Settings(prefix=prefix).subjects
+    capabilities = {
+        name: load_agent(str(image_path_in_repo(SERVICES[name]["command"][2]))).spec.capabilities
+        for name in AGENTS
+    }
+
+    cli = await connect(configured_nats.settings("cli"), "test-cli")
+    looked_again = asyncio.Event()
+
+    async def on_change(msg: Msg) -> None:
+        looked_again.set()
+
+    await cli.subscribe(subjects.all_heartbeats, cb=on_change)
+    await cli.subscribe(subjects.all_status, cb=on_change)
+    await cli.flush(timeout=5)
+    system = LocalSystem(tmp_path)
+    base_url = f"http://127.0.0.1:{gateway_env['CHORUS_GATEWAY_PORT']}"
+    try:
+        for name in started:
+            system.start(name, locals_[name])
+        async with httpx.AsyncClient(base_url=base_url, timeout=20, trust_env=False) as http:
+            health = await wait_until_healthy(http, system, looked_again, set(AGENTS), 20)
+
+            by_name = await http.post(
+                "/api/execute",
+                json={"workflow_name": "research-report", "input": "What is JetStream?"},
+                params={"wait": "true", "timeout": "15"},
+            )
+            # One task per compose agent, each routed by a capability of its spec.
+            inline = {
+                "type": "parallel",
+                "name": "every-agent",
+                "tasks": [
+                    {"name": name, "capability": capabilities[name][0], "instructions": "Go."}
+                    for name in AGENTS
+                ],
+            }
+            by_workflow = await http.post(
+                "/api/execute",
+                json={"workflow": inline, "input": "NATS"},
+                params={"wait": "true", "timeout": "15"},
+            )
+            prometheus = await http.get("/metrics")
+            connz = await http.get(
+                f"http://127.0.0.1:{configured_nats.monitor_port}/connz", params={"auth": "true"}
+            )
+        users = {c.get("authorized_user") for c in connz.json()["connections"]}
+
+        for process in system.processes.values():
+            process.send_signal(signal.SIGTERM)
+        # Compose stops them all at once (none depends on another) and waits this long each.
+        grace = {name: duration_seconds(SERVICES[name]["stop_grace_period"]) for name in started}
+        codes = dict(
+            zip(
+                started,
+                await asyncio.gather(
+                    *(asyncio.to_thread(system.processes[n].wait, grace[n]) for n in started)
+                ),
+                strict=True,
+            )
+        )
+    finally:
+        await cli.close()
+        system.kill_leftovers()
+
+    assert health["coordinator"] == "ok"
+    assert by_name.status_code == 200, by_name.text
+    report = decode(by_name.content, RunRecord)
+    assert report.status == "completed", f"{report.error}\n{system.logs()}"
+    assert [step.status for step in report.steps] == ["completed"] * 3
+    assert {step.agent for step in report.steps} <= set(AGENTS)
+    assert report.output
+    assert by_workflow.status_code == 200, by_workflow.text
+    parallel = decode(by_workflow.content, RunRecord)
+    assert parallel.status == "completed", f"{parallel.error}\n{system.logs()}"
+    assert sorted(step.agent for step in parallel.steps) == sorted(AGENTS)
+    samples = parse_prometheus(prometheus.text)
+    assert samples["chorus_coordinator_up"] == [({}, 1.0)]
+    healthy_agents = [(labels["agent"], value) for labels, value in samples["chorus_agent_healthy"]]
+    assert sorted(healthy_agents) == sorted((name, 1.0) for name in AGENTS)
+    # every service connected as the user compose gives it (and this test as `cli`)
+    assert users == {SERVICES[name]["environment"]["NATS_USER"] for name in started} | {"cli"}
+    assert codes == dict.fromkeys(started, 0), system.logs()
+
+
+def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Samples by name, through the Prometheus client's own parser."""
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples

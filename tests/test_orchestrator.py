@@ -7,44 +7,20 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
-import msgspec
-import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from chorus.agent import Agent, Context
 from chorus.config import Settings
-from chorus.connection import connect
 from chorus.coordinator.service import Coordinator
 from chorus.llm.offline import OfflineModel
 from chorus.messages import RunProgress, RunRequest, Task, decode
-from chorus.orchestrator.service import Orchestrator
 from chorus.runs import RunClient
 from chorus.workflows.spec import Parallel, ParallelTask, Pipeline, Step
-from tests.conftest import StartHost, child_env
-
-StartOrchestrator = Callable[..., Awaitable[Orchestrator]]
-
-
-@pytest.fixture
-async def start_orchestrator(settings: Settings) -> AsyncIterator[StartOrchestrator]:
-    running: list[tuple[Orchestrator, Client]] = []
-
-    async def start(**kw: object) -> Orchestrator:
-        tuned = msgspec.structs.replace(settings, claim_timeout=2)
-        client = await connect(tuned, "orchestrator")
-        service = Orchestrator(client, tuned, **kw)  # type: ignore[arg-type]
-        await service.start()
-        running.append((service, client))
-        return service
-
-    yield start
-    for service, client in running:
-        await service.stop()
-        await client.close()
+from tests.conftest import StartHost, StartOrchestrator, child_env
 
 
 def counting(name: str, calls: Counter[str], *, capability: str = "", delay: float = 0) -> Agent:
