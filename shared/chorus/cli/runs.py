@@ -8,10 +8,8 @@ import contextlib
 import json
 import signal
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 from nats.aio.client import Client
@@ -19,41 +17,30 @@ from nats.aio.msg import Msg
 from nats.js.errors import NoKeysError
 
 from chorus.cli import wire
+from chorus.cli.run_progress import (
+    STATUS_STYLE,
+    Display,
+    LiveProgress,
+    PlainProgress,
+    clock,
+    duration,
+    seconds_text,
+    short,
+    steps_done,
+    when,
+)
 from chorus.config import Settings
 from chorus.connection import connect
 from chorus.errors import ConfigError, InvalidMessage, NotFound, RequestTimeout
 from chorus.messages import RunProgress, RunRecord, RunRequest, decode, encode
 from chorus.runs import RunClient, find_workflow
 from chorus.subjects import check_token
-from chorus.workflows.progress import FINAL_KINDS
-from chorus.workflows.spec import EventDriven, Hierarchical, Parallel, WorkflowSpec, load_workflow
+from chorus.workflows.spec import WorkflowSpec, load_workflow
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
-    from rich.spinner import Spinner
     from rich.table import Table
 
-STATUS_STYLE: Final = {
-    "pending": "dim",
-    "running": "cyan",
-    "completed": "green",
-    "failed": "red",
-    "cancelled": "yellow",
-    "skipped": "dim",
-}
-MARKS: Final = {"completed": "✓", "failed": "✗", "skipped": "-", "cancelled": "✗", "pending": "·"}
-# progress kind that ends a step -> the step status it means, and back
-STEP_ENDS: Final = {
-    "step_finished": "completed",
-    "step_failed": "failed",
-    "step_skipped": "skipped",
-}
-END_KINDS: Final = {
-    "completed": "step_finished",
-    "failed": "step_failed",
-    "skipped": "step_skipped",
-    "cancelled": "step_cancelled",
-}
 DEFAULT_TIMEOUT: Final = 600.0
 
 
@@ -176,196 +163,11 @@ def data_of(argument: str | None) -> Any:
         raise ConfigError(f"--data is not JSON: {exc}") from None
 
 
-def expected_steps(workflow: WorkflowSpec) -> int | None:
-    """How many steps a run of the workflow has; None while it is not known (a plan's)."""
-    if isinstance(workflow, Parallel):
-        return len(workflow.tasks)
-    if isinstance(workflow, EventDriven):
-        return 2  # publish the start event, wait for the final one
-    if isinstance(workflow, Hierarchical):
-        return None
-    return len(workflow.steps)
-
-
-def steps_done(record: RunRecord) -> str:
-    done = sum(s.status in ("completed", "skipped") for s in record.steps)
-    total = expected_steps(record.workflow) or 0
-    if record.plan is not None:
-        total = len(record.plan.subtasks) + 2  # plan, the subtasks, compile
-    return f"{done}/{max(total, len(record.steps))}"
-
-
-def duration(record: RunRecord) -> str:
-    if not record.started_at:
-        return "-"
-    seconds = (record.ended_at or time.time()) - record.started_at
-    return seconds_text(seconds) + ("" if record.ended_at else "…")
-
-
-def seconds_text(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    return f"{int(seconds // 60)}m {int(seconds % 60)}s"
-
-
-def clock(timestamp: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
-
-
-def when(timestamp: float) -> str:
-    if not timestamp:
-        return "-"
-    local = time.localtime(timestamp)
-    today = time.localtime().tm_yday == local.tm_yday
-    return time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M", local)
-
-
-def short(text: str, width: int = 80) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= width else line[: width - 1] + "…"
-
-
 def record_json(record: RunRecord | list[RunRecord]) -> str:
     return msgspec.json.format(encode(record), indent=2).decode()
 
 
 # following a run
-
-
-class Display(Protocol):
-    def show(self, progress: RunProgress) -> None: ...
-
-    def close(self, record: RunRecord | None) -> None: ...
-
-
-class PlainProgress:
-    """One line per progress event: for pipes, logs and CI."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.ended: set[str] = set()  # steps whose end was shown
-
-    def line(self, at: float, kind: str, step: str, detail: str) -> None:
-        where = f"{step}: " if step else ""
-        print(f"{clock(at)} {kind:<14} {where}{short(detail, 200)}", file=self.stream, flush=True)
-
-    def show(self, progress: RunProgress) -> None:
-        if progress.kind in STEP_ENDS or progress.kind in FINAL_KINDS:
-            self.ended.add(progress.step or progress.kind)
-        self.line(progress.time, progress.kind, progress.step, progress.detail)
-
-    def close(self, record: RunRecord | None) -> None:
-        # Progress is fire-and-forget: a step whose end we did not hear of is told from the
-        # record, which is the account that matters.
-        for step in record.steps if record is not None else []:
-            kind = END_KINDS.get(step.status)
-            if kind is not None and step.name not in self.ended:
-                detail = step.error or f"{step.agent} in {step.duration_ms:.0f} ms"
-                self.line(step.ended_at, kind, step.name, detail)
-        if record is not None and record.finished and f"run_{record.status}" not in self.ended:
-            self.line(record.ended_at, f"run_{record.status}", "", record.error or record.output)
-
-
-@dataclass
-class StepView:
-    status: str = "running"
-    detail: str = ""
-    started: float = field(default_factory=time.time)
-    ended: float = 0.0
-    spinner: Spinner | None = None
-
-
-class LiveProgress:
-    """A line per step with a spinner, mark and time, under a bar of the run: for terminals."""
-
-    def __init__(self, console: Console, workflow: WorkflowSpec, run_id: str) -> None:
-        from rich.live import Live
-
-        self.workflow = workflow
-        self.run_id = run_id
-        self.total = expected_steps(workflow)
-        self.steps: dict[str, StepView] = {}
-        self.notes: list[str] = []  # plan, events, retries: the latest few are shown
-        self.status = "pending"
-        self.live = Live(console=console, get_renderable=self.render, refresh_per_second=8)
-        self.live.start()
-
-    def show(self, progress: RunProgress) -> None:
-        kind, name = progress.kind, progress.step
-        if kind in ("run_started", "run_resumed"):
-            self.status = "running"
-        elif kind.startswith("run_"):
-            self.status = kind.removeprefix("run_")
-        elif kind == "step_started":
-            self.steps[name] = StepView(detail=progress.detail, started=progress.time)
-        elif kind in STEP_ENDS:
-            view = self.steps.setdefault(name, StepView(started=progress.time))
-            view.status, view.detail, view.ended = STEP_ENDS[kind], progress.detail, progress.time
-        elif kind == "plan_ready":
-            subtasks = [s for s in progress.detail.split(", ") if s]
-            self.total = len(subtasks) + 2  # plan, the subtasks, compile
-            self.notes.append(f"plan: {progress.detail}")
-        elif kind == "event_seen":
-            self.notes.append(f"event {name} from {progress.detail or '?'}")
-        elif kind == "step_retry":
-            self.notes.append(f"{name} retrying: {progress.detail}")
-        self.live.refresh()
-
-    def close(self, record: RunRecord | None) -> None:
-        if record is not None:  # the record is the account: show every step as it ended
-            self.status = record.status
-            if record.plan is not None:
-                self.total = len(record.plan.subtasks) + 2
-            for step in record.steps:
-                view = self.steps.setdefault(step.name, StepView(started=step.started_at))
-                view.status, view.ended = step.status, step.ended_at
-                if step.status == "completed":
-                    view.detail = f"{step.agent} in {step.duration_ms:.0f} ms"
-                elif step.error:
-                    view.detail = step.error
-        self.live.update(self.render(), refresh=True)
-        self.live.stop()
-
-    def render(self) -> RenderableType:
-        from rich.console import Group
-        from rich.progress_bar import ProgressBar
-        from rich.spinner import Spinner
-        from rich.table import Table
-        from rich.text import Text
-
-        done = sum(v.status in ("completed", "skipped") for v in self.steps.values())
-        total = max(self.total or 0, len(self.steps))
-        head = Table.grid(padding=(0, 1))
-        style = STATUS_STYLE.get(self.status, "white")
-        head.add_row(
-            Text(self.workflow.name, style="bold"),
-            ProgressBar(total=total or None, completed=done, width=30),
-            Text(f"{done}/{total if self.total is not None else '?'} steps"),
-            Text(self.status, style=style),
-            Text(f"run {self.run_id[:12]}", style="dim"),
-        )
-        steps = Table.grid(padding=(0, 1))
-        now = time.time()
-        for name, view in self.steps.items():
-            mark: RenderableType
-            if view.status == "running":
-                view.spinner = view.spinner or Spinner("dots", style="cyan")
-                mark = view.spinner
-            else:
-                mark = Text(MARKS.get(view.status, "?"), style=STATUS_STYLE.get(view.status, ""))
-            # A finished step's detail says how long it took; a running one's time counts up.
-            took = (view.ended or now) - view.started if view.started else 0.0
-            clock_text = "" if view.status == "completed" else seconds_text(max(took, 0.0))
-            steps.add_row(
-                mark,
-                Text(name, style="bold"),
-                Text(short(view.detail, 70)),
-                Text(clock_text, style="dim"),
-            )
-        notes = [Text(short(note, 100), style="dim") for note in self.notes[-4:]]
-        return Group(head, steps, *notes)
 
 
 async def run_workflow(args: argparse.Namespace, settings: Settings) -> int:
