@@ -202,3 +202,18 @@ def test_refused_credentials_are_one_line_even_for_a_service(tmp_path: Path) -> 
 
     assert result.returncode == 2
     assert "refused agent: check NATS_USER and NATS_PASSWORD" in result.stderr.splitlines()[-1]
+
+
+def test_a_service_gives_up_on_unreachable_nats_after_its_connect_wait(settings: Settings) -> None:
+    env = {**child_env(settings), "NATS_URL": "nats://127.0.0.1:1", "CHORUS_CONNECT_WAIT": "1"}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "chorus", "coordinator"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert "cannot reach NATS at nats://127.0.0.1:1" in result.stderr.splitlines()[-1]

@@ -19,6 +19,8 @@ from chorus.errors import NatsAuthRefused, NatsUnreachable
 
 log = logging.getLogger("chorus.connection")
 
+SERVICE_CONNECT_WAIT = 30.0
+
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:
     if not (settings.tls_ca or settings.tls_cert):
@@ -67,11 +69,19 @@ async def connect(settings: Settings, name: str, *, service: bool = False) -> Cl
     """Connect, retrying for `settings.connect_wait` seconds; raise NatsUnreachable after,
     or NatsAuthRefused at once when the server refuses our credentials."""
     options = connect_options(settings, name, service=service)
-    deadline = time.monotonic() + settings.connect_wait
+    # The first connection is bounded (services wait SERVICE_CONNECT_WAIT unless told
+    # otherwise, so a container may start before NATS); once connected, a service
+    # reconnects for ever.
+    reconnects = options["max_reconnect_attempts"]
+    options["max_reconnect_attempts"] = 1
+    wait = settings.connect_wait or (SERVICE_CONNECT_WAIT if service else 0.0)
+    deadline = time.monotonic() + wait
     delay = 0.1
     while True:
         try:
-            return await _connect_unless_refused(options, settings)
+            nc = await _connect_unless_refused(options, settings)
+            nc.options["max_reconnect_attempts"] = reconnects
+            return nc
         except (TimeoutError, NoServersError, OSError) as exc:
             if time.monotonic() + delay > deadline:
                 raise NatsUnreachable(

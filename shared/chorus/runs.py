@@ -145,13 +145,18 @@ class RunClient:
 
     async def cancel(self, run_id: str) -> None:
         """Ask the orchestrator running it to stop; a run nobody has started is cancelled here."""
-        record = await self.get(run_id)
+        # A store of its own: the revision it checks is the one of this very read, even when
+        # other requests on this client load the same run meanwhile.
+        store = KvRunStore((await self.store()).kv)
+        record = await store.load(run_id)
+        if record is None:
+            raise NotFound(f"no run {run_id!r}")
         if record.status == "pending":
             cancelled = msgspec.structs.replace(
                 record, status="cancelled", error="cancelled before it started", ended_at=now()
             )
             try:
-                await (await self.store()).save(cancelled)
+                await store.save(cancelled)
                 return
             except Conflict:
                 pass  # an orchestrator took it meanwhile: ask it to stop
