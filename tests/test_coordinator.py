@@ -7,13 +7,14 @@ from collections import Counter
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from chorus.agent import Agent, Context
 from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
 from chorus.errors import TaskFailed
 from chorus.llm.offline import OfflineModel
-from chorus.messages import DeadLetter, Task, decode
+from chorus.messages import AgentStatusChange, DeadLetter, Task, decode
 from chorus.queue import TaskQueue
 from chorus.streams import ensure_dead_letter_stream
 from tests.conftest import StartCoordinator, StartHost
@@ -284,3 +285,21 @@ async def test_a_malformed_queued_task_is_dead_lettered_and_dispatch_goes_on(
     assert letter.errors[0].code == "invalid_message"
     assert "$.input" in letter.errors[0].reason
     assert after.output.endswith("still serving")
+
+
+async def test_agent_up_and_left_notices_are_published(
+    coordinator: Coordinator, start_host: StartHost, nc: Client, settings: Settings
+) -> None:
+    notices: asyncio.Queue[AgentStatusChange] = asyncio.Queue()
+
+    async def on_notice(msg: Msg) -> None:
+        await notices.put(decode(msg.data, AgentStatusChange))
+
+    await nc.subscribe(settings.subjects.all_status, cb=on_notice)
+    host = await start_host(worker())
+    up = await asyncio.wait_for(notices.get(), 10)
+    await host.stop(timeout=5)
+    left = await asyncio.wait_for(notices.get(), 10)
+
+    assert (up.instance, up.health) == (host.instance, "up")
+    assert (left.instance, left.health, left.previous) == (host.instance, "left", "healthy")
