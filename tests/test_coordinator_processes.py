@@ -114,10 +114,17 @@ async def test_sigterm_drains_the_agent_and_it_leaves_the_registry(
 ) -> None:
     agent = await spawn_agent(write_spec(tmp_path, "slow", SLOW))
     await wait_for_record(nc, settings, agent.instance, lambda r: r is not None)
+    busy = asyncio.Event()
+
+    async def on_beat(msg: Msg) -> None:
+        if decode(msg.data, Heartbeat).in_flight:
+            busy.set()
+
+    await nc.subscribe(settings.subjects.heartbeat(agent.instance), cb=on_beat)
     queue = TaskQueue(nc, settings.subjects)
-    task = Task(input="finish me", data=0.5)
+    task = Task(input="finish me", data=1.0)
     run = asyncio.create_task(queue.run(task, capability="slow", timeout=30))
-    await wait_for_record(nc, settings, agent.instance, lambda r: r is not None and r.in_flight > 0)
+    await asyncio.wait_for(busy.wait(), 10)
 
     agent.signal(signal.SIGTERM)
     result = await run

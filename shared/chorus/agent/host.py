@@ -348,7 +348,7 @@ class AgentHost:
                 await self._room.wait()
                 if self._draining:
                     break
-                messages = await subscription.fetch(1, timeout=2, heartbeat=0.5)
+                messages = await subscription.fetch(1, timeout=2)  # no heartbeat: see dispatch
             except NatsTimeout:
                 continue
             except asyncio.CancelledError:

@@ -89,6 +89,9 @@ class Dispatcher:
         self.counters = Counters()
         self._targets: dict[str, asyncio.Task[None]] = {}
         self._work: set[asyncio.Task[None]] = set()
+        # tasks out with an instance, by id(msg) (Msg is unhashable); their claims kept alive
+        self._claims: dict[int, Msg] = {}
+        self._keeper: asyncio.Task[None] | None = None
         self._stopping = False
 
     @property
@@ -98,6 +101,7 @@ class Dispatcher:
     async def start(self) -> None:
         await ensure_dispatch_stream(self.js, self.subjects)
         await ensure_dead_letter_stream(self.js, self.subjects)
+        self._keeper = asyncio.create_task(self._keep_claims())
         # Targets that already have a consumer (from an earlier run) resume at once.
         for info in await self.js.consumers_info(self.subjects.dispatch_stream):
             target = (info.config.filter_subject or "").removeprefix(self.subjects.dispatch(""))
@@ -114,9 +118,19 @@ class Dispatcher:
         for capability in view.heartbeat.capabilities:
             self.serve(f"cap.{capability}")
 
+    async def _keep_claims(self) -> None:
+        """One ticker for every task out with an instance (not a task per dispatch)."""
+        while True:
+            await asyncio.sleep(self.settings.claim_timeout / 3)  # a schedule, not a wait
+            for msg in list(self._claims.values()):
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop fetching; wait for dispatches in flight, then hand the rest back."""
         self._stopping = True
+        if self._keeper is not None:
+            self._keeper.cancel()
         for loop in self._targets.values():
             loop.cancel()
         await asyncio.gather(*self._targets.values(), return_exceptions=True)
@@ -169,9 +183,10 @@ class Dispatcher:
                 if free < 1:
                     await self.registry.changed.wait(timeout=1.0)
                     continue
-                messages = await subscription.fetch(
-                    min(free, MAX_BATCH), timeout=1.0, heartbeat=0.25
-                )
+                # No idle heartbeat: when messages are already buffered nats-py sends a pull
+                # without `expires`, which the server refuses with a heartbeat, and the
+                # buffered messages were lost until their claim lapsed (30 s stalls).
+                messages = await subscription.fetch(min(free, MAX_BATCH), timeout=1.0)
             except NatsTimeout:
                 continue
             except asyncio.CancelledError:
@@ -202,13 +217,13 @@ class Dispatcher:
 
     async def _dispatch(self, target: str, msg: Msg, view: InstanceView) -> None:
         self.counters.active += 1
-        keepalive = asyncio.create_task(_keep_claim(msg, self.settings.claim_timeout / 3))
+        self._claims[id(msg)] = msg
         try:
             await self._attempt(target, msg, view)
         except Exception:
             log.exception("dispatch failed; the task will be redelivered", extra={"target": target})
         finally:
-            keepalive.cancel()
+            self._claims.pop(id(msg), None)
             view.reserved -= 1
             self.counters.active -= 1
             self.registry.changed.fire()
@@ -258,7 +273,8 @@ class Dispatcher:
             )
             await self._record(outcome)
             self.counters.completed += 1
-            await msg.ack_sync(timeout=5)
+            # Not ack_sync: a lost ack only means a redelivery, which finds the outcome.
+            await msg.ack()
             return
         if reply.code == "draining":
             self.router.released(view)
@@ -372,10 +388,3 @@ class Dispatcher:
             log.info("outcome already recorded", extra={"task_id": outcome.task_id})
             body = await self._recorded(outcome.task_id) or body
         await self.nc.publish(self.subjects.outcome(outcome.task_id), body)
-
-
-async def _keep_claim(msg: Msg, every: float) -> None:
-    """Tell JetStream the task is still being worked on, so it is not redelivered."""
-    while True:
-        await asyncio.sleep(every)
-        await msg.in_progress()

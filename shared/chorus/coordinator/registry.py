@@ -134,10 +134,14 @@ class Registry:
             self._views[hb.instance] = view
             self.changed.fire()
             return Change(view, "", "up")
+        had_room = view.free
         view.heartbeat = hb
         view.last_seen = now
         view.last_seen_wall = time.time()
-        self.changed.fire()
+        if view.health != HEALTHY or view.free > had_room:
+            # Only a heartbeat that may open a slot wakes the dispatchers: with a thousand
+            # instances beating every second, waking on each one is most of the CPU.
+            self.changed.fire()
         if view.health != HEALTHY:
             previous, view.health = view.health, HEALTHY
             return Change(view, previous, HEALTHY)

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -24,6 +25,7 @@ from chorus.coordinator.routing import Router, Weights
 from chorus.errors import InvalidMessage
 from chorus.messages import (
     AgentMetrics,
+    AgentRecord,
     AgentStatusChange,
     Heartbeat,
     Metrics,
@@ -34,7 +36,10 @@ from chorus.streams import ensure_agents_bucket, ensure_tasks_bucket
 
 log = logging.getLogger("chorus.coordinator")
 
-REGISTRY_REFRESH_S = 5.0  # rewrite an unchanged registry entry this often (bucket TTL is 60 s)
+# An entry is rewritten when it changed (at most every REGISTRY_CHANGE_S) and, unchanged,
+# every REGISTRY_REFRESH_S so it outlives the bucket's 60 s TTL only while we are alive.
+REGISTRY_CHANGE_S = 2.0
+REGISTRY_REFRESH_S = 20.0
 
 
 class Coordinator:
@@ -57,6 +62,7 @@ class Coordinator:
         self._agents: KeyValue | None = None
         self._dispatcher: Dispatcher | None = None
         self._written: dict[str, float] = {}
+        self._last_record: dict[str, AgentRecord] = {}
         self._subscriptions: list[Subscription] = []
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -124,6 +130,7 @@ class Coordinator:
         assert self._agents is not None
         if change.health in ("left", "forgotten"):
             self._written.pop(view.instance, None)
+            self._last_record.pop(view.instance, None)
             await self._agents.delete(view.instance)
         else:
             await self._write(view.instance)
@@ -132,8 +139,10 @@ class Coordinator:
         view = self.registry.get(instance)
         if view is None or self._agents is None:
             return
-        await self._agents.put(instance, encode(view.record()))
+        record = view.record()
+        await self._agents.put(instance, encode(record))
         self._written[instance] = self.clock()
+        self._last_record[instance] = _comparable(record)
 
     async def _sweep_loop(self) -> None:
         interval = max(self.settings.heartbeat_interval / 2, 0.05)
@@ -143,9 +152,11 @@ class Coordinator:
                     await self._changed(change)
                 now = self.clock()
                 for view in self.registry:
-                    if view.health != DEAD and now - self._written.get(view.instance, 0) > min(
-                        REGISTRY_REFRESH_S, view.heartbeat.interval_s * 2
-                    ):
+                    if view.health == DEAD:
+                        continue
+                    since = now - self._written.get(view.instance, 0)
+                    changed = self._last_record.get(view.instance) != _comparable(view.record())
+                    if since > REGISTRY_REFRESH_S or (changed and since > REGISTRY_CHANGE_S):
                         await self._write(view.instance)
             except asyncio.CancelledError:
                 raise
@@ -188,3 +199,8 @@ class Coordinator:
     async def _on_metrics(self, msg: Msg) -> None:
         queues = await self.dispatcher.queue_lengths()
         await msg.respond(encode(self.metrics(queues)))
+
+
+def _comparable(record: AgentRecord) -> AgentRecord:
+    """The record without the field that changes on every heartbeat."""
+    return msgspec.structs.replace(record, last_seen=0.0)

@@ -140,7 +140,7 @@ class Orchestrator:
         while not self._stopping:
             await self._slots.acquire()
             try:
-                messages = await subscription.fetch(1, timeout=1.0, heartbeat=0.25)
+                messages = await subscription.fetch(1, timeout=1.0)  # no heartbeat: see dispatch
             except NatsTimeout:
                 self._slots.release()
                 continue
