@@ -2,7 +2,7 @@
 
 A submission is stored in JetStream (with `Nats-Msg-Id` = task id, so a resubmission within
 the de-duplication window is dropped) before `submit` returns. The coordinator records
-exactly one outcome per task id in KV and announces it on `<prefix>.outcome.<id>`.
+exactly one outcome per task id in KV; submitters hear it on that key's own subject.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ class TaskQueue:
         arrived: asyncio.Future[TaskOutcome] = asyncio.get_running_loop().create_future()
 
         async def on_outcome(msg: Msg) -> None:
-            if not arrived.done():
+            # The key's subject also carries its deletes and expiry markers: no data then.
+            if msg.data and not arrived.done():
                 arrived.set_result(decode(msg.data, TaskOutcome))
 
         sub = await subscribe(self.nc, self.subjects.outcome(task_id), cb=on_outcome)

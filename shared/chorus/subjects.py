@@ -119,8 +119,12 @@ class Subjects(msgspec.Struct, frozen=True):
         return f"{self.prefix}.dlq.>"
 
     def outcome(self, task_id: str) -> str:
-        """Where the coordinator announces a durable task's outcome (also kept in KV)."""
-        return f"{self.prefix}.outcome.{task_id}"
+        """The subject of the outcome's own KV key (`outcome.<task>` in the tasks bucket).
+
+        A core subscriber hears the outcome the moment JetStream stores it: no second
+        message announces it, and nobody hears of an outcome that was not recorded.
+        """
+        return f"$KV.{self.tasks_bucket}.outcome.{task_id}"
 
     @property
     def metrics(self) -> str:
@@ -150,6 +154,8 @@ class Subjects(msgspec.Struct, frozen=True):
     def classify(self, subject: str) -> str | None:
         """What kind of Chorus subject this is (`task`, `event`, ...), None if not one of ours."""
         tokens = subject.split(".")
+        if tokens[:3] == ["$KV", self.tasks_bucket, "outcome"]:
+            return "outcome"
         if tokens[0] != self.prefix or len(tokens) < 2:
             return None
         head, last = tokens[1], tokens[-1]
@@ -162,7 +168,6 @@ class Subjects(msgspec.Struct, frozen=True):
             "status": "status",
             "dispatch": "dispatch",
             "dlq": "dead_letter",
-            "outcome": "outcome",
             "run": "run_progress",
         }
         if head in kinds:

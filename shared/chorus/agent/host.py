@@ -349,7 +349,7 @@ class AgentHost:
                 if self._draining:
                     break
                 messages = await subscription.fetch(1, timeout=2)  # no heartbeat: see dispatch
-            except NatsTimeout:
+            except (NatsTimeout, TimeoutError):  # nothing to fetch: nats-py raises either
                 continue
             except asyncio.CancelledError:
                 raise

@@ -187,7 +187,7 @@ class Dispatcher:
                 # without `expires`, which the server refuses with a heartbeat, and the
                 # buffered messages were lost until their claim lapsed (30 s stalls).
                 messages = await subscription.fetch(min(free, MAX_BATCH), timeout=1.0)
-            except NatsTimeout:
+            except (NatsTimeout, TimeoutError):  # nothing to fetch: nats-py raises either
                 continue
             except asyncio.CancelledError:
                 raise
@@ -241,9 +241,8 @@ class Dispatcher:
         redelivered = msg.metadata.num_delivered > 1
         recorded = await self._recorded(task.task_id) if redelivered else None
         if recorded is not None:
-            # A redelivery of a finished task: announce the outcome again, run nothing.
+            # A redelivery of a finished task (its ack was lost): run nothing.
             self.router.released(view)
-            await self.nc.publish(self.subjects.outcome(task.task_id), recorded)
             await msg.ack_sync(timeout=5)
             return
         attempts = (
@@ -380,11 +379,14 @@ class Dispatcher:
 
     async def _record(self, outcome: TaskOutcome) -> None:
         """Record the outcome once; a second recorder (a redelivery) finds it there."""
-        body = encode(outcome)
+        key = f"outcome.{outcome.task_id}"
         try:
-            await self.tasks.create(f"outcome.{outcome.task_id}", body)
+            # Storing it is announcing it: submitters listen on the key's subject.
+            await self.tasks.create(key, encode(outcome))
         except KeyWrongLastSequenceError:
-            # Submitted again after the de-duplication window: the first outcome stands.
+            # Submitted again after the de-duplication window: the first outcome stands, and
+            # is written once more (same content) so the new submitter hears it.
             log.info("outcome already recorded", extra={"task_id": outcome.task_id})
-            body = await self._recorded(outcome.task_id) or body
-        await self.nc.publish(self.subjects.outcome(outcome.task_id), body)
+            first = await self._recorded(outcome.task_id)
+            if first is not None:
+                await self.tasks.put(key, first)

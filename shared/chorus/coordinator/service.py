@@ -12,7 +12,6 @@ import contextlib
 import logging
 import time
 
-import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -20,12 +19,11 @@ from nats.js.kv import KeyValue
 
 from chorus.config import Settings
 from chorus.coordinator.dispatch import Dispatcher
-from chorus.coordinator.registry import DEAD, Change, Clock, Registry
+from chorus.coordinator.registry import DEAD, Change, Clock, InstanceView, Registry
 from chorus.coordinator.routing import Router, Weights
 from chorus.errors import InvalidMessage
 from chorus.messages import (
     AgentMetrics,
-    AgentRecord,
     AgentStatusChange,
     Heartbeat,
     Metrics,
@@ -62,7 +60,7 @@ class Coordinator:
         self._agents: KeyValue | None = None
         self._dispatcher: Dispatcher | None = None
         self._written: dict[str, float] = {}
-        self._last_record: dict[str, AgentRecord] = {}
+        self._last_record: dict[str, tuple[object, ...]] = {}
         self._subscriptions: list[Subscription] = []
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -142,7 +140,7 @@ class Coordinator:
         record = view.record()
         await self._agents.put(instance, encode(record))
         self._written[instance] = self.clock()
-        self._last_record[instance] = _comparable(record)
+        self._last_record[instance] = _fingerprint(view)
 
     async def _sweep_loop(self) -> None:
         interval = max(self.settings.heartbeat_interval / 2, 0.05)
@@ -155,7 +153,7 @@ class Coordinator:
                     if view.health == DEAD:
                         continue
                     since = now - self._written.get(view.instance, 0)
-                    changed = self._last_record.get(view.instance) != _comparable(view.record())
+                    changed = self._last_record.get(view.instance) != _fingerprint(view)
                     if since > REGISTRY_REFRESH_S or (changed and since > REGISTRY_CHANGE_S):
                         await self._write(view.instance)
             except asyncio.CancelledError:
@@ -201,6 +199,18 @@ class Coordinator:
         await msg.respond(encode(self.metrics(queues)))
 
 
-def _comparable(record: AgentRecord) -> AgentRecord:
-    """The record without the field that changes on every heartbeat."""
-    return msgspec.structs.replace(record, last_seen=0.0)
+def _fingerprint(view: InstanceView) -> tuple[object, ...]:
+    """What a registry entry shows, cheaply: compared on every sweep for every instance."""
+    hb = view.heartbeat
+    return (
+        hb.in_flight,
+        hb.waiting,
+        hb.processed,
+        hb.failed,
+        hb.state,
+        view.health,
+        view.breaker,
+        view.reserved,
+        view.latency_ms,
+        view.success,
+    )

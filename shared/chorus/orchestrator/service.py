@@ -141,7 +141,7 @@ class Orchestrator:
             await self._slots.acquire()
             try:
                 messages = await subscription.fetch(1, timeout=1.0)  # no heartbeat: see dispatch
-            except NatsTimeout:
+            except (NatsTimeout, TimeoutError):  # nothing to fetch: nats-py raises either
                 self._slots.release()
                 continue
             except asyncio.CancelledError:
