@@ -222,6 +222,37 @@ async def spawn_agent(settings: Settings, nc: Client, tmp_path: Path) -> AsyncIt
             child.process.wait()
 
 
+def stop_child(process: subprocess.Popen[bytes], timeout: float = 20) -> int | None:
+    """SIGTERM and wait; None (after a SIGKILL) when it did not exit in time."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return None
+
+
+Reap = Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def reap() -> Iterator[Reap]:
+    """Register child processes; any still running when the test ends is killed."""
+    children: list[subprocess.Popen[bytes]] = []
+
+    def register(process: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        children.append(process)
+        return process
+
+    yield register
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
 def write_spec(directory: Path, name: str, text: str) -> Path:
     path = directory / f"{name}.yaml"
     path.write_text(text)

@@ -35,15 +35,20 @@ async def test_pub_then_tail_shows_the_decoded_event(settings: Settings) -> None
         stderr=asyncio.subprocess.PIPE,
     )
     assert tail.stderr and tail.stdout
-    ready = await asyncio.wait_for(tail.stderr.readline(), 20)
-    assert b"following" in ready
+    try:
+        ready = await asyncio.wait_for(tail.stderr.readline(), 20)
+        assert b"following" in ready
 
-    published = await achorus(settings, "pub", subject, '{"claim": "NATS is fast"}')
+        published = await achorus(settings, "pub", subject, '{"claim": "NATS is fast"}')
 
-    assert published.returncode == 0, published.stderr
-    assert "stored event" in published.stdout
-    line = json.loads(await asyncio.wait_for(tail.stdout.readline(), 20))
-    assert await asyncio.wait_for(tail.wait(), 20) == 0
+        assert published.returncode == 0, published.stderr
+        assert "stored event" in published.stdout
+        line = json.loads(await asyncio.wait_for(tail.stdout.readline(), 20))
+        assert await asyncio.wait_for(tail.wait(), 20) == 0
+    finally:
+        if tail.returncode is None:
+            tail.kill()
+            await tail.wait()
     assert line["subject"] == subject
     assert line["type"] == "event"
     assert line["data"]["topic"] == "findings.new"

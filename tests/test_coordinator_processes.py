@@ -16,7 +16,7 @@ from chorus.coordinator.service import Coordinator
 from chorus.messages import Heartbeat, Task, decode
 from chorus.queue import TaskQueue
 from chorus.streams import ensure_tasks_bucket
-from tests.conftest import SpawnAgent, child_env, write_spec
+from tests.conftest import Reap, SpawnAgent, child_env, stop_child, write_spec
 from tests.coordination import wait_for_record
 
 SLOW = """
@@ -79,13 +79,13 @@ def start_coordinator_process(settings: Settings, log: Path) -> subprocess.Popen
 
 
 async def test_coordinator_restart_mid_load_loses_no_task(
-    spawn_agent: SpawnAgent, nc: Client, settings: Settings, tmp_path: Path
+    spawn_agent: SpawnAgent, nc: Client, settings: Settings, tmp_path: Path, reap: Reap
 ) -> None:
     spec = write_spec(tmp_path, "slow", SLOW)
     await spawn_agent(spec)
     await spawn_agent(spec)
     log = tmp_path / "coordinator.log"
-    first = start_coordinator_process(settings, log)
+    first = reap(start_coordinator_process(settings, log))
     queue = TaskQueue(nc, settings.subjects)
     tasks = [Task(input=str(i), data=0.05) for i in range(40)]
     for task in tasks:
@@ -94,12 +94,9 @@ async def test_coordinator_restart_mid_load_loses_no_task(
 
     first.kill()
     first.wait(10)
-    second = start_coordinator_process(settings, log)
-    try:
-        outcomes = [await queue.wait(t.task_id, timeout=30) for t in tasks]
-    finally:
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(20) == 0, log.read_text()
+    second = reap(start_coordinator_process(settings, log))
+    outcomes = [await queue.wait(t.task_id, timeout=30) for t in tasks]
+    assert stop_child(second) == 0, log.read_text()
 
     assert [o.status for o in outcomes] == ["completed"] * 40
     assert [o.result.output for o in outcomes if o.result] == [f"done: {i}" for i in range(40)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -20,7 +19,7 @@ from chorus.llm.offline import OfflineModel
 from chorus.messages import RunProgress, RunRequest, Task, decode
 from chorus.runs import RunClient
 from chorus.workflows.spec import Parallel, ParallelTask, Pipeline, Step
-from tests.conftest import StartHost, StartOrchestrator, child_env
+from tests.conftest import Reap, StartHost, StartOrchestrator, child_env, stop_child
 
 
 def counting(name: str, calls: Counter[str], *, capability: str = "", delay: float = 0) -> Agent:
@@ -117,13 +116,18 @@ async def progress_until(
 
 
 async def test_killed_orchestrator_mid_pipeline_resumes_without_rerunning_steps(
-    coordinator: Coordinator, start_host: StartHost, nc: Client, settings: Settings, tmp_path: Path
+    coordinator: Coordinator,
+    start_host: StartHost,
+    nc: Client,
+    settings: Settings,
+    tmp_path: Path,
+    reap: Reap,
 ) -> None:
     calls: Counter[str] = Counter()
     await start_host(counting("worker", calls), model=OfflineModel(delay=0.3))
     runs = RunClient(nc, settings.subjects)
     log = tmp_path / "orchestrator.log"
-    first = spawn_orchestrator(settings, log)
+    first = reap(spawn_orchestrator(settings, log))
     request = RunRequest(workflow=pipeline(4), input="q")
     halfway = await progress_until(
         nc, settings, request.run_id, lambda p: p.kind == "step_finished" and p.step == "s1"
@@ -133,12 +137,9 @@ async def test_killed_orchestrator_mid_pipeline_resumes_without_rerunning_steps(
 
     first.kill()
     first.wait(10)
-    second = spawn_orchestrator(settings, log)
-    try:
-        record = await runs.wait(request.run_id, timeout=40)
-    finally:
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(20) == 0, log.read_text()
+    second = reap(spawn_orchestrator(settings, log))
+    record = await runs.wait(request.run_id, timeout=40)
+    assert stop_child(second) == 0, log.read_text()
 
     assert record.status == "completed", record.error
     assert calls["s0"] == 1 and calls["s1"] == 1  # finished steps were not run again
@@ -147,13 +148,18 @@ async def test_killed_orchestrator_mid_pipeline_resumes_without_rerunning_steps(
 
 
 async def test_killed_orchestrator_mid_parallel_resumes_without_rerunning_tasks(
-    coordinator: Coordinator, start_host: StartHost, nc: Client, settings: Settings, tmp_path: Path
+    coordinator: Coordinator,
+    start_host: StartHost,
+    nc: Client,
+    settings: Settings,
+    tmp_path: Path,
+    reap: Reap,
 ) -> None:
     calls: Counter[str] = Counter()
     await start_host(counting("worker", calls), model=OfflineModel(delay=0.3))
     runs = RunClient(nc, settings.subjects)
     log = tmp_path / "orchestrator.log"
-    first = spawn_orchestrator(settings, log)
+    first = reap(spawn_orchestrator(settings, log))
     workflow = Parallel(
         name="fan",
         max_concurrency=2,
@@ -172,12 +178,9 @@ async def test_killed_orchestrator_mid_parallel_resumes_without_rerunning_tasks(
 
     first.kill()
     first.wait(10)
-    second = spawn_orchestrator(settings, log)
-    try:
-        record = await runs.wait(request.run_id, timeout=40)
-    finally:
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(20) == 0, log.read_text()
+    second = reap(spawn_orchestrator(settings, log))
+    record = await runs.wait(request.run_id, timeout=40)
+    assert stop_child(second) == 0, log.read_text()
 
     assert record.status == "completed", record.error
     assert all(calls[f"t{i}"] == 1 for i in range(6)), calls

@@ -22,7 +22,7 @@ from chorus.messages import Event, RunRequest, decode
 from chorus.runs import RunClient
 from chorus.server import NatsServer
 from chorus.workflows.spec import Pipeline, Step
-from tests.conftest import child_env, write_spec
+from tests.conftest import child_env, stop_child, write_spec
 
 REACTOR = """
 name: reactor
@@ -99,10 +99,9 @@ async def test_restarted_server_loses_no_run_or_event(tmp_path: Path) -> None:
         await nc.close()
         for child in children:
             child.terminate()
-        for child in children:
-            child.wait(30)
+        codes = [stop_child(child, 30) for child in children]
         server.stop()
 
     assert [r.status for r in records] == ["completed"] * 10, [r.error for r in records]
     assert len(echoes) == 10  # every event reached the subscribed agent
-    assert all(child.returncode == 0 for child in children), [c.returncode for c in children]
+    assert codes == [0, 0, 0, 0]
