@@ -199,6 +199,7 @@ class Dispatcher:
                 continue
             for msg in messages:
                 await self._assign(target, msg)
+            await asyncio.sleep(0)  # let the dispatches send their tasks before the next pull
 
     async def _assign(self, target: str, msg: Msg) -> None:
         """Give `msg` to the best instance, waiting (claim kept alive) while none is free."""

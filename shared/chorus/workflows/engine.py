@@ -200,6 +200,18 @@ class Engine:
             raise  # another process owns the record now: save nothing more
         except ChorusError as exc:
             await self._finish(run, "failed", exc.reason)
+        except nats.errors.MaxPayloadError:
+            # The record outgrew the server's max_payload: retrying cannot help. Keep what
+            # fits (statuses, errors, short outputs) and fail the run saying why.
+            for step in record.steps:
+                step.output, step.data = step.output[:200], None
+            record.events = record.events[-10:]
+            await self._finish(
+                run,
+                "failed",
+                "the run record grew past the NATS server's max_payload (1 MiB by default): "
+                "split the work into smaller runs or return shorter outputs",
+            )
         except (nats.errors.Error, TimeoutError, ConnectionError):
             # NATS is away (a restart, a network cut): the run is interrupted, not failed. Its
             # record keeps the finished steps; the orchestrator hands it back to be resumed.
