@@ -28,7 +28,7 @@ from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 
 from chorus.config import Settings
-from chorus.coordinator.registry import InstanceView, Registry
+from chorus.coordinator.registry import InstanceView, Registry, targets_of
 from chorus.coordinator.routing import Router
 from chorus.errors import InvalidMessage
 from chorus.messages import (
@@ -114,9 +114,8 @@ class Dispatcher:
             self._targets[target] = asyncio.create_task(self._loop(target), name=target)
 
     def serve_instance(self, view: InstanceView) -> None:
-        self.serve(f"agent.{view.heartbeat.name}")
-        for capability in view.heartbeat.capabilities:
-            self.serve(f"cap.{capability}")
+        for target in targets_of(view.heartbeat):
+            self.serve(target)
 
     async def _keep_claims(self) -> None:
         """One ticker for every task out with an instance (not a task per dispatch)."""
@@ -171,7 +170,7 @@ class Dispatcher:
         )
 
     def _free_slots(self, target: str) -> int:
-        return sum(v.free for v in self.router.candidates(self.registry, target))
+        return sum(v.free for v in self.router.candidates(self.registry.serving(target), target))
 
     async def _loop(self, target: str) -> None:
         subscription = None
@@ -204,7 +203,7 @@ class Dispatcher:
     async def _assign(self, target: str, msg: Msg) -> None:
         """Give `msg` to the best instance, waiting (claim kept alive) while none is free."""
         last_progress = time.monotonic()
-        while (view := self.router.choose(self.registry, target)) is None:
+        while (view := self.router.choose(self.registry.serving(target), target)) is None:
             if time.monotonic() - last_progress > self.settings.claim_timeout / 3:
                 await msg.in_progress()
                 last_progress = time.monotonic()

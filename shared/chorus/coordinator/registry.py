@@ -90,6 +90,11 @@ class InstanceView:
         )
 
 
+def targets_of(hb: Heartbeat) -> list[str]:
+    """The dispatch targets an instance serves: its agent name and each capability."""
+    return [f"agent.{hb.name}", *(f"cap.{c}" for c in hb.capabilities)]
+
+
 @dataclass(frozen=True)
 class Change:
     """A health transition, published as an AgentStatusChange."""
@@ -107,6 +112,7 @@ class Registry:
         self.dead_after = dead_after
         self.clock = clock
         self._views: dict[str, InstanceView] = {}
+        self._by_target: dict[str, dict[str, InstanceView]] = {}
         self.changed = Pulse()  # fired whenever capacity may have appeared
 
     def __iter__(self) -> Iterator[InstanceView]:
@@ -118,6 +124,15 @@ class Registry:
     def get(self, instance: str) -> InstanceView | None:
         return self._views.get(instance)
 
+    def serving(self, target: str) -> list[InstanceView]:
+        """The instances that serve `target`: an index, so routing does not scan them all."""
+        return list(self._by_target.get(target, {}).values())
+
+    def _forget(self, view: InstanceView) -> None:
+        self._views.pop(view.instance, None)
+        for target in targets_of(view.heartbeat):
+            self._by_target.get(target, {}).pop(view.instance, None)
+
     def observe(self, hb: Heartbeat) -> Change | None:
         """Take a heartbeat; returns the change when the instance is new, back, or leaving."""
         view = self._views.get(hb.instance)
@@ -125,13 +140,15 @@ class Registry:
         if hb.state == "stopped":
             if view is None:
                 return None
-            del self._views[hb.instance]
+            self._forget(view)
             view.heartbeat = hb
             view.lost.set()
             return Change(view, view.health, "left")
         if view is None:
             view = InstanceView(heartbeat=hb, last_seen=now, last_seen_wall=time.time())
             self._views[hb.instance] = view
+            for target in targets_of(hb):
+                self._by_target.setdefault(target, {})[hb.instance] = view
             self.changed.fire()
             return Change(view, "", "up")
         had_room = view.free
@@ -167,6 +184,6 @@ class Registry:
                 if health == DEAD:
                     view.lost.set()
             if health == DEAD and now - view.last_seen > forget_after + self.dead_after * interval:
-                del self._views[view.instance]
+                self._forget(view)
                 changes.append(Change(view, DEAD, "forgotten"))
         return changes
