@@ -98,7 +98,7 @@ async def test_restarted_server_loses_no_run_or_event(tmp_path: Path) -> None:
     finally:
         await nc.close()
         for child in children:
-            child.terminate()
+            child.terminate()  # all at once, as a container runtime does
         codes = [stop_child(child, 30) for child in children]
         server.stop()
 

@@ -38,4 +38,9 @@ async def serve_until_signalled(
         signalled.cancel()
     await stopping.wait()
     await stop()
+    # Stopped cleanly: a repeated SIGTERM arriving while the interpreter exits (after the loop
+    # and its handlers are gone) must not turn exit 0 into "killed by a signal".
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     return 0
