@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -11,11 +12,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError, NoKeysError
 
 from chorus.config import Settings
 from chorus.connection import connect
-from chorus.messages import AgentRecord, decode
+from chorus.errors import InvalidMessage
+from chorus.messages import AgentRecord, Heartbeat, decode
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -103,6 +106,19 @@ async def show_agents(args: argparse.Namespace, settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+
+        async def on_heartbeat(msg: Msg) -> None:
+            # The registry is rewritten on change (or every 20 s); heartbeats keep "last
+            # seen" and the load live between writes.
+            with contextlib.suppress(InvalidMessage):
+                beat = decode(msg.data, Heartbeat)
+                known = records.get(beat.instance)
+                if known is not None:
+                    records[beat.instance] = msgspec.structs.replace(
+                        known, last_seen=beat.sent_at, in_flight=beat.in_flight + beat.waiting
+                    )
+
+        await nc.subscribe(settings.subjects.all_heartbeats, cb=on_heartbeat)
         watcher = await kv.watchall()
         with Live(table(records), console=console, refresh_per_second=4) as live:
             while not stop.is_set():
