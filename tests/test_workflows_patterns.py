@@ -191,6 +191,21 @@ async def test_event_run_follows_its_chain_of_events_until_the_final_topic(
     assert record.output_data == {"from": "shipper", "saw": {"from": "checker", "saw": "order 42"}}
 
 
+async def test_event_run_counts_the_tokens_of_the_agents_that_reacted(
+    start_host: StartHost, engine: Engine, nc: Client, settings: Settings
+) -> None:
+    ready = await consumers_ready(nc, settings, "analyst")
+    await start_host(Agent(name="analyst", subscribes=["findings.>"], emits="reports.ready"))
+    await asyncio.wait_for(ready.wait(), 10)
+    workflow = EventDriven(name="f", start="findings.new", until="reports.ready", timeout=10)
+
+    record = await engine.run(new_record(workflow, "a finding"))
+
+    assert record.status == "completed", record.error
+    assert record.events[-1].usage.total_tokens > 0  # the analyst asked its model
+    assert record.usage.total_tokens == record.events[-1].usage.total_tokens
+
+
 async def test_event_run_ignores_the_events_of_other_runs(
     start_host: StartHost, engine: Engine, nc: Client, settings: Settings
 ) -> None:

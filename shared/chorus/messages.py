@@ -62,6 +62,9 @@ class Event(Message, tag="event"):
     source: str = ""
     run_id: str = ""
     time: float = msgspec.field(default_factory=now)
+    # Tokens the emitting agent spent reacting to the event that led to this one (set on
+    # the first event an event handler emits), so an event-driven run can count them.
+    usage: Usage = Usage()
 
 
 class Task(Message, tag="task"):

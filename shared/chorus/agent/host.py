@@ -375,6 +375,8 @@ class AgentHost:
             async with self._slot() as started:
                 try:
                     await self.agent.handle_event(event, ctx)
+                    if ctx.events:  # the reaction's tokens travel with its first event
+                        ctx.events[0] = msgspec.structs.replace(ctx.events[0], usage=ctx.usage)
                     await self._publish_events(ctx.events)
                 except Exception as exc:
                     self._finish(started, ok=False, usage=ctx.usage)

@@ -9,7 +9,7 @@ the run id, so a resumed run that publishes it again is de-duplicated by JetStre
 from __future__ import annotations
 
 from chorus.errors import ConfigError, RunFailed
-from chorus.messages import Event, now
+from chorus.messages import Event, Usage, now
 from chorus.workflows.events import topic_matches
 from chorus.workflows.expressions import as_text
 from chorus.workflows.run import Run
@@ -68,6 +68,7 @@ async def execute(run: Run, spec: EventDriven) -> None:
             if topic_matches(spec.until, event.topic):
                 break
     wait.output, wait.data, wait.agent = as_text(event.data), event.data, event.source
+    wait.usage = sum((e.usage for e in record.events), Usage())  # the agents' reactions
     run.end_step(wait, "completed")
     record.output, record.output_data = wait.output, event.data
     await run.checkpoint()
