@@ -10,9 +10,7 @@ import uuid
 from pathlib import Path
 
 import msgspec
-from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import Error as NatsError
 
 from chorus.client import ChorusClient
 from chorus.config import Settings
@@ -30,17 +28,6 @@ capabilities: [react]
 subscribes: [orders.>]
 emits: orders-seen.echo
 """
-
-
-async def until_reconnected(nc: Client) -> None:
-    """The client reconnects on its own; wait for it as a user's retry would."""
-    async with asyncio.timeout(20):
-        while True:
-            try:
-                await nc.flush(timeout=1)
-                return
-            except (NatsError, TimeoutError):
-                await asyncio.sleep(0.1)  # the client's own reconnect loop is running
 
 
 def spawn(settings: Settings, log: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -65,7 +52,13 @@ async def test_restarted_server_loses_no_run_or_event(tmp_path: Path) -> None:
         spawn(settings, tmp_path / "researcher.log", "agent", "run", str(researcher)),
         spawn(settings, tmp_path / "reactor.log", "agent", "run", str(spec)),
     ]
-    nc = await connect(msgspec.structs.replace(settings, connect_wait=10), "test", service=True)
+    reconnected = asyncio.Event()
+    nc = await connect(
+        msgspec.structs.replace(settings, connect_wait=10),
+        "test",
+        service=True,
+        reconnected=reconnected,
+    )
     try:
         await wait_for_instances(nc, settings.subjects, {"researcher": 1, "reactor": 1}, 30)
         echoes: set[str] = set()
@@ -88,7 +81,7 @@ async def test_restarted_server_loses_no_run_or_event(tmp_path: Path) -> None:
 
         server.stop()  # everything in flight now meets a dead server
         server.start()
-        await until_reconnected(nc)
+        await asyncio.wait_for(reconnected.wait(), 20)  # as a user's retry would wait
 
         after = [await runs.submit(RunRequest(workflow=workflow, input=f"r{i}")) for i in range(5)]
         for i in range(5, 10):

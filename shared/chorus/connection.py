@@ -31,7 +31,9 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def connect_options(settings: Settings, name: str, *, service: bool) -> dict[str, Any]:
+def connect_options(
+    settings: Settings, name: str, *, service: bool, reconnected: asyncio.Event | None = None
+) -> dict[str, Any]:
     async def on_error(exc: Exception) -> None:
         # A command line tool reports an unreachable server once, as an error, not per attempt.
         log.log(
@@ -45,6 +47,8 @@ def connect_options(settings: Settings, name: str, *, service: bool) -> dict[str
 
     async def on_reconnect() -> None:
         log.info("reconnected to nats", extra={"client": name})
+        if reconnected is not None:
+            reconnected.set()
 
     options: dict[str, Any] = {
         "servers": [u.strip() for u in settings.nats_url.split(",") if u.strip()],
@@ -65,10 +69,17 @@ def connect_options(settings: Settings, name: str, *, service: bool) -> dict[str
     return {k: v for k, v in options.items() if v is not None}
 
 
-async def connect(settings: Settings, name: str, *, service: bool = False) -> Client:
+async def connect(
+    settings: Settings,
+    name: str,
+    *,
+    service: bool = False,
+    reconnected: asyncio.Event | None = None,
+) -> Client:
     """Connect, retrying for `settings.connect_wait` seconds; raise NatsUnreachable after,
-    or NatsAuthRefused at once when the server refuses our credentials."""
-    options = connect_options(settings, name, service=service)
+    or NatsAuthRefused at once when the server refuses our credentials. `reconnected`, if
+    given, is set each time the client has reconnected after losing the server."""
+    options = connect_options(settings, name, service=service, reconnected=reconnected)
     # The first connection is bounded (services wait SERVICE_CONNECT_WAIT unless told
     # otherwise, so a container may start before NATS); once connected, a service
     # reconnects for ever.
