@@ -71,7 +71,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -104,6 +104,9 @@ from chorus.workflows.run import task_id
 from chorus.workflows.spec import Parallel, ParallelTask, Pipeline, Step
 from chorus.workflows.store import KvRunStore
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Child, cpu_seconds, machine_busy_seconds, markdown_table, spawn
+
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "orch"
 CAPABILITY = "bench"
@@ -114,7 +117,6 @@ AGENT_CONCURRENCY = 16
 TIMEOUT_S = 30.0
 RUN_TIMEOUT_S = 120.0  # a run slower than this is reported as stuck
 STALL_S = 5.0  # a task this slow waited for a redelivery (the claim timeout is 30 s)
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 TARGET_STEP_RATIO = 2.0  # pipeline step p50 / raw work-queue round trip p50
 
@@ -219,24 +221,6 @@ SMOKE = Sizes(
 # processes, their CPU, the server's counters
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process so far, from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def machine_busy_seconds() -> float:
-    """CPU time every process on the machine has used so far (all cores), from /proc/stat."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks[:8]) - idle) / CLOCK_TICKS  # guest time is already in user
-
-
-def tail(log: Path, lines: int = 20) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-
-
 def child_env(nats_url: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -248,44 +232,6 @@ def child_env(nats_url: str) -> dict[str, str]:
         }
     )
     return env
-
-
-@dataclass
-class Child:
-    """A `python ...` child process, its role and its log."""
-
-    role: str
-    process: asyncio.subprocess.Process
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def check_alive(self) -> None:
-        if self.process.returncode is not None:
-            raise RuntimeError(
-                f"{self.role} exited with {self.process.returncode}:\n{tail(self.log)}"
-            )
-
-    async def stop(self) -> None:
-        """SIGTERM (services drain), then SIGKILL if it is still there after TIMEOUT_S."""
-        if self.process.returncode is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.process.wait(), TIMEOUT_S)
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
-
-
-async def spawn(role: str, args: list[str], env: dict[str, str], log: Path) -> Child:
-    with log.open("ab") as sink:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, *args, env=env, stdout=sink, stderr=subprocess.STDOUT
-        )
-    return Child(role, process, log)
 
 
 @dataclass
@@ -1143,12 +1089,6 @@ async def profile_rounds(
 
 
 # reporting
-
-
-def markdown_table(header: list[str], rows: Iterable[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def cpu_text(usage: Usage) -> str:

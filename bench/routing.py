@@ -54,7 +54,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -71,6 +71,9 @@ from chorus.queue import TaskQueue
 from chorus.server import NatsServer, find_binary
 from chorus.subjects import Subjects
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Child, cpu_seconds, machine_busy_seconds, markdown_table, spawn
+
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "bench"
 CAPABILITY = "bench"
@@ -81,7 +84,6 @@ TIMEOUT_S = 30.0
 # after its claim lapses is counted as a stall rather than ending the run.
 DURABLE_TIMEOUT_S = 120.0
 STALL_S = 5.0
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # Targets from the coordinator issue.
 TARGET_LATENCY_RATIO = 1.5  # Chorus p50 / matching raw p50
@@ -158,66 +160,10 @@ SMOKE = Sizes(
 # processes and their CPU
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process so far, from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def machine_busy_seconds() -> float:
-    """CPU time every process on the machine has used so far (all cores), from /proc/stat."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks[:8]) - idle) / CLOCK_TICKS  # guest time is already in user
-
-
-def tail(log: Path, lines: int = 20) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-
-
 def child_env(nats_url: str, prefix: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"NATS_URL": nats_url, "CHORUS_PREFIX": prefix, "PYTHONPATH": str(ROOT)})
     return env
-
-
-@dataclass
-class Child:
-    """A `python ...` child process, its role and its log."""
-
-    role: str
-    process: asyncio.subprocess.Process
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def check_alive(self) -> None:
-        if self.process.returncode is not None:
-            raise RuntimeError(
-                f"{self.role} exited with {self.process.returncode}:\n{tail(self.log)}"
-            )
-
-    async def stop(self) -> None:
-        """SIGTERM (services drain), then SIGKILL if it is still there after TIMEOUT_S."""
-        if self.process.returncode is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.process.wait(), TIMEOUT_S)
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
-
-
-async def spawn(role: str, args: list[str], env: dict[str, str], log: Path) -> Child:
-    with log.open("ab") as sink:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, *args, env=env, stdout=sink, stderr=subprocess.STDOUT
-        )
-    return Child(role, process, log)
 
 
 @dataclass
@@ -382,12 +328,6 @@ def summarise_profile(raw: str, top: int = 14) -> str:
     ranked = sorted((f for f in inclusive if interesting(f)), key=lambda f: -inclusive[f])
     rows = [[f"`{f}`", f"{inclusive[f] / total:.1%}"] for f in ranked[:top]]
     lines += ["", markdown_table(["Chorus / nats-py function (inclusive)", "share"], rows)]
-    return "\n".join(lines)
-
-
-def markdown_table(header: list[str], rows: Iterable[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 
 from chorus.agent import Agent
 from chorus.agent.host import AgentHost
+from chorus.client import ChorusClient
 from chorus.config import Settings
 from chorus.connection import connect
 from chorus.coordinator.service import Coordinator
@@ -25,6 +26,7 @@ from chorus.llm.offline import OfflineModel
 from chorus.messages import Heartbeat, decode
 from chorus.orchestrator.service import Orchestrator
 from chorus.server import NatsServer
+from chorus.workflows.engine import Engine
 from tests.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,6 +108,19 @@ async def start_coordinator(settings: Settings) -> AsyncIterator[StartCoordinato
 @pytest.fixture
 async def coordinator(start_coordinator: StartCoordinator) -> Coordinator:
     return await start_coordinator()
+
+
+@pytest.fixture
+def client(nc: Client, settings: Settings) -> ChorusClient:
+    return ChorusClient(nc, settings.subjects, timeout=10)
+
+
+@pytest.fixture
+async def engine(client: ChorusClient) -> AsyncIterator[Engine]:
+    """A workflow engine in this process on the NATS implementations (direct tasks)."""
+    engine = await Engine.on_nats(client)
+    yield engine
+    await engine.shutdown()
 
 
 StartOrchestrator = Callable[..., Awaitable[Orchestrator]]

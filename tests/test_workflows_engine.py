@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,18 +23,6 @@ from chorus.workflows.store import KvRunStore
 from tests.conftest import ROOT, SpawnAgent, StartHost
 
 EXAMPLES = ROOT / "shared" / "chorus" / "examples"
-
-
-@pytest.fixture
-def client(nc: Client, settings: Settings) -> ChorusClient:
-    return ChorusClient(nc, settings.subjects, timeout=10)
-
-
-@pytest.fixture
-async def engine(client: ChorusClient) -> AsyncIterator[Engine]:
-    engine = await Engine.on_nats(client)
-    yield engine
-    await engine.shutdown()
 
 
 class Calls:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -12,7 +11,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from chorus.agent import Agent, Context
-from chorus.client import ChorusClient
 from chorus.config import Settings
 from chorus.llm.base import ModelRequest
 from chorus.llm.offline import OfflineModel
@@ -32,18 +30,6 @@ from chorus.workflows.store import KvRunStore
 from tests.conftest import ROOT, StartHost
 
 EXAMPLES = ROOT / "shared" / "chorus" / "examples"
-
-
-@pytest.fixture
-def client(nc: Client, settings: Settings) -> ChorusClient:
-    return ChorusClient(nc, settings.subjects, timeout=10)
-
-
-@pytest.fixture
-async def engine(client: ChorusClient) -> AsyncIterator[Engine]:
-    engine = await Engine.on_nats(client)
-    yield engine
-    await engine.shutdown()
 
 
 def echo(name: str) -> OfflineModel:
