@@ -49,9 +49,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from chorus.config import Settings
-from chorus.connection import connect
-from chorus.messages import Heartbeat, Result, Task, decode, encode, reply_type
-from chorus.server import NatsServer, find_binary
+from chorus.messages import Heartbeat, Result, Task, decode, decode_result, encode
+from chorus.nats.connection import connect
+from chorus.nats.server import NatsServer, find_binary
 from chorus.subjects import Subjects
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -279,7 +279,7 @@ class RunningAgent:
             self.subjects.agent_task(self.instance), encode(task), timeout=TIMEOUT_S
         )
         answered = time.perf_counter() - self.started
-        answer = reply_type(reply.data)
+        answer = decode_result(reply.data)
         if isinstance(answer, Result) == fails:
             raise RuntimeError(f"unexpected reply to the task: {answer}")
         return answered

@@ -39,9 +39,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from chorus.config import Settings
-from chorus.connection import connect
 from chorus.messages import Heartbeat, Metrics, decode, encode
-from chorus.server import NatsServer
+from chorus.nats.connection import connect
+from chorus.nats.server import NatsServer
 from chorus.subjects import Subjects
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

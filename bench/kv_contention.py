@@ -23,7 +23,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from chorus.server import NatsServer
+from chorus.nats.server import NatsServer
 from chorus.state import SharedState
 from chorus.subjects import Subjects
 

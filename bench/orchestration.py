@@ -80,8 +80,9 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from chorus.client.runs import RunClient
+from chorus.client.runstore import KvRunStore
 from chorus.config import Settings
-from chorus.connection import connect
 from chorus.messages import (
     AgentStatusChange,
     Heartbeat,
@@ -94,15 +95,14 @@ from chorus.messages import (
     encode,
 )
 from chorus.messages import Usage as MsgUsage
-from chorus.runs import RunClient
-from chorus.server import NatsServer, find_binary
+from chorus.nats.connection import connect
+from chorus.nats.server import NatsServer, find_binary
+from chorus.specs.workflow import Parallel, ParallelTask, Pipeline, Step
 from chorus.subjects import Subjects
 from chorus.workflows.engine import Engine, new_record
 from chorus.workflows.progress import FINAL_KINDS, NatsProgress, NoProgress
 from chorus.workflows.protocols import ProgressSink, RunStore
 from chorus.workflows.run import task_id
-from chorus.workflows.spec import Parallel, ParallelTask, Pipeline, Step
-from chorus.workflows.store import KvRunStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Child, cpu_seconds, machine_busy_seconds, markdown_table, spawn

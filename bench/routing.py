@@ -64,11 +64,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from chorus.client import ChorusClient
+from chorus.client.durable import TaskQueue
 from chorus.config import Settings
-from chorus.connection import connect
 from chorus.messages import AgentStatusChange, Heartbeat, Metrics, Task, decode, encode
-from chorus.queue import TaskQueue
-from chorus.server import NatsServer, find_binary
+from chorus.nats.connection import connect
+from chorus.nats.server import NatsServer, find_binary
 from chorus.subjects import Subjects
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -20,12 +20,12 @@ from chorus.agent import Agent
 from chorus.agent.host import AgentHost
 from chorus.client import ChorusClient
 from chorus.config import Settings
-from chorus.connection import connect
 from chorus.coordinator.service import Coordinator
 from chorus.llm.offline import OfflineModel
 from chorus.messages import Heartbeat, decode
+from chorus.nats.connection import connect
+from chorus.nats.server import NatsServer
 from chorus.orchestrator.service import Orchestrator
-from chorus.server import NatsServer
 from chorus.workflows.engine import Engine
 from tests.fake_openai import FakeOpenAI
 

@@ -10,7 +10,7 @@ from nats.js.kv import KeyValue
 
 from chorus.config import Settings
 from chorus.messages import AgentRecord, Metrics, decode
-from chorus.streams import ensure_agents_bucket
+from chorus.nats.streams import ensure_agents_bucket
 
 
 async def wait_for_record(

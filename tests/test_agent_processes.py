@@ -14,7 +14,7 @@ from chorus.client import ChorusClient
 from chorus.config import Settings
 from chorus.errors import ChorusError
 from chorus.messages import Event, Heartbeat, Task, decode
-from chorus.streams import ensure_events_stream
+from chorus.nats.streams import ensure_events_stream
 from tests.conftest import SpawnAgent, write_spec
 
 RESEARCHER = """

@@ -177,7 +177,7 @@ def test_schema_prints_every_message_type(settings: Settings) -> None:
 
 
 def test_refused_credentials_are_one_line_even_for_a_service(tmp_path: Path) -> None:
-    from chorus.server import NatsServer
+    from chorus.nats.server import NatsServer
 
     config = tmp_path / "auth.conf"
     config.write_text('authorization { user: "agent", password: "right" }\n')

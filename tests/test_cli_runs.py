@@ -14,11 +14,11 @@ from nats.aio.client import Client
 
 from chorus.agent import Agent, Context
 from chorus.cli.runs import LiveProgress, PlainProgress
+from chorus.client.runs import RunClient
 from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
 from chorus.messages import RunProgress, RunRecord, RunRequest, StepRecord, Task
-from chorus.runs import RunClient
-from chorus.workflows.spec import Pipeline, Step, decode_workflow
+from chorus.specs.workflow import Pipeline, Step, decode_workflow
 from tests.cli import achorus, chorus, one_line_error
 from tests.conftest import StartHost, StartOrchestrator
 

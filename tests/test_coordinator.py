@@ -10,13 +10,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from chorus.agent import Agent, Context
+from chorus.client.durable import TaskQueue
 from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
 from chorus.errors import TaskFailed
 from chorus.llm.offline import OfflineModel
 from chorus.messages import AgentStatusChange, DeadLetter, Task, decode
-from chorus.queue import TaskQueue
-from chorus.streams import ensure_dead_letter_stream
+from chorus.nats.streams import ensure_dead_letter_stream
 from tests.conftest import StartCoordinator, StartHost
 from tests.coordination import metrics, wait_for_metrics, wait_for_record
 

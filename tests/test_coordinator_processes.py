@@ -11,11 +11,11 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from chorus.client.durable import TaskQueue
 from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
 from chorus.messages import Heartbeat, Task, decode
-from chorus.queue import TaskQueue
-from chorus.streams import ensure_tasks_bucket
+from chorus.nats.streams import ensure_tasks_bucket
 from tests.conftest import Reap, SpawnAgent, child_env, stop_child, write_spec
 from tests.coordination import wait_for_record
 

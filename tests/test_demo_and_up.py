@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from chorus.config import Settings
-from chorus.connection import connect
 from chorus.local import wait_for_instances
+from chorus.nats.connection import connect
 
 
 def test_demo_runs_a_task_and_every_pattern_offline(tmp_path: Path) -> None:

@@ -40,9 +40,9 @@ from chorus.agent.loader import load_agent
 from chorus.cli.main import build_parser
 from chorus.client import ChorusClient
 from chorus.config import Settings
-from chorus.connection import connect
 from chorus.messages import Heartbeat, RunRecord, Task, decode
-from chorus.server import NatsServer, find_binary
+from chorus.nats.connection import connect
+from chorus.nats.server import NatsServer, find_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -23,14 +23,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chorus.agent import Agent
 from chorus.config import Settings
-from chorus.connection import connect, connect_options
 from chorus.coordinator.service import Coordinator
 from chorus.gateway import create_app, listen, serve
 from chorus.gateway.access import AccessLog, RequestCounts
 from chorus.gateway.prometheus import Family, render
 from chorus.messages import RunRecord, decode
+from chorus.nats.connection import connect, connect_options
+from chorus.nats.server import NatsServer
 from chorus.orchestrator.service import Orchestrator
-from chorus.server import NatsServer
 from tests.conftest import StartHost, child_env
 from tests.coordination import wait_for_metrics, wait_for_record
 
@@ -119,11 +119,11 @@ async def test_a_body_that_is_not_json_is_a_400(http: httpx.AsyncClient) -> None
 
 
 async def test_an_unknown_workflow_name_is_a_404(
-    http: httpx.AsyncClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nc: Client, settings: Settings, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("CHORUS_WORKFLOWS", str(tmp_path))
-
-    response = await execute(http, {"workflow_name": "no-such-flow"})
+    with_folder = msgspec.structs.replace(settings, workflows=str(tmp_path))
+    async with running_gateway(nc, with_folder) as http:
+        response = await execute(http, {"workflow_name": "no-such-flow"})
 
     assert response.status_code == 404
     error = response.json()["error"]
@@ -132,15 +132,15 @@ async def test_an_unknown_workflow_name_is_a_404(
 
 
 async def test_a_stored_workflow_runs_by_name(
-    http: httpx.AsyncClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nc: Client, settings: Settings, tmp_path: Path
 ) -> None:
     (tmp_path / "summarise.yaml").write_text(
         "type: pipeline\nname: summarise\nsteps:\n  - capability: writing\n"
     )
-    monkeypatch.setenv("CHORUS_WORKFLOWS", str(tmp_path))
-
-    accepted = await execute(http, {"workflow_name": "summarise", "input": "x"}, wait="false")
-    run = decode((await http.get(accepted.headers["location"])).content, RunRecord)
+    with_folder = msgspec.structs.replace(settings, workflows=str(tmp_path))
+    async with running_gateway(nc, with_folder) as http:
+        accepted = await execute(http, {"workflow_name": "summarise", "input": "x"}, wait="false")
+        run = decode((await http.get(accepted.headers["location"])).content, RunRecord)
 
     assert run.workflow.name == "summarise"
     assert run.kind == "pipeline"

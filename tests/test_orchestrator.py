@@ -13,12 +13,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from chorus.agent import Agent, Context
+from chorus.client.runs import RunClient
 from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
 from chorus.llm.offline import OfflineModel
 from chorus.messages import RunProgress, RunRequest, Task, decode
-from chorus.runs import RunClient
-from chorus.workflows.spec import Parallel, ParallelTask, Pipeline, Step
+from chorus.specs.workflow import Parallel, ParallelTask, Pipeline, Step
 from tests.conftest import Reap, StartHost, StartOrchestrator, child_env, stop_child
 
 

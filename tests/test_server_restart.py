@@ -13,13 +13,13 @@ import msgspec
 from nats.aio.msg import Msg
 
 from chorus.client import ChorusClient
+from chorus.client.runs import RunClient
 from chorus.config import Settings
-from chorus.connection import connect
 from chorus.local import wait_for_instances
 from chorus.messages import Event, RunRequest, decode
-from chorus.runs import RunClient
-from chorus.server import NatsServer
-from chorus.workflows.spec import Pipeline, Step
+from chorus.nats.connection import connect
+from chorus.nats.server import NatsServer
+from chorus.specs.workflow import Pipeline, Step
 from tests.conftest import child_env, stop_child, write_spec
 
 REACTOR = """

@@ -13,8 +13,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from chorus.config import Settings
-from chorus.connection import connect
 from chorus.errors import InvalidKey, LeaseLost, LockTimeout
+from chorus.nats.connection import connect
 from chorus.state import SharedState, StateValue
 from tests.conftest import child_env
 
@@ -297,7 +297,7 @@ async def test_waiting_for_a_held_lock_times_out_with_a_clear_error(
 HOLDER = """
 import asyncio
 from chorus.config import Settings
-from chorus.connection import connect
+from chorus.nats.connection import connect
 from chorus.state import SharedState
 
 async def main():

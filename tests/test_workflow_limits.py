@@ -8,8 +8,8 @@ from chorus.agent import Agent, Context
 from chorus.client import ChorusClient
 from chorus.config import Settings
 from chorus.messages import Task
+from chorus.specs.workflow import Parallel, ParallelTask
 from chorus.workflows.engine import run_workflow
-from chorus.workflows.spec import Parallel, ParallelTask
 from tests.conftest import StartHost
 
 

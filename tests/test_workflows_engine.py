@@ -11,6 +11,7 @@ from nats.aio.client import Client
 
 from chorus.agent import Agent, Context
 from chorus.client import ChorusClient
+from chorus.client.runstore import KvRunStore
 from chorus.config import Settings
 from chorus.llm.base import ModelRequest
 from chorus.llm.offline import OfflineModel
@@ -19,7 +20,6 @@ from chorus.workflows import Pipeline, Step, load_workflow
 from chorus.workflows.engine import Engine, new_record, run_workflow
 from chorus.workflows.progress import NatsProgress, ProgressWatch
 from chorus.workflows.runner import DirectRunner
-from chorus.workflows.store import KvRunStore
 from tests.conftest import ROOT, SpawnAgent, StartHost
 
 EXAMPLES = ROOT / "shared" / "chorus" / "examples"

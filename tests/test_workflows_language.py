@@ -9,11 +9,11 @@ import pytest
 
 from chorus.errors import ConfigError, ExpressionError, InvalidPlan, InvalidWorkflow
 from chorus.messages import DelegationPlan, RunRequest, decode, encode
+from chorus.specs.expressions import evaluate, parse
+from chorus.specs.templates import Template
 from chorus.workflows import Parallel, ParallelTask, Pipeline, Step, decode_workflow
 from chorus.workflows.events import topic_matches
-from chorus.workflows.expressions import evaluate, parse
 from chorus.workflows.plan import PLAN_SCHEMA, check_plan
-from chorus.workflows.templates import Template
 
 CONTEXT: dict[str, Any] = {
     "input": "Check ACME Ltd",

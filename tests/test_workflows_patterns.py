@@ -11,11 +11,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from chorus.agent import Agent, Context
+from chorus.client.runstore import KvRunStore
 from chorus.config import Settings
 from chorus.llm.base import ModelRequest
 from chorus.llm.offline import OfflineModel
 from chorus.messages import DelegationPlan, PlanResults, Task
-from chorus.streams import ensure_events_stream
+from chorus.nats.streams import ensure_events_stream
 from chorus.workflows import (
     EventDriven,
     Hierarchical,
@@ -26,7 +27,6 @@ from chorus.workflows import (
     load_workflow,
 )
 from chorus.workflows.engine import Engine, new_record
-from chorus.workflows.store import KvRunStore
 from tests.conftest import ROOT, StartHost
 
 EXAMPLES = ROOT / "shared" / "chorus" / "examples"
@@ -223,7 +223,7 @@ async def test_event_run_fails_when_the_final_topic_never_comes(engine: Engine) 
 async def test_example_event_workflow_completes_with_the_example_analyst(
     start_host: StartHost, engine: Engine, nc: Client, settings: Settings
 ) -> None:
-    from chorus.agent.spec import load_spec
+    from chorus.specs.agent import load_spec
 
     ready = await consumers_ready(nc, settings, "analyst")
     await start_host(Agent(load_spec(EXAMPLES / "agents" / "analyst.yaml")))

@@ -1,13 +1,21 @@
-"""The agent service: one instance of an agent, until SIGTERM or SIGINT drains it."""
+"""The agent container's entry point, the same as `chorus agent run SPEC`.
+
+The wiring lives in `chorus.agent.process`: the CLI and this entry point start the same thing.
+"""
 
 from __future__ import annotations
 
-from chorus.agent.host import AgentHost
-from chorus.agent.loader import load_agent
-from chorus.config import Settings
-from chorus.lifecycle import serve_until_signalled
+import sys
+
+from chorus.agent.process import serve
+from chorus.cli.main import main as chorus_main
+
+__all__ = ["main", "serve"]
 
 
-async def serve(spec: str, settings: Settings, *, instance: str | None = None) -> int:
-    host = AgentHost(load_agent(spec), settings, instance=instance)
-    return await serve_until_signalled(host.start, host.stop)
+def main() -> int:
+    return chorus_main(["agent", "run", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

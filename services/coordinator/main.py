@@ -1,29 +1,21 @@
-"""The coordinator service: registry, health, routing and durable dispatch until SIGTERM."""
+"""The coordinator container's entry point, the same as `chorus coordinator`.
+
+The wiring lives in `chorus.coordinator.process`: the CLI and this entry point start the same thing.
+"""
 
 from __future__ import annotations
 
-from nats.aio.client import Client
+import sys
 
-from chorus.config import Settings
-from chorus.connection import connect
-from chorus.coordinator.service import Coordinator
-from chorus.lifecycle import serve_until_signalled
+from chorus.cli.main import main as chorus_main
+from chorus.coordinator.process import serve
+
+__all__ = ["main", "serve"]
 
 
-async def serve(settings: Settings) -> int:
-    running: list[tuple[Coordinator, Client]] = []
+def main() -> int:
+    return chorus_main(["coordinator", *sys.argv[1:]])
 
-    async def start() -> None:
-        nc = await connect(settings, "coordinator", service=True)
-        coordinator = Coordinator(nc, settings)
-        running.append((coordinator, nc))
-        await coordinator.start()
 
-    async def stop() -> None:
-        for coordinator, nc in running:
-            await coordinator.stop()
-            # Subscriptions are gone already; drain() can hang on JetStream pull inboxes.
-            await nc.flush(timeout=5)
-            await nc.close()
-
-    return await serve_until_signalled(start, stop)
+if __name__ == "__main__":
+    raise SystemExit(main())

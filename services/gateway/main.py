@@ -1,33 +1,21 @@
-"""The gateway service: HTTP on one NATS connection, until SIGTERM or SIGINT."""
+"""The gateway container's entry point, the same as `chorus gateway`.
+
+The wiring lives in `chorus.gateway.process`: the CLI and this entry point start the same thing.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import signal
+import sys
 
-from chorus.config import Settings
-from chorus.connection import connect
-from chorus.gateway import create_app, listen
-from chorus.gateway import serve as serve_http
+from chorus.cli.main import main as chorus_main
+from chorus.gateway.process import serve
 
-log = logging.getLogger("chorus.gateway")
-
-GRACE_S = 10  # for requests in flight at shutdown (waits for runs answer 202 at once)
+__all__ = ["main", "serve"]
 
 
-async def serve(settings: Settings, host: str, port: int) -> int:
-    with listen(host, port) as sock:
-        nc = await connect(settings, "gateway", service=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        bound_host, bound_port = sock.getsockname()[:2]
-        log.info("gateway listening", extra={"host": bound_host, "port": bound_port})
-        try:
-            await serve_http(create_app(nc, settings, stopping=stop), sock, stop, grace=GRACE_S)
-        finally:
-            await nc.close()
-    log.info("gateway stopped")
-    return 0
+def main() -> int:
+    return chorus_main(["gateway", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

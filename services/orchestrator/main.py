@@ -1,28 +1,21 @@
-"""The orchestrator service: takes runs from the queue and drives them until SIGTERM."""
+"""The orchestrator container's entry point, the same as `chorus orchestrator`.
+
+The wiring lives in `chorus.orchestrator.process`: the CLI and this start the same thing.
+"""
 
 from __future__ import annotations
 
-from nats.aio.client import Client
+import sys
 
-from chorus.config import Settings
-from chorus.connection import connect
-from chorus.lifecycle import serve_until_signalled
-from chorus.orchestrator.service import Orchestrator
+from chorus.cli.main import main as chorus_main
+from chorus.orchestrator.process import serve
+
+__all__ = ["main", "serve"]
 
 
-async def serve(settings: Settings, *, durable_tasks: bool = True) -> int:
-    running: list[tuple[Orchestrator, Client]] = []
+def main() -> int:
+    return chorus_main(["orchestrator", *sys.argv[1:]])
 
-    async def start() -> None:
-        nc = await connect(settings, "orchestrator", service=True)
-        orchestrator = Orchestrator(nc, settings, durable_tasks=durable_tasks)
-        running.append((orchestrator, nc))
-        await orchestrator.start()
 
-    async def stop() -> None:
-        for orchestrator, nc in running:
-            await orchestrator.stop()
-            await nc.flush(timeout=5)
-            await nc.close()
-
-    return await serve_until_signalled(start, stop)
+if __name__ == "__main__":
+    raise SystemExit(main())

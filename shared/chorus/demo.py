@@ -18,11 +18,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from chorus.client import ChorusClient
+from chorus.client.runs import RunClient
 from chorus.config import Settings
-from chorus.connection import connect
 from chorus.local import LocalSystem, wait_for_instances
 from chorus.messages import RunRecord, RunRequest, Task
-from chorus.runs import RunClient
+from chorus.nats.connection import connect
 from chorus.up import default_agents, start_services
 
 # Wide enough for the results table when piped (rich assumes 80 columns then).
@@ -83,7 +83,7 @@ async def _show(
     )
     console.print(f"[bold]output[/]: {escape(result.output)}\n")
 
-    runs = RunClient(nc, settings.subjects)
+    runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
     table = Table(title="one workflow of each pattern", title_justify="left")
     for column in ("pattern", "workflow", "status", "steps", "tokens", "output"):
         table.add_column(column, overflow="fold")

@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from chorus.messages import Heartbeat, decode
-from chorus.server import NatsServer
+from chorus.nats.server import NatsServer
 from chorus.subjects import Subjects
 
 log = logging.getLogger("chorus.local")

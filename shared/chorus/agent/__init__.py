@@ -2,6 +2,6 @@
 
 from chorus.agent.api import Agent, Reply
 from chorus.agent.context import Context
-from chorus.agent.spec import AgentSpec, load_spec
+from chorus.specs.agent import AgentSpec, load_spec
 
 __all__ = ["Agent", "AgentSpec", "Context", "Reply", "load_spec"]

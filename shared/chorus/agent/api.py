@@ -20,9 +20,9 @@ from typing import Any
 import msgspec
 
 from chorus.agent.context import Context
-from chorus.agent.spec import AgentSpec
 from chorus.errors import ConfigError
 from chorus.messages import Event, HelpRequest, Task
+from chorus.specs.agent import AgentSpec
 
 
 class Reply(msgspec.Struct, kw_only=True):

@@ -32,7 +32,6 @@ from chorus.agent.api import Agent
 from chorus.agent.context import Context
 from chorus.client import ChorusClient
 from chorus.config import Settings
-from chorus.connection import connect
 from chorus.errors import ChorusError, Draining, InvalidMessage, PayloadTooLarge, TaskFailed
 from chorus.llm import Model, create_model
 from chorus.llm.factory import split_model
@@ -46,13 +45,15 @@ from chorus.messages import (
     Heartbeat,
     HelpReply,
     HelpRequest,
+    InstanceState,
     Result,
     Task,
     Usage,
     decode,
     encode,
 )
-from chorus.streams import ensure_events_stream
+from chorus.nats.connection import connect
+from chorus.nats.streams import ensure_events_stream
 
 if TYPE_CHECKING:
     from chorus.state import SharedState
@@ -401,7 +402,7 @@ class AgentHost:
 
     # heartbeats
 
-    def heartbeat(self, state: str = "ready") -> Heartbeat:
+    def heartbeat(self, state: InstanceState = "ready") -> Heartbeat:
         spec = self.agent.spec
         return Heartbeat(
             instance=self.instance,
@@ -420,7 +421,7 @@ class AgentHost:
             version=__version__,
         )
 
-    async def _publish_heartbeat(self, state: str) -> None:
+    async def _publish_heartbeat(self, state: InstanceState) -> None:
         hb = self.heartbeat(state)
         await self.nc.publish(self.subjects.heartbeat(self.instance), encode(hb))
 

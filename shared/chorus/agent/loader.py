@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from chorus.agent.api import Agent, agent_from_spec, load_handler
-from chorus.agent.spec import load_spec
 from chorus.errors import ConfigError
+from chorus.specs.agent import load_spec
 
 
 def load_agent(reference: str) -> Agent:

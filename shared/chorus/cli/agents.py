@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.js.errors import BucketNotFoundError, NoKeysError
 
+from chorus.client.system import SystemClient
 from chorus.config import Settings
-from chorus.connection import connect
-from chorus.errors import InvalidMessage
+from chorus.errors import InvalidMessage, NotFound
 from chorus.messages import AgentRecord, Heartbeat, decode
+from chorus.nats.connection import connect
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -81,19 +81,13 @@ async def show_agents(args: argparse.Namespace, settings: Settings) -> int:
 
     nc = await connect(settings, "chorus-agents")
     try:
+        system = SystemClient(nc, settings.subjects)
         try:
-            kv = await nc.jetstream().key_value(settings.subjects.agents_bucket)
-        except BucketNotFoundError:
-            print("no registry yet: start a coordinator (chorus coordinator or chorus up)")
+            listed = await system.agents(create=False)
+        except NotFound as exc:
+            print(exc.reason)
             return 1
-        records: dict[str, AgentRecord] = {}
-        try:
-            for key in await kv.keys():
-                entry = await kv.get(key)
-                if entry.value:
-                    records[key] = decode(entry.value, AgentRecord)
-        except NoKeysError:
-            pass
+        records = {r.instance: r for r in listed}
         if args.json:
             print(json.dumps([msgspec.to_builtins(r) for r in records.values()], indent=2))
             return 0
@@ -118,23 +112,23 @@ async def show_agents(args: argparse.Namespace, settings: Settings) -> int:
                         known, last_seen=beat.sent_at, in_flight=beat.in_flight + beat.waiting
                     )
 
+        async def follow() -> None:
+            async for change in system.watch_agents():
+                if change.record is None:
+                    records.pop(change.instance, None)
+                else:
+                    records[change.instance] = change.record
+
         await nc.subscribe(settings.subjects.all_heartbeats, cb=on_heartbeat)
-        watcher = await kv.watchall()
+        following = asyncio.create_task(follow())
         with Live(table(records), console=console, refresh_per_second=4) as live:
             while not stop.is_set():
-                try:
-                    entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
-                except TimeoutError:
-                    live.update(table(records))  # "last seen" keeps counting
-                    continue
-                if entry is None:
-                    continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    records.pop(entry.key, None)
-                else:
-                    records[entry.key] = decode(entry.value, AgentRecord)
-                live.update(table(records))
-        await watcher.stop()  # type: ignore[no-untyped-call]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.25)
+                live.update(table(records))  # "last seen" keeps counting
+        following.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await following
     finally:
         await nc.close()
     return 0

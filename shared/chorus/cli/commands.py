@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -48,13 +47,13 @@ def register(sub: Any) -> None:
     )
     gateway.add_argument(
         "--host",
-        default=os.environ.get("CHORUS_GATEWAY_HOST", "127.0.0.1"),
+        default=None,
         help="address to listen on [env CHORUS_GATEWAY_HOST, default 127.0.0.1]",
     )
     gateway.add_argument(
         "--port",
         type=int,
-        default=os.environ.get("CHORUS_GATEWAY_PORT", "8080"),
+        default=None,
         help="port to listen on, 0 for any free one [env CHORUS_GATEWAY_PORT, default 8080]",
     )
     gateway.set_defaults(func=gateway_run, service=True)
@@ -122,25 +121,27 @@ def register(sub: Any) -> None:
 
 
 async def agent_run(args: argparse.Namespace, settings: Settings) -> int:
-    from services.agent.main import serve
+    from chorus.agent.process import serve
 
     return await serve(args.spec, settings, instance=args.instance)
 
 
 async def coordinator_run(args: argparse.Namespace, settings: Settings) -> int:
-    from services.coordinator.main import serve
+    from chorus.coordinator.process import serve
 
     return await serve(settings)
 
 
 async def gateway_run(args: argparse.Namespace, settings: Settings) -> int:
-    from services.gateway.main import serve
+    from chorus.gateway.process import serve
 
-    return await serve(settings, args.host, args.port)
+    host = settings.gateway_host if args.host is None else args.host
+    port = settings.gateway_port if args.port is None else args.port
+    return await serve(settings, host, port)
 
 
 async def orchestrator_run(args: argparse.Namespace, settings: Settings) -> int:
-    from services.orchestrator.main import serve
+    from chorus.orchestrator.process import serve
 
     return await serve(settings, durable_tasks=not args.direct)
 

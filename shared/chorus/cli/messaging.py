@@ -20,9 +20,9 @@ from nats.js.errors import NotFoundError
 from chorus.cli import wire
 from chorus.client import ChorusClient
 from chorus.config import Settings
-from chorus.connection import connect
 from chorus.errors import NoResponders, RequestTimeout
 from chorus.messages import ErrorReply, Event, decode
+from chorus.nats.connection import connect
 
 KIND_COLOURS = {
     "task": "cyan",

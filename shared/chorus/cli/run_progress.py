@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol, TextIO
 
 from chorus.messages import RunProgress, RunRecord
+from chorus.specs.workflow import EventDriven, Hierarchical, Parallel, WorkflowSpec
 from chorus.workflows.progress import FINAL_KINDS
-from chorus.workflows.spec import EventDriven, Hierarchical, Parallel, WorkflowSpec
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType

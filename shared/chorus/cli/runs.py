@@ -29,13 +29,13 @@ from chorus.cli.run_progress import (
     steps_done,
     when,
 )
+from chorus.client.runs import RunClient
 from chorus.config import Settings
-from chorus.connection import connect
 from chorus.errors import ConfigError, InvalidMessage, NotFound, RequestTimeout
 from chorus.messages import RunProgress, RunRecord, RunRequest, decode, encode
-from chorus.runs import RunClient, find_workflow
+from chorus.nats.connection import connect
+from chorus.specs.workflow import WorkflowSpec, find_workflow, load_workflow
 from chorus.subjects import check_token
-from chorus.workflows.spec import WorkflowSpec, load_workflow
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -141,12 +141,12 @@ def _positive(kind: type[int] | type[float]) -> Any:
 # reading the command line
 
 
-def workflow_of(argument: str) -> WorkflowSpec:
+def workflow_of(argument: str, settings: Settings) -> WorkflowSpec:
     """A workflow file, or (a bare word that is no file) the name of a stored workflow."""
     path = Path(argument)
     if path.exists() or path.suffix in (".yaml", ".yml", ".json") or "/" in argument:
         return load_workflow(path)
-    return find_workflow(argument)
+    return find_workflow(argument, settings.workflow_dirs)
 
 
 def text_of(argument: str | None) -> str:
@@ -172,11 +172,11 @@ def record_json(record: RunRecord | list[RunRecord]) -> str:
 
 async def run_workflow(args: argparse.Namespace, settings: Settings) -> int:
     # Everything the user gave is checked before anything is sent.
-    workflow = workflow_of(args.file)
+    workflow = workflow_of(args.file, settings)
     request = RunRequest(workflow=workflow, input=text_of(args.input), data=data_of(args.data))
     nc = await connect(settings, "chorus-run")
     try:
-        runs = RunClient(nc, settings.subjects)
+        runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
         if args.detach:
             await runs.submit(request)
             print(request.run_id)
@@ -334,7 +334,9 @@ def runs_table(records: list[RunRecord]) -> Table:
 async def list_runs(args: argparse.Namespace, settings: Settings) -> int:
     nc = await connect(settings, "chorus-runs")
     try:
-        records = await RunClient(nc, settings.subjects).list(args.limit)
+        records = await RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs).list(
+            args.limit
+        )
     finally:
         await nc.close()
     if args.json:
@@ -416,7 +418,9 @@ def run_view(record: RunRecord) -> list[RenderableType]:
 async def show_run(args: argparse.Namespace, settings: Settings) -> int:
     nc = await connect(settings, "chorus-runs")
     try:
-        record = await find_run(RunClient(nc, settings.subjects), args.run_id)
+        record = await find_run(
+            RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs), args.run_id
+        )
     finally:
         await nc.close()
     if args.json:
@@ -438,7 +442,7 @@ async def show_run(args: argparse.Namespace, settings: Settings) -> int:
 async def cancel_run(args: argparse.Namespace, settings: Settings) -> int:
     nc = await connect(settings, "chorus-runs")
     try:
-        runs = RunClient(nc, settings.subjects)
+        runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
         record = await find_run(runs, args.run_id)
         if record.finished:
             print(f"run {record.run_id} already {record.status}: nothing to cancel")

@@ -19,7 +19,7 @@ import msgspec
 from chorus.cli import wire
 from chorus.cli.runs import ExamplesFormatter
 from chorus.config import Settings
-from chorus.connection import connect
+from chorus.nats.connection import connect
 from chorus.state import SharedState, StateValue
 from chorus.state.bucket import check_key, check_pattern
 

@@ -45,7 +45,7 @@ from chorus.messages import (
     decode,
     encode,
 )
-from chorus.streams import ensure_dead_letter_stream, ensure_dispatch_stream, publish_durably
+from chorus.nats.streams import ensure_dead_letter_stream, ensure_dispatch_stream, publish_durably
 
 log = logging.getLogger("chorus.coordinator.dispatch")
 

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from chorus.coordinator.pulse import Pulse
 from chorus.messages import AgentRecord, Heartbeat
-from chorus.pulse import Pulse
 
 Clock = Callable[[], float]
 

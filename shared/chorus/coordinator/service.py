@@ -30,7 +30,7 @@ from chorus.messages import (
     decode,
     encode,
 )
-from chorus.streams import ensure_agents_bucket, ensure_tasks_bucket
+from chorus.nats.streams import ensure_agents_bucket, ensure_tasks_bucket
 
 log = logging.getLogger("chorus.coordinator")
 

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from chorus.client.runs import RunClient
 from chorus.config import Settings
 from chorus.errors import (
     ConfigError,
@@ -29,6 +30,7 @@ from chorus.errors import (
     RequestTimeout,
 )
 from chorus.gateway.access import AccessLog, RequestCounts
+from chorus.gateway.bodies import ApiError, HealthReport, RunAccepted, RunLinks, RunList
 from chorus.gateway.openapi import document
 from chorus.gateway.prometheus import CONTENT_TYPE, gateway_families, render, system_families
 from chorus.gateway.responses import EXCEPTION_HANDLERS, JSONResponse
@@ -39,18 +41,12 @@ from chorus.gateway.system import (
     require_connected,
 )
 from chorus.messages import (
-    ApiError,
-    HealthReport,
     Metrics,
-    RunAccepted,
-    RunLinks,
-    RunList,
     RunRecord,
     RunRequest,
     RunStatus,
     decode,
 )
-from chorus.runs import RunClient
 from chorus.subjects import check_token
 
 log = logging.getLogger("chorus.gateway")
@@ -143,7 +139,7 @@ class Gateway:
         self.nc = nc
         self.settings = settings
         self.stopping = stopping
-        self.runs = RunClient(nc, settings.subjects)
+        self.runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
         self.system = SystemView(nc, settings.subjects, timeout=status_timeout)
         self.counts = RequestCounts()
         self.openapi = document()

@@ -7,16 +7,8 @@ from typing import Any, Final
 import msgspec
 
 from chorus import __version__
-from chorus.messages import (
-    AgentRecord,
-    ApiErrorBody,
-    HealthReport,
-    Metrics,
-    RunAccepted,
-    RunList,
-    RunRecord,
-    RunRequest,
-)
+from chorus.gateway.bodies import ApiErrorBody, HealthReport, RunAccepted, RunList
+from chorus.messages import AgentRecord, Metrics, RunRecord, RunRequest
 
 REF: Final = "#/components/schemas/{name}"
 

@@ -23,7 +23,8 @@ from chorus.errors import (
     PayloadTooLarge,
     RequestTimeout,
 )
-from chorus.messages import ApiError, ApiErrorBody, encode
+from chorus.gateway.bodies import ApiError, ApiErrorBody
+from chorus.messages import encode
 
 # Most specific first: the first class an error is an instance of gives its status.
 STATUS_BY_ERROR: Final[tuple[tuple[type[ChorusError], int], ...]] = (

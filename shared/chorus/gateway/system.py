@@ -6,14 +6,11 @@ import asyncio
 from typing import Literal
 
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
-from nats.js.kv import KeyValue
 
-from chorus.errors import InvalidMessage, NatsUnreachable, NoResponders
-from chorus.messages import AgentRecord, HealthReport, Metrics, decode
-from chorus.streams import ensure_agents_bucket
+from chorus.client.system import SystemClient
+from chorus.errors import NatsUnreachable
+from chorus.gateway.bodies import HealthReport
+from chorus.messages import AgentRecord, Metrics
 from chorus.subjects import Subjects
 
 ConnectionState = Literal["connected", "reconnecting", "closed"]
@@ -39,51 +36,22 @@ def require_connected(nc: Client) -> None:
 
 
 class SystemView:
-    """Reads the registry (KV `<prefix>-agents`) and asks the coordinator for its metrics."""
+    """The gateway's health report, from the registry and the coordinator's answer."""
 
     def __init__(self, nc: Client, subjects: Subjects, *, timeout: float) -> None:
-        self.nc = nc
-        self.subjects = subjects
-        self.timeout = timeout  # for the coordinator: short, health checks must answer fast
-        self._registry: KeyValue | None = None
+        self.system = SystemClient(nc, subjects, timeout=timeout)
 
     async def agents(self) -> list[AgentRecord]:
-        """Every instance in the registry, by agent name then instance."""
-        if self._registry is None:
-            self._registry = await ensure_agents_bucket(self.nc.jetstream(), self.subjects)
-        try:
-            keys = await self._registry.keys()
-        except NoKeysError:
-            return []
-        records = []
-        for key in keys:
-            try:
-                entry = await self._registry.get(key)
-            except (KeyNotFoundError, KeyDeletedError):
-                continue  # the instance left between listing and reading
-            if entry.value:
-                records.append(decode(entry.value, AgentRecord))
-        return sorted(records, key=lambda r: (r.name, r.instance))
+        return await self.system.agents()
 
     async def metrics(self) -> Metrics:
-        """The coordinator's metrics; NoResponders when no coordinator answers in time."""
-        try:
-            reply = await self.nc.request(self.subjects.metrics, b"", timeout=self.timeout)
-        except (NoRespondersError, NatsTimeout):
-            raise NoResponders(
-                f"no coordinator answered on {self.subjects.metrics} within {self.timeout}s: "
-                "start one with `chorus coordinator` (or `chorus up`)"
-            ) from None
-        try:
-            return decode(reply.data, Metrics)
-        except InvalidMessage as exc:
-            raise NoResponders(f"the coordinator answered with no metrics: {exc.reason}") from None
+        return await self.system.metrics()
 
     async def health(self) -> HealthReport:
         try:
             async with asyncio.TaskGroup() as group:
-                agents = group.create_task(self.agents())
-                coordinator = group.create_task(self._coordinator_answers())
+                agents = group.create_task(self.system.agents())
+                coordinator = group.create_task(self.system.coordinator_answers())
         except ExceptionGroup as failed:
             # Answer with the error itself (a NATS failure becomes a 503), not the group.
             raise failed.exceptions[0] from None
@@ -96,10 +64,3 @@ class SystemView:
             healthy_agents=healthy,
             agents=agents.result(),
         )
-
-    async def _coordinator_answers(self) -> bool:
-        try:
-            await self.metrics()
-        except NoResponders:
-            return False
-        return True

@@ -26,11 +26,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
 
 from chorus.client import ChorusClient
+from chorus.client.durable import TaskQueue
+from chorus.client.runstore import KvRunStore
 from chorus.config import Settings
 from chorus.errors import Conflict, InvalidMessage
 from chorus.messages import Result, RunCancel, RunRequest, Task, decode, now
-from chorus.queue import TaskQueue
-from chorus.streams import ensure_runs_stream
+from chorus.nats.streams import ensure_runs_stream
 from chorus.workflows.directory import DiscoveryDirectory
 from chorus.workflows.engine import Engine, RunHandle, new_record
 from chorus.workflows.events import NatsEventBus
@@ -38,7 +39,6 @@ from chorus.workflows.progress import NatsProgress
 from chorus.workflows.protocols import TaskRunner
 from chorus.workflows.run import Processor
 from chorus.workflows.runner import DirectRunner
-from chorus.workflows.store import KvRunStore
 
 log = logging.getLogger("chorus.orchestrator")
 

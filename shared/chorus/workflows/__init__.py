@@ -12,7 +12,7 @@ This package's top level holds only the definitions: `chorus.messages` imports t
 nothing imported here may import `chorus.messages`.
 """
 
-from chorus.workflows.spec import (
+from chorus.specs.workflow import (
     EventDriven,
     Hierarchical,
     Parallel,

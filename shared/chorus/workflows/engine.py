@@ -29,8 +29,18 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from chorus.client import ChorusClient
+from chorus.client.runstore import KvRunStore
 from chorus.errors import ChorusError, Conflict, InvalidMessage
-from chorus.messages import RunCancel, RunRecord, RunStatus, decode, new_id, now
+from chorus.messages import (
+    ProgressKind,
+    RunCancel,
+    RunRecord,
+    RunStatus,
+    decode,
+    new_id,
+    now,
+)
+from chorus.specs.workflow import WorkflowSpec, load_workflow
 from chorus.subjects import Subjects, check_token
 from chorus.workflows.directory import DiscoveryDirectory
 from chorus.workflows.events import NatsEventBus
@@ -45,10 +55,14 @@ from chorus.workflows.protocols import (
 )
 from chorus.workflows.run import Processor, Run, Services
 from chorus.workflows.runner import DirectRunner
-from chorus.workflows.spec import WorkflowSpec, load_workflow
-from chorus.workflows.store import KvRunStore
 
 log = logging.getLogger("chorus.workflows")
+
+FINISHED_PROGRESS: dict[RunStatus, ProgressKind] = {
+    "completed": "run_completed",
+    "failed": "run_failed",
+    "cancelled": "run_cancelled",
+}
 
 
 def new_record(
@@ -227,7 +241,7 @@ class Engine:
         record = run.record
         record.status, record.error, record.ended_at = status, error, now()
         await run.checkpoint()
-        await run.report(f"run_{status}", detail=error or _summary(record.output))
+        await run.report(FINISHED_PROGRESS[status], detail=error or _summary(record.output))
         log.info(
             f"run {status}",
             extra={"run_id": record.run_id, "error": error, "tokens": record.usage.total_tokens},

@@ -20,7 +20,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from chorus.client import ChorusClient
 from chorus.errors import InvalidMessage
 from chorus.messages import RUN_ID_HEADER, Event, decode
-from chorus.streams import ensure_events_stream
+from chorus.nats.streams import ensure_events_stream
 
 log = logging.getLogger("chorus.workflows")
 

@@ -9,8 +9,8 @@ import msgspec
 
 from chorus.errors import ConfigError, InvalidPlan, RunFailed
 from chorus.messages import DelegationPlan, Result, Subtask
+from chorus.specs.workflow import Target
 from chorus.subjects import check_token
-from chorus.workflows.spec import Target
 
 
 def _plan_schema() -> dict[str, Any]:

@@ -11,9 +11,9 @@ from typing import Any
 
 import nats.errors
 
-from chorus.connection import raise_if_cancelled
 from chorus.errors import ChorusError, RequestTimeout
 from chorus.messages import (
+    ProgressKind,
     Result,
     RunProgress,
     RunRecord,
@@ -23,6 +23,8 @@ from chorus.messages import (
     Usage,
     now,
 )
+from chorus.nats.connection import raise_if_cancelled
+from chorus.specs.workflow import Target
 from chorus.workflows.protocols import (
     AgentDirectory,
     EventBus,
@@ -30,7 +32,6 @@ from chorus.workflows.protocols import (
     RunStore,
     TaskRunner,
 )
-from chorus.workflows.spec import Target
 
 log = logging.getLogger("chorus.workflows")
 
@@ -130,7 +131,7 @@ class Run:
         async with self._save:
             await self.services.store.save(record)
 
-    async def report(self, kind: str, step: str = "", detail: str = "") -> None:
+    async def report(self, kind: ProgressKind, step: str = "", detail: str = "") -> None:
         progress = RunProgress(
             run_id=self.run_id,
             kind=kind,

@@ -3,9 +3,9 @@ record says are done, and sets the run's output; it raises RunFailed when the ru
 
 from __future__ import annotations
 
+from chorus.specs.workflow import EventDriven, Hierarchical, Parallel, Pipeline, Process
 from chorus.workflows.patterns import event, hierarchical, parallel, pipeline, process
 from chorus.workflows.run import Run
-from chorus.workflows.spec import EventDriven, Hierarchical, Parallel, Pipeline, Process
 
 
 async def execute(run: Run) -> None:

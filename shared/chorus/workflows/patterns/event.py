@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from chorus.errors import ConfigError, RunFailed
 from chorus.messages import Event, Usage, now
+from chorus.specs.expressions import as_text
+from chorus.specs.templates import Template
+from chorus.specs.workflow import EventDriven
 from chorus.workflows.events import topic_matches
-from chorus.workflows.expressions import as_text
 from chorus.workflows.run import Run
-from chorus.workflows.spec import EventDriven
-from chorus.workflows.templates import Template
 
 # Replay the stream from a little before the run started: clocks of the orchestrator and the
 # server differ, and only events carrying this run's id are kept anyway.

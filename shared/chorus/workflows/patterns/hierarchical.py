@@ -19,9 +19,9 @@ import msgspec
 
 from chorus.errors import RunFailed
 from chorus.messages import PlanResults, Result, StepRecord, Subtask, SubtaskResult
+from chorus.specs.workflow import Hierarchical, Target
 from chorus.workflows.plan import PLAN_SCHEMA, check_plan, choose_workers, parse_plan
 from chorus.workflows.run import Run, StepFailed, together
-from chorus.workflows.spec import Hierarchical, Target
 
 PLANNING = (
     "Split the goal into subtasks for worker agents. Give each subtask a short id (letters, "

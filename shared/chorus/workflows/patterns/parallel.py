@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 
 from chorus.errors import RunFailed
+from chorus.specs.templates import Template
+from chorus.specs.workflow import Parallel, ParallelTask
 from chorus.workflows.run import Run, StepFailed, together
-from chorus.workflows.spec import Parallel, ParallelTask
-from chorus.workflows.templates import Template
 
 
 async def execute(run: Run, spec: Parallel) -> None:

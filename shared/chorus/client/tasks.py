@@ -25,7 +25,7 @@ from chorus.messages import (
     decode,
     encode,
 )
-from chorus.streams import ensure_events_stream, publish_durably
+from chorus.nats.streams import ensure_events_stream, publish_durably
 from chorus.subjects import Subjects
 
 

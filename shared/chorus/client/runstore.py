@@ -9,7 +9,7 @@ from nats.js.kv import KeyValue
 
 from chorus.errors import Conflict
 from chorus.messages import RunRecord, decode, encode
-from chorus.streams import ensure_bucket
+from chorus.nats.streams import ensure_bucket
 from chorus.subjects import Subjects
 
 RUN_HISTORY = 5  # a few earlier versions of each record, for looking back at a run

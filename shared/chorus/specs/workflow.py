@@ -10,29 +10,28 @@
 
 Every struct refuses unknown fields and checks itself when built (from a file, from a
 `RunRequest`, or in Python), so a wrong workflow is reported, with the field and the line,
-before anything runs. Conditions and templates use `chorus.workflows.expressions`.
-
-This module must not import `chorus.messages` (which imports it, to carry workflows in
-`RunRequest` and `RunRecord`).
+before anything runs. Conditions and templates use `chorus.specs.expressions`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, cast
 
 import msgspec
 import yaml
 
-from chorus.errors import ConfigError, ExpressionError, InvalidWorkflow
-from chorus.specfile import decode_yaml
+from chorus.errors import ConfigError, ExpressionError, InvalidWorkflow, NotFound
+from chorus.specs.expressions import Expression, parse
+from chorus.specs.loading import decode_yaml
+from chorus.specs.templates import Template
 from chorus.subjects import check_token, check_topic
-from chorus.workflows.expressions import Expression, parse
-from chorus.workflows.templates import Template
 
-# The names conditions and templates can read (see chorus.workflows.context).
+WorkflowKind = Literal["pipeline", "parallel", "event", "hierarchical", "process"]
+
+# The names conditions and templates can read (see `chorus.workflows.run.Run.context`).
 RUN_NAMES: Final = frozenset({"input", "data", "steps"})
 PROCESSOR_NAMES: Final = RUN_NAMES | {"output", "result"}
 
@@ -146,9 +145,9 @@ class WorkflowBase(
         _token(self.name, "name")
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> WorkflowKind:
         """The workflow's `type:`."""
-        return str(type(self).__struct_config__.tag)
+        return cast(WorkflowKind, type(self).__struct_config__.tag)
 
 
 # pipeline
@@ -402,3 +401,15 @@ def _locate_field(reason: str, text: str, source: str) -> str:
         return reason
     field = f"{path.lstrip('.')}.{name}" if path else name
     return f"{source} (field {field}, line {line}): {message}"
+
+
+def find_workflow(name: str, folders: Sequence[Path]) -> WorkflowSpec:
+    """The workflow called `name` (`<name>.yaml` or `.yml`) in the first folder that has it."""
+    check_token(name, "workflow name")
+    for folder in folders:
+        for suffix in (".yaml", ".yml"):
+            path = folder / f"{name}{suffix}"
+            if path.is_file():
+                return load_workflow(path)
+    known = sorted({p.stem for d in folders if d.is_dir() for p in d.glob("*.y*ml")})
+    raise NotFound(f"no workflow named {name!r}; known: {', '.join(known) or 'none'}")

@@ -18,7 +18,6 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from chorus.connection import raise_if_cancelled, subscribe
 from chorus.errors import ConfigError, RequestTimeout, TaskFailed
 from chorus.messages import (
     MSG_ID_HEADER,
@@ -30,7 +29,8 @@ from chorus.messages import (
     decode,
     encode,
 )
-from chorus.streams import ensure_dispatch_stream, ensure_tasks_bucket, publish_durably
+from chorus.nats.connection import raise_if_cancelled, subscribe
+from chorus.nats.streams import ensure_dispatch_stream, ensure_tasks_bucket, publish_durably
 from chorus.subjects import Subjects, dispatch_target
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9_=-]+$")

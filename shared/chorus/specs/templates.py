@@ -2,7 +2,7 @@
 
     Template("Summarise: {{ steps.research.output }}").render(context)
 
-Expressions are the language of `chorus.workflows.expressions`, checked when the template is
+Expressions are the language of `chorus.specs.expressions`, checked when the template is
 built, so a bad template is reported before anything runs. Values read as text: strings as they
 are, None as empty, numbers as digits, true/false, lists and mappings as JSON.
 """
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from chorus.errors import ExpressionError
-from chorus.workflows.expressions import Expression, as_text, parse
+from chorus.specs.expressions import Expression, as_text, parse
 
 _PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 

@@ -1,0 +1,47 @@
+"""HTTP gateway bodies: JSON over HTTP only, never on NATS, so untagged."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from chorus.messages import AgentRecord, RunRecord, RunStatus
+
+
+class ApiError(msgspec.Struct, frozen=True, kw_only=True):
+    code: str  # a ChorusError code, or an HTTP one (`method_not_allowed`, `internal_error`)
+    reason: str
+
+
+class ApiErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    """Every gateway error: `{"error": {"code": ..., "reason": ...}}`."""
+
+    error: ApiError
+
+
+class RunLinks(msgspec.Struct, frozen=True, kw_only=True):
+    run: str  # where to read the run: `/api/runs/<id>`
+
+
+class RunAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    """A run taken but not finished yet (HTTP 202): its status now and where to follow it."""
+
+    run_id: str
+    status: RunStatus
+    links: RunLinks
+
+
+class RunList(msgspec.Struct, frozen=True, kw_only=True):
+    runs: list[RunRecord]  # the most recent first
+
+
+class HealthReport(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """`GET /api/health`: `ok` needs a coordinator answering and at least one healthy agent."""
+
+    status: Literal["ok", "degraded", "unavailable"]
+    nats: Literal["connected", "reconnecting", "closed"]
+    coordinator: Literal["ok", "unreachable", "unknown"]
+    healthy_agents: int
+    agents: list[AgentRecord]
+    error: ApiError | None = None  # why the gateway cannot tell (NATS unreachable)

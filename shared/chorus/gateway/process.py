@@ -1,0 +1,45 @@
+"""The gateway process: HTTP on one NATS connection, until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from nats.aio.client import Client
+
+from chorus.config import Settings
+from chorus.gateway.app import create_app
+from chorus.gateway.server import listen
+from chorus.gateway.server import serve as serve_http
+from chorus.lifecycle import serve_until_signalled
+from chorus.nats.connection import connect
+
+log = logging.getLogger("chorus.gateway")
+
+GRACE_S = 10  # for requests in flight at shutdown (waits for runs answer 202 at once)
+
+
+async def serve(settings: Settings, host: str, port: int) -> int:
+    """Listen on `host:port` (bound first, so a port in use fails at once), then serve."""
+    with listen(host, port) as sock:
+        stopping = asyncio.Event()
+        running: list[tuple[asyncio.Task[None], Client]] = []
+
+        async def start() -> None:
+            nc = await connect(settings, "gateway", service=True)
+            app = create_app(nc, settings, stopping=stopping)
+            serving = asyncio.create_task(serve_http(app, sock, stopping, grace=GRACE_S))
+            running.append((serving, nc))
+            bound_host, bound_port = sock.getsockname()[:2]
+            log.info("gateway listening", extra={"host": bound_host, "port": bound_port})
+
+        async def stop() -> None:
+            stopping.set()
+            for serving, nc in running:
+                with contextlib.suppress(Exception):
+                    await serving
+                await nc.close()
+            log.info("gateway stopped")
+
+        return await serve_until_signalled(start, stop)

@@ -1,0 +1,128 @@
+"""Every message on the wire, as msgspec Structs encoded to JSON, by concern.
+
+`codec` (the base Struct, encode/decode), `headers` (every header), `agents` (the agent
+protocol), `coordination` (registry, outcomes, dead letters, metrics), `state` (shared-state
+entries), `runs` (run records, progress, requests), `schema` (JSON Schema of them all). This
+package imports only `chorus.errors`, `chorus.subjects` and `chorus.specs`; the names are
+re-exported here, so `from chorus.messages import Task` is the usual import.
+"""
+
+from chorus.messages import headers
+from chorus.messages.agents import (
+    AgentInfo,
+    ErrorReply,
+    Event,
+    Heartbeat,
+    HelpReply,
+    HelpRequest,
+    InstanceState,
+    Result,
+    Task,
+    decode_help,
+    decode_result,
+)
+from chorus.messages.codec import (
+    Message,
+    Usage,
+    decode,
+    decode_any,
+    encode,
+    new_id,
+    now,
+)
+from chorus.messages.coordination import (
+    AgentMetrics,
+    AgentRecord,
+    AgentStatusChange,
+    AttemptError,
+    AttemptLog,
+    DeadLetter,
+    Metrics,
+    TaskOutcome,
+)
+from chorus.messages.headers import (
+    ATTEMPT_HEADER,
+    MSG_ID_HEADER,
+    RUN_ID_HEADER,
+    SERVICE_ERROR_CODE_HEADER,
+    SERVICE_ERROR_HEADER,
+    TASK_ID_HEADER,
+    TRACEPARENT_HEADER,
+)
+from chorus.messages.runs import (
+    FINISHED_RUN,
+    DelegationPlan,
+    PlanResults,
+    ProgressKind,
+    RunCancel,
+    RunProgress,
+    RunRecord,
+    RunRequest,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+    Subtask,
+    SubtaskResult,
+)
+from chorus.messages.schema import (
+    schemas,
+    wire_types,
+)
+from chorus.messages.state import (
+    LockEntry,
+    StateEntry,
+)
+
+__all__ = [
+    "ATTEMPT_HEADER",
+    "FINISHED_RUN",
+    "MSG_ID_HEADER",
+    "RUN_ID_HEADER",
+    "SERVICE_ERROR_CODE_HEADER",
+    "SERVICE_ERROR_HEADER",
+    "TASK_ID_HEADER",
+    "TRACEPARENT_HEADER",
+    "AgentInfo",
+    "AgentMetrics",
+    "AgentRecord",
+    "AgentStatusChange",
+    "AttemptError",
+    "AttemptLog",
+    "DeadLetter",
+    "DelegationPlan",
+    "ErrorReply",
+    "Event",
+    "Heartbeat",
+    "HelpReply",
+    "HelpRequest",
+    "InstanceState",
+    "LockEntry",
+    "Message",
+    "Metrics",
+    "PlanResults",
+    "ProgressKind",
+    "Result",
+    "RunCancel",
+    "RunProgress",
+    "RunRecord",
+    "RunRequest",
+    "RunStatus",
+    "StateEntry",
+    "StepRecord",
+    "StepStatus",
+    "Subtask",
+    "SubtaskResult",
+    "Task",
+    "TaskOutcome",
+    "Usage",
+    "decode",
+    "decode_any",
+    "decode_help",
+    "decode_result",
+    "encode",
+    "headers",
+    "new_id",
+    "now",
+    "schemas",
+    "wire_types",
+]

@@ -1,0 +1,132 @@
+"""The agent protocol: events, tasks and their results or errors, help requests, heartbeats."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from chorus.messages.codec import Message, Usage, decode_any, new_id, now
+
+InstanceState = Literal["ready", "draining", "stopped"]
+
+
+class Event(Message, tag="event"):
+    """Something that happened; published on `<prefix>.event.<topic>`."""
+
+    topic: str
+    data: Any = None
+    event_id: str = msgspec.field(default_factory=new_id)
+    source: str = ""
+    run_id: str = ""
+    time: float = msgspec.field(default_factory=now)
+    # Tokens the emitting agent spent reacting to the event that led to this one (set on
+    # the first event an event handler emits), so an event-driven run can count them.
+    usage: Usage = Usage()
+
+
+class Task(Message, tag="task"):
+    """Work for an agent, sent to an instance, a capability, or through the durable queue."""
+
+    input: str
+    task_id: str = msgspec.field(default_factory=new_id)
+    instructions: str = ""
+    data: Any = None
+    context: dict[str, Any] = {}
+    json_schema: dict[str, Any] | None = None
+    capability: str = ""
+    agent: str = ""  # target an agent by name instead of a capability
+    run_id: str = ""
+    step: str = ""
+    attempt: int = 1
+
+
+class Result(Message, tag="result"):
+    """A finished task."""
+
+    task_id: str
+    agent: str
+    instance: str
+    output: str
+    data: Any = None
+    usage: Usage = Usage()
+    duration_ms: float = 0.0
+    events: list[Event] = []
+
+
+class ErrorReply(Message, tag="error"):
+    """What a process answers instead of a result: a stable code and a readable reason."""
+
+    code: str
+    reason: str
+    task_id: str = ""
+    instance: str = ""
+
+
+class HelpRequest(Message, tag="help_request"):
+    """One agent asking any agent with a capability for help."""
+
+    capability: str
+    question: str
+    data: Any = None
+    requester: str = ""
+    run_id: str = ""
+    request_id: str = msgspec.field(default_factory=new_id)
+
+
+class HelpReply(Message, tag="help_reply"):
+    request_id: str
+    answer: str
+    helper: str
+    instance: str
+    data: Any = None
+    usage: Usage = Usage()
+
+
+class Heartbeat(Message, tag="heartbeat"):
+    """Published by every agent instance on a fixed interval; the registry is built from it."""
+
+    instance: str
+    name: str
+    capabilities: list[str]
+    in_flight: int
+    max_concurrency: int
+    processed: int
+    failed: int
+    mean_latency_ms: float
+    interval_s: float
+    started_at: float
+    sent_at: float = msgspec.field(default_factory=now)
+    state: InstanceState = "ready"
+    waiting: int = 0
+    usage: Usage = Usage()  # tokens used by this instance since it started
+    version: str = ""
+
+
+class AgentInfo(Message, tag="agent_info"):
+    """What an instance says about itself in its `$SRV` metadata and at start-up."""
+
+    instance: str
+    name: str
+    capabilities: list[str]
+    max_concurrency: int
+    subscribes: list[str]
+    model: str
+    started_at: float
+
+
+_REPLIES: dict[type[Message], object] = {
+    Result: Result | ErrorReply,
+    HelpReply: HelpReply | ErrorReply,
+}
+
+
+def decode_result(data: bytes) -> Result | ErrorReply:
+    """A task's reply: its Result, or the ErrorReply the instance sent instead."""
+    reply: Result | ErrorReply = decode_any(data, _REPLIES[Result])
+    return reply
+
+
+def decode_help(data: bytes) -> HelpReply | ErrorReply:
+    reply: HelpReply | ErrorReply = decode_any(data, _REPLIES[HelpReply])
+    return reply

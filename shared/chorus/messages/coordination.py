@@ -1,0 +1,103 @@
+"""The coordinator's records: the registry, status notices, durable task outcomes and attempts,
+dead letters, metrics."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from chorus.messages.agents import Result, Task
+from chorus.messages.codec import Message, Usage, now
+
+
+class AgentRecord(Message, tag="agent_record"):
+    """One instance in the registry (KV `<prefix>-agents`, key = instance id)."""
+
+    instance: str
+    name: str
+    capabilities: list[str]
+    health: str  # healthy | unhealthy | dead
+    state: str  # ready | draining | stopped, as the instance last said
+    in_flight: int
+    max_concurrency: int
+    processed: int
+    failed: int
+    success_rate: float
+    mean_latency_ms: float
+    last_seen: float
+    started_at: float
+    breaker: str = "closed"  # closed | open | half_open
+    usage: Usage = Usage()
+
+
+class AgentStatusChange(Message, tag="agent_status"):
+    """Published by the coordinator on `<prefix>.status.<instance>.<health>`."""
+
+    instance: str
+    name: str
+    health: str
+    previous: str
+    time: float = msgspec.field(default_factory=now)
+
+
+class AttemptError(msgspec.Struct, frozen=True, kw_only=True):
+    attempt: int
+    code: str
+    reason: str
+    instance: str = ""
+    time: float = msgspec.field(default_factory=now)
+
+
+class AttemptLog(Message, tag="attempt_log"):
+    task_id: str
+    errors: list[AttemptError] = []
+
+
+class TaskOutcome(Message, tag="task_outcome"):
+    """The one recorded outcome of a durable task (KV `<prefix>-tasks`, key `outcome.<id>`)."""
+
+    task_id: str
+    status: Literal["completed", "failed"]
+    result: Result | None = None
+    errors: list[AttemptError] = []
+    attempts: int = 1
+    time: float = msgspec.field(default_factory=now)
+
+
+class DeadLetter(Message, tag="dead_letter"):
+    """A task that failed every attempt, stored on `<prefix>.dlq.<target>`."""
+
+    task: Task
+    target: str
+    errors: list[AttemptError]
+    time: float = msgspec.field(default_factory=now)
+
+
+class AgentMetrics(msgspec.Struct, frozen=True, kw_only=True):
+    instance: str
+    name: str
+    health: str
+    load: int
+    max_concurrency: int
+    success_rate: float
+    mean_latency_ms: float
+    breaker: str
+
+
+class Metrics(Message, tag="metrics"):
+    """The system metrics the coordinator serves on `<prefix>.coordinator.metrics`."""
+
+    total_agents: int
+    healthy_agents: int
+    queue_length: int
+    active_jobs: int
+    total_tasks: int
+    completed_tasks: int
+    failed_tasks: int
+    retried_tasks: int
+    dead_lettered: int
+    current_load: float
+    agents: list[AgentMetrics]
+    queues: dict[str, int] = {}
+    time: float = msgspec.field(default_factory=now)

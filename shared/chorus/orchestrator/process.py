@@ -1,0 +1,28 @@
+"""The orchestrator process: takes runs from the queue and drives them until SIGTERM."""
+
+from __future__ import annotations
+
+from nats.aio.client import Client
+
+from chorus.config import Settings
+from chorus.lifecycle import serve_until_signalled
+from chorus.nats.connection import connect
+from chorus.orchestrator.service import Orchestrator
+
+
+async def serve(settings: Settings, *, durable_tasks: bool = True) -> int:
+    running: list[tuple[Orchestrator, Client]] = []
+
+    async def start() -> None:
+        nc = await connect(settings, "orchestrator", service=True)
+        orchestrator = Orchestrator(nc, settings, durable_tasks=durable_tasks)
+        running.append((orchestrator, nc))
+        await orchestrator.start()
+
+    async def stop() -> None:
+        for orchestrator, nc in running:
+            await orchestrator.stop()
+            await nc.flush(timeout=5)
+            await nc.close()
+
+    return await serve_until_signalled(start, stop)
