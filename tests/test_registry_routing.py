@@ -616,3 +616,23 @@ def test_an_instance_that_changes_its_capabilities_is_indexed_by_the_new_ones(
 
     assert registry.serving("cap.b") == []
     assert registry.serving("agent.worker") == []
+
+
+@pytest.mark.parametrize(
+    ("processed", "failed", "rate"), [(100, -99, 1.0), (-5, 5, 0.0), (3, 1, 0.75), (0, 0, 1.0)]
+)
+def test_the_reported_success_rate_stays_between_zero_and_one(
+    registry: Registry, processed: int, failed: int, rate: float
+) -> None:
+    view = join(registry, processed=processed, failed=failed)
+
+    assert view.success_rate == pytest.approx(rate)
+
+
+def test_a_heartbeat_with_negative_failures_does_not_outscore_an_honest_instance(
+    registry: Registry, router: Router
+) -> None:
+    join(registry, "ghost", processed=100, failed=-99, in_flight=2)
+    join(registry, "honest", processed=10, failed=0)
+
+    assert {choose(router, registry) for _ in range(20)} == {"honest"}

@@ -76,8 +76,8 @@ class InstanceView:
     def success_rate(self) -> float:
         if self.success is not None:
             return self.success
-        done = self.heartbeat.processed + self.heartbeat.failed
-        return self.heartbeat.processed / done if done else 1.0
+        processed, failed = max(self.heartbeat.processed, 0), max(self.heartbeat.failed, 0)
+        return processed / (processed + failed) if processed + failed else 1.0
 
     @property
     def mean_latency_ms(self) -> float:
