@@ -1,24 +1,43 @@
 """The registry: what the coordinator knows of each instance, built from heartbeats.
 
 Health is measured, not assumed: an instance is `healthy` while its heartbeats arrive,
-`unhealthy` after `unhealthy_after` missed intervals and `dead` after `dead_after`.
+`unhealthy` after `unhealthy_after` missed intervals and `dead` after `dead_after`. An
+instance the dispatcher found gone (no responders) is dead at once, until a heartbeat sent
+later than the last one seen shows it is back.
+
+A heartbeat is untrusted input: its interval is clamped to MIN_INTERVAL_S..MAX_INTERVAL_S
+(a ghost saying `interval_s: 1e308` must still die) and it may name at most
+MAX_CAPABILITIES valid capabilities (each becomes a dispatch consumer).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import msgspec
+
 from chorus.coordinator.pulse import Pulse
+from chorus.errors import ConfigError
 from chorus.messages import AgentRecord, Heartbeat
+from chorus.subjects import check_token
+
+log = logging.getLogger("chorus.coordinator")
 
 Clock = Callable[[], float]
 
 HEALTHY = "healthy"
 UNHEALTHY = "unhealthy"
 DEAD = "dead"
+
+MIN_INTERVAL_S = 0.05
+MAX_INTERVAL_S = 60.0
+MAX_CAPABILITIES = 64
+MAX_NAME_LENGTH = 128
 
 
 @dataclass
@@ -37,6 +56,7 @@ class InstanceView:
     breaker_until: float = 0.0
     breaker_cooldown: float = 0.0
     trial_in_flight: bool = False
+    gone_after: float | None = None  # set by `gone`: the `sent_at` a heartbeat must beat
     lost: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -56,8 +76,8 @@ class InstanceView:
     def success_rate(self) -> float:
         if self.success is not None:
             return self.success
-        done = self.heartbeat.processed + self.heartbeat.failed
-        return self.heartbeat.processed / done if done else 1.0
+        processed, failed = max(self.heartbeat.processed, 0), max(self.heartbeat.failed, 0)
+        return processed / (processed + failed) if processed + failed else 1.0
 
     @property
     def mean_latency_ms(self) -> float:
@@ -95,6 +115,52 @@ def targets_of(hb: Heartbeat) -> list[str]:
     return [f"agent.{hb.name}", *(f"cap.{c}" for c in hb.capabilities)]
 
 
+def clamp_interval(interval_s: float) -> float:
+    """A heartbeat interval the sweep can trust: finite and within MIN..MAX_INTERVAL_S."""
+    if math.isnan(interval_s):
+        return MAX_INTERVAL_S
+    return min(max(interval_s, MIN_INTERVAL_S), MAX_INTERVAL_S)
+
+
+def _is_name(value: str) -> bool:
+    if len(value) > MAX_NAME_LENGTH:
+        return False
+    try:
+        check_token(value, "name")
+    except ConfigError:
+        return False
+    return True
+
+
+def sanitize(hb: Heartbeat) -> tuple[Heartbeat | None, str]:
+    """The heartbeat made safe to act on, and what was wrong with it ("" when nothing).
+
+    None when its instance or agent name cannot be part of a subject. Otherwise the
+    interval is clamped and only the first MAX_CAPABILITIES capabilities are read, keeping
+    the valid names once each.
+    """
+    if not (_is_name(hb.instance) and _is_name(hb.name)):
+        return None, (
+            f"instance and agent name must be subject tokens of at most {MAX_NAME_LENGTH} "
+            "characters"
+        )
+    interval = clamp_interval(hb.interval_s)
+    capabilities = list(dict.fromkeys(c for c in hb.capabilities[:MAX_CAPABILITIES] if _is_name(c)))
+    if interval == hb.interval_s and capabilities == hb.capabilities:
+        return hb, ""
+    problems = []
+    if interval != hb.interval_s:
+        problems.append(f"interval_s {hb.interval_s!r} clamped to {interval}")
+    if capabilities != hb.capabilities:
+        problems.append(
+            f"{len(hb.capabilities)} capabilities cut to {len(capabilities)} (at most "
+            f"{MAX_CAPABILITIES}, valid and distinct)"
+        )
+    return msgspec.structs.replace(hb, interval_s=interval, capabilities=capabilities), (
+        "; ".join(problems)
+    )
+
+
 @dataclass(frozen=True)
 class Change:
     """A health transition, published as an AgentStatusChange."""
@@ -105,14 +171,27 @@ class Change:
 
 
 class Registry:
+    """The instances known from heartbeats, indexed by dispatch target.
+
+    `clock` measures heartbeat age (monotonic); `wall_clock` stamps `last_seen` for the
+    records people read. Both are injected so tests can move time.
+    """
+
     def __init__(
-        self, *, unhealthy_after: float, dead_after: float, clock: Clock = time.monotonic
+        self,
+        *,
+        unhealthy_after: float,
+        dead_after: float,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
     ) -> None:
         self.unhealthy_after = unhealthy_after
         self.dead_after = dead_after
         self.clock = clock
+        self.wall_clock = wall_clock
         self._views: dict[str, InstanceView] = {}
         self._by_target: dict[str, dict[str, InstanceView]] = {}
+        self._pending: list[Change] = []  # from `gone`, reported by the next sweep
         self.changed = Pulse()  # fired whenever capacity may have appeared
 
     def __iter__(self) -> Iterator[InstanceView]:
@@ -128,14 +207,26 @@ class Registry:
         """The instances that serve `target`: an index, so routing does not scan them all."""
         return list(self._by_target.get(target, {}).values())
 
+    def _index(self, view: InstanceView) -> None:
+        self._views[view.instance] = view
+        for target in targets_of(view.heartbeat):
+            self._by_target.setdefault(target, {})[view.instance] = view
+
     def _forget(self, view: InstanceView) -> None:
         self._views.pop(view.instance, None)
         for target in targets_of(view.heartbeat):
             self._by_target.get(target, {}).pop(view.instance, None)
 
-    def observe(self, hb: Heartbeat) -> Change | None:
+    def observe(self, heartbeat: Heartbeat) -> Change | None:
         """Take a heartbeat; returns the change when the instance is new, back, or leaving."""
-        view = self._views.get(hb.instance)
+        view = self._views.get(heartbeat.instance)
+        hb, problem = sanitize(heartbeat)
+        if problem and (hb is None or view is None):  # once per instance, not every beat
+            log.warning(
+                "untrustworthy heartbeat", extra={"instance": heartbeat.instance, "error": problem}
+            )
+        if hb is None:
+            return None
         now = self.clock()
         if hb.state == "stopped":
             if view is None:
@@ -145,16 +236,25 @@ class Registry:
             view.lost.set()
             return Change(view, view.health, "left")
         if view is None:
-            view = InstanceView(heartbeat=hb, last_seen=now, last_seen_wall=time.time())
-            self._views[hb.instance] = view
-            for target in targets_of(hb):
-                self._by_target.setdefault(target, {})[hb.instance] = view
+            view = InstanceView(heartbeat=hb, last_seen=now, last_seen_wall=self.wall_clock())
+            self._index(view)
             self.changed.fire()
             return Change(view, "", "up")
+        if view.gone_after is not None:
+            if not hb.sent_at > view.gone_after:
+                return None  # sent before the instance was found gone: says nothing
+            view.gone_after = None
+        if view.health == DEAD:
+            view.lost = asyncio.Event()  # the old one is set, and would fail every new task
         had_room = view.free
+        reindex = targets_of(hb) != targets_of(view.heartbeat)
+        if reindex:
+            self._forget(view)  # so that forgetting it later finds every entry
         view.heartbeat = hb
+        if reindex:
+            self._index(view)
         view.last_seen = now
-        view.last_seen_wall = time.time()
+        view.last_seen_wall = self.wall_clock()
         if view.health != HEALTHY or view.free > had_room:
             # Only a heartbeat that may open a slot wakes the dispatchers: with a thousand
             # instances beating every second, waking on each one is most of the CPU.
@@ -164,16 +264,36 @@ class Registry:
             return Change(view, previous, HEALTHY)
         return None
 
+    def gone(self, instance: str) -> bool:
+        """Mark an instance dead now, on certain evidence it is gone (no responders).
+
+        It stays dead, out of routing, until a heartbeat sent later than the last one seen
+        arrives; tasks waiting on it are told (`lost`). The change is reported by the next
+        `sweep`. Returns whether the instance was known and not already dead.
+        """
+        view = self._views.get(instance)
+        if view is None:
+            return False
+        view.gone_after = view.heartbeat.sent_at
+        view.lost.set()
+        if view.health == DEAD:
+            return False
+        self._pending.append(Change(view, view.health, DEAD))
+        view.health = DEAD
+        return True
+
     def sweep(self, forget_after: float) -> list[Change]:
         """Re-measure health from the age of each last heartbeat; forget long-dead instances."""
         now = self.clock()
-        changes: list[Change] = []
+        changes, self._pending = self._pending, []
+        # Drop those overtaken since: the instance came back, or left.
+        changes = [c for c in changes if c.view.health == c.health and self.get(c.view.instance)]
         for view in list(self._views.values()):
-            interval = max(view.heartbeat.interval_s, 0.001)
+            interval = clamp_interval(view.heartbeat.interval_s)
             silent = (now - view.last_seen) / interval
             health = (
                 DEAD
-                if silent > self.dead_after
+                if silent > self.dead_after or view.gone_after is not None
                 else UNHEALTHY
                 if silent > self.unhealthy_after
                 else HEALTHY

@@ -17,6 +17,7 @@ closed (or half-open, one trial task) circuit breaker are candidates.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable
 
 import msgspec
@@ -46,13 +47,18 @@ class Weights(msgspec.Struct, frozen=True):
 
 
 class Router:
+    """Picks the instance for each task among a target's candidates; keeps their breakers.
+
+    `clock` (monotonic seconds) times the breaker's cooldown; injected so tests move time.
+    """
+
     def __init__(
         self,
         weights: Weights,
         *,
         breaker_failures: int,
         breaker_cooldown: float,
-        clock: Clock,
+        clock: Clock = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         self.weights = weights
@@ -110,6 +116,8 @@ class Router:
     def failed(self, view: InstanceView) -> None:
         view.success = _ewma(view.success if view.success is not None else 1.0, 0.0)
         view.consecutive_failures += 1
+        if view.breaker == "open":
+            return  # a task sent before it opened: the cooldown already counts it
         was_trial = view.trial_in_flight
         view.trial_in_flight = False
         if was_trial or view.consecutive_failures >= self.breaker_failures:
