@@ -124,7 +124,15 @@ class Subjects(msgspec.Struct, frozen=True):
         A core subscriber hears the outcome the moment JetStream stores it: no second
         message announces it, and nobody hears of an outcome that was not recorded.
         """
-        return f"$KV.{self.tasks_bucket}.outcome.{task_id}"
+        return f"$KV.{self.tasks_bucket}.{self.outcome_key(task_id)}"
+
+    def outcome_key(self, task_id: str) -> str:
+        """The key of a durable task's one recorded outcome in the tasks bucket."""
+        return f"outcome.{task_id}"
+
+    def attempts_key(self, task_id: str) -> str:
+        """The key of a durable task's attempt log in the tasks bucket."""
+        return f"attempts.{task_id}"
 
     @property
     def metrics(self) -> str:
@@ -243,3 +251,8 @@ class Subjects(msgspec.Struct, frozen=True):
     @property
     def micro_service(self) -> str:
         return f"{self.prefix}-agent"
+
+    @property
+    def micro_ping(self) -> str:
+        """Every agent instance answers a PING here (NATS micro discovery)."""
+        return f"$SRV.PING.{self.micro_service}"

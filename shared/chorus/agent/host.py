@@ -20,9 +20,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import BadRequestError
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
@@ -36,10 +34,6 @@ from chorus.errors import ChorusError, Draining, InvalidMessage, PayloadTooLarge
 from chorus.llm import Model, create_model
 from chorus.llm.factory import split_model
 from chorus.messages import (
-    RUN_ID_HEADER,
-    SERVICE_ERROR_CODE_HEADER,
-    SERVICE_ERROR_HEADER,
-    TASK_ID_HEADER,
     ErrorReply,
     Event,
     Heartbeat,
@@ -51,8 +45,11 @@ from chorus.messages import (
     Usage,
     decode,
     encode,
+    headers,
 )
+from chorus.nats import wire
 from chorus.nats.connection import connect
+from chorus.nats.jetstream import ClaimKeeper, DurableConsumer, backoff
 from chorus.nats.streams import ensure_events_stream
 
 if TYPE_CHECKING:
@@ -117,6 +114,8 @@ class AgentHost:
         self._draining = False
         self._stopped = asyncio.Event()
         self._state: SharedState | None = None
+        self._events: DurableConsumer | None = None
+        self._claims = ClaimKeeper(EVENT_ACK_WAIT_S / 3)
 
     @property
     def nc(self) -> Client:
@@ -170,9 +169,9 @@ class AgentHost:
         if spec.subscribes:
             # Bound before start() returns: with "new events only" delivery, an event
             # published once the instance says it is ready must not be missed.
-            subscription = await self._bind_events()
+            self._events = await self._bind_events()
             self._loops.append(
-                asyncio.create_task(self._consume_events(subscription), name="events")
+                asyncio.create_task(self._consume_events(self._events), name="events")
             )
         self._loops.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeats"))
         await self.nc.flush(timeout=5)
@@ -220,15 +219,11 @@ class AgentHost:
 
     async def _serve(self, message: Task | HelpRequest, request: Request) -> None:
         task_id = message.task_id if isinstance(message, Task) else message.request_id
-        headers = {TASK_ID_HEADER: task_id}
-        if message.run_id:
-            headers[RUN_ID_HEADER] = message.run_id
         try:
             body = await self._run(message)
-        except ChorusError as exc:
+            await wire.respond(request, body, headers.for_result(task_id, message.run_id))
+        except ChorusError as exc:  # a failed handler, or a result too large to send
             await self._respond_error(request, exc, task_id)
-            return
-        await request.respond(body, headers=headers)
 
     async def _run(self, message: Task | HelpRequest) -> bytes:
         """Run one handler under the concurrency limit; failures become ChorusErrors."""
@@ -311,9 +306,7 @@ class AgentHost:
         body = encode(
             ErrorReply(code=exc.code, reason=exc.reason, task_id=task_id, instance=self.instance)
         )
-        headers = {SERVICE_ERROR_HEADER: exc.reason, SERVICE_ERROR_CODE_HEADER: exc.code}
-        with contextlib.suppress(ValueError):  # a plain publish has no reply subject
-            await request.respond(body, headers=headers)
+        await wire.respond(request, body, headers.for_error(exc.code, exc.reason))
 
     async def _publish_events(self, events: list[Event]) -> None:
         for event in events:
@@ -321,47 +314,30 @@ class AgentHost:
 
     # events: a durable pull consumer shared by every replica of this agent
 
-    async def _bind_events(self) -> Any:
+    async def _bind_events(self) -> DurableConsumer:
         js = self.nc.jetstream()
         await ensure_events_stream(js, self.subjects)
-        stream = self.subjects.events_stream
-        durable = self.subjects.event_consumer(self.agent.name)
         config = ConsumerConfig(
-            durable_name=durable,
+            durable_name=self.subjects.event_consumer(self.agent.name),
             filter_subjects=[self.subjects.event(t) for t in self.agent.spec.subscribes],
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=EVENT_ACK_WAIT_S,
             max_deliver=EVENT_MAX_DELIVER,
             deliver_policy=DeliverPolicy.NEW,
         )
-        try:
-            await js.add_consumer(stream, config)
-        except BadRequestError as exc:
-            # The consumer exists with other settings (an older spec): keep its position.
-            log.warning("event consumer exists", extra={"consumer": durable, "error": str(exc)})
-        return await js.pull_subscribe_bind(durable=durable, stream=stream)
+        consumer = DurableConsumer(js, self.subjects.events_stream, config, fetch_wait=2.0)
+        await consumer.bind()
+        return consumer
 
-    async def _consume_events(self, subscription: Any) -> None:
-        while not self._draining:
-            try:
-                if subscription is None:
-                    subscription = await self._bind_events()
-                await self._room.wait()
-                if self._draining:
-                    break
-                messages = await subscription.fetch(1, timeout=2)  # no heartbeat: see dispatch
-            except (NatsTimeout, TimeoutError):  # nothing to fetch: nats-py raises either
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # After a server restart a pull subscription may not resume: bind again.
-                log.warning("event fetch failed", extra={"error": repr(exc)})
-                subscription = None
-                await asyncio.sleep(0.5)  # backoff before binding again
-                continue
-            for msg in messages:
-                self._spawn(self._handle_event(msg))
+    async def _consume_events(self, consumer: DurableConsumer) -> None:
+        async def room() -> int:
+            await self._room.wait()
+            return 1
+
+        async def handle(msg: Msg) -> None:
+            self._spawn(self._handle_event(msg))
+
+        await consumer.run(room, handle, stopping=lambda: self._draining)
 
     async def _handle_event(self, msg: Msg) -> None:
         try:
@@ -370,9 +346,8 @@ class AgentHost:
             log.error("dropping malformed event", extra={"subject": msg.subject, "error": str(exc)})
             await msg.term()
             return
-        keepalive = asyncio.create_task(self._keep_claim(msg))
         ctx = Context(self, run_id=event.run_id, instructions=self.agent.spec.instructions)
-        try:
+        with self._claims.holding(msg):
             async with self._slot() as started:
                 try:
                     await self.agent.handle_event(event, ctx)
@@ -386,19 +361,10 @@ class AgentHost:
                         "event handler failed",
                         extra={"topic": event.topic, "attempt": attempt, "error": repr(exc)},
                     )
-                    await msg.nak(delay=min(2.0**attempt, 30.0))
+                    await msg.nak(delay=backoff(attempt, base=2.0))
                     return
                 self._finish(started, ok=True, usage=ctx.usage)
             await msg.ack_sync(timeout=5)
-        finally:
-            keepalive.cancel()
-
-    @staticmethod
-    async def _keep_claim(msg: Msg) -> None:
-        """Tell JetStream the event is still being worked on, so it is not redelivered."""
-        while True:
-            await asyncio.sleep(EVENT_ACK_WAIT_S / 3)
-            await msg.in_progress()
 
     # heartbeats
 
@@ -423,7 +389,7 @@ class AgentHost:
 
     async def _publish_heartbeat(self, state: InstanceState) -> None:
         hb = self.heartbeat(state)
-        await self.nc.publish(self.subjects.heartbeat(self.instance), encode(hb))
+        await wire.publish(self.nc, self.subjects.heartbeat(self.instance), encode(hb))
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -455,6 +421,7 @@ class AgentHost:
                 log.warning("drain timed out", extra={"cancelled": len(pending)})
         self._stopped.set()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        await self._claims.stop()
         await self._publish_heartbeat("stopped")
         await self.model.close()
         if self._state is not None:

@@ -22,6 +22,7 @@ from chorus.client import ChorusClient
 from chorus.config import Settings
 from chorus.errors import NoResponders, RequestTimeout
 from chorus.messages import ErrorReply, Event, decode
+from chorus.nats import wire as outbound
 from chorus.nats.connection import connect
 
 KIND_COLOURS = {
@@ -99,7 +100,7 @@ async def publish(args: argparse.Namespace, settings: Settings) -> int:
             await ChorusClient(nc, settings.subjects).publish_event(event)
             print(f"stored event {event.event_id} in {settings.subjects.events_stream}")
         else:
-            await nc.publish(args.subject, payload)
+            await outbound.publish(nc, args.subject, payload)
             await nc.flush(timeout=5)
             print(f"published {len(payload)} bytes to {args.subject}")
     finally:
@@ -111,7 +112,7 @@ async def request(args: argparse.Namespace, settings: Settings) -> int:
     payload = wire.prepare(settings.subjects, args.subject, wire.read_payload(args.data))
     nc = await connect(settings, "chorus-cli")
     try:
-        reply = await nc.request(args.subject, payload, timeout=args.timeout)
+        reply = await outbound.request(nc, args.subject, payload, timeout=args.timeout)
     except NoRespondersError:
         raise NoResponders(
             f"nobody listens on {args.subject}: is an agent running for it?"

@@ -11,7 +11,7 @@ import msgspec
 
 from chorus import messages
 from chorus.errors import ConfigError, InvalidMessage
-from chorus.messages import RUN_ID_HEADER, decode
+from chorus.messages import decode, headers
 from chorus.subjects import Subjects
 
 # subject kind (Subjects.classify) -> the message type it carries
@@ -89,10 +89,8 @@ def decoded(subjects: Subjects, subject: str, payload: bytes) -> Any:
         return payload.decode(errors="replace")
 
 
-def run_id_of(message: Any, headers: dict[str, str] | None) -> str:
-    if headers and headers.get(RUN_ID_HEADER):
-        return headers[RUN_ID_HEADER]
-    return str(getattr(message, "run_id", "") or "")
+def run_id_of(message: Any, received: dict[str, str] | None) -> str:
+    return headers.read(received).run_id or str(getattr(message, "run_id", "") or "")
 
 
 def agent_of(message: Any) -> str:

@@ -19,18 +19,10 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from chorus.errors import ConfigError, RequestTimeout, TaskFailed
-from chorus.messages import (
-    MSG_ID_HEADER,
-    RUN_ID_HEADER,
-    TASK_ID_HEADER,
-    Result,
-    Task,
-    TaskOutcome,
-    decode,
-    encode,
-)
+from chorus.messages import Result, Task, TaskOutcome, decode, encode, headers
 from chorus.nats.connection import raise_if_cancelled, subscribe
-from chorus.nats.streams import ensure_dispatch_stream, ensure_tasks_bucket, publish_durably
+from chorus.nats.streams import ensure_dispatch_stream, ensure_tasks_bucket
+from chorus.nats.wire import publish_durably
 from chorus.subjects import Subjects, dispatch_target
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9_=-]+$")
@@ -59,15 +51,14 @@ class TaskQueue:
             await ensure_dispatch_stream(self.js, self.subjects)
             self._stream_ready = True
         task = msgspec.structs.replace(task, capability=capability)
-        headers = {MSG_ID_HEADER: task.task_id, TASK_ID_HEADER: task.task_id}
-        if task.run_id:
-            headers[RUN_ID_HEADER] = task.run_id
-        ack = await publish_durably(self.js, self.subjects.dispatch(target), encode(task), headers)
+        ack = await publish_durably(
+            self.js, self.subjects.dispatch(target), encode(task), headers.for_queued_task(task)
+        )
         return not ack.duplicate
 
     async def outcome(self, task_id: str) -> TaskOutcome | None:
         try:
-            entry = await (await self._tasks()).get(f"outcome.{task_id}")
+            entry = await (await self._tasks()).get(self.subjects.outcome_key(task_id))
         except KeyNotFoundError:
             return None
         return decode(entry.value or b"", TaskOutcome)

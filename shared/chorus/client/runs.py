@@ -20,16 +20,16 @@ from chorus.config import EXAMPLE_WORKFLOWS
 from chorus.errors import ConfigError, Conflict, NotFound, RequestTimeout
 from chorus.messages import (
     FINISHED_RUN,
-    MSG_ID_HEADER,
-    RUN_ID_HEADER,
     RunCancel,
     RunRecord,
     RunRequest,
     decode,
     encode,
+    headers,
     now,
 )
-from chorus.nats.streams import ensure_runs_stream, publish_durably
+from chorus.nats import wire
+from chorus.nats.streams import ensure_runs_stream
 from chorus.specs.workflow import find_workflow
 from chorus.subjects import Subjects, check_token
 
@@ -78,11 +78,11 @@ class RunClient:
         if not self._stream_ready:
             await ensure_runs_stream(self.js, self.subjects)
             self._stream_ready = True
-        await publish_durably(
+        await wire.publish_durably(
             self.js,
             self.subjects.run_submit(),
             encode(request),
-            {MSG_ID_HEADER: request.run_id, RUN_ID_HEADER: request.run_id},
+            headers.for_run_request(request.run_id),
         )
         return existing or record
 
@@ -151,5 +151,6 @@ class RunClient:
                 return
             except Conflict:
                 pass  # an orchestrator took it meanwhile: ask it to stop
-        await self.nc.publish(self.subjects.run_cancel(run_id), encode(RunCancel(run_id=run_id)))
+        cancel = RunCancel(run_id=run_id)
+        await wire.publish(self.nc, self.subjects.run_cancel(run_id), encode(cancel))
         await self.nc.flush(timeout=5)

@@ -13,19 +13,19 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from chorus.errors import NoHelper, NoResponders, RequestTimeout, error_from_code
 from chorus.messages import (
-    MSG_ID_HEADER,
-    RUN_ID_HEADER,
-    TASK_ID_HEADER,
     ErrorReply,
     Event,
     HelpReply,
     HelpRequest,
     Result,
     Task,
-    decode,
+    decode_help,
+    decode_result,
     encode,
+    headers,
 )
-from chorus.nats.streams import ensure_events_stream, publish_durably
+from chorus.nats import wire
+from chorus.nats.streams import ensure_events_stream
 from chorus.subjects import Subjects
 
 
@@ -39,11 +39,11 @@ class ChorusClient:
         self._events_ready = False
 
     async def _request(
-        self, subject: str, payload: bytes, headers: dict[str, str], timeout: float | None
+        self, subject: str, payload: bytes, sent: headers.Headers, timeout: float | None
     ) -> Msg:
         try:
-            return await self.nc.request(
-                subject, payload, timeout=timeout or self.timeout, headers=headers
+            return await wire.request(
+                self.nc, subject, payload, sent, timeout=timeout or self.timeout
             )
         except NoRespondersError:
             raise NoResponders(f"no agent is listening on {subject}") from None
@@ -71,11 +71,8 @@ class ChorusClient:
             subject = self.subjects.named_task(agent)
         else:
             subject = self.subjects.capability_task(capability or "")
-        headers = {TASK_ID_HEADER: task.task_id}
-        if task.run_id:
-            headers[RUN_ID_HEADER] = task.run_id
         try:
-            msg = await self._request(subject, encode(task), headers, timeout)
+            msg = await self._request(subject, encode(task), headers.for_task(task), timeout)
         except NoResponders:
             if instance is not None:
                 raise
@@ -83,10 +80,9 @@ class ChorusClient:
             raise NoResponders(
                 f"no agent {target} is running; start one (chorus agent run SPEC)"
             ) from None
-        reply = decode(msg.data, Result | ErrorReply)  # type: ignore[arg-type]
+        reply = decode_result(msg.data)
         if isinstance(reply, ErrorReply):
             raise error_from_code(reply.code, reply.reason)
-        assert isinstance(reply, Result)
         return reply
 
     async def ask_help(
@@ -113,10 +109,9 @@ class ChorusClient:
                 f"no agent with capability {capability!r} is running to help; start one "
                 f"(chorus agent run SPEC) or ask for another capability"
             ) from None
-        reply = decode(msg.data, HelpReply | ErrorReply)  # type: ignore[arg-type]
+        reply = decode_help(msg.data)
         if isinstance(reply, ErrorReply):
             raise error_from_code(reply.code, reply.reason)
-        assert isinstance(reply, HelpReply)
         return reply
 
     async def publish_event(self, event: Event) -> bool:
@@ -125,10 +120,9 @@ class ChorusClient:
         if not self._events_ready:
             await ensure_events_stream(js, self.subjects)
             self._events_ready = True
-        headers = {MSG_ID_HEADER: event.event_id}
-        if event.run_id:
-            headers[RUN_ID_HEADER] = event.run_id
-        ack = await publish_durably(js, self.subjects.event(event.topic), encode(event), headers)
+        ack = await wire.publish_durably(
+            js, self.subjects.event(event.topic), encode(event), headers.for_event(event)
+        )
         return not ack.duplicate
 
     async def discover(self, timeout: float = 0.5) -> list[dict[str, Any]]:
@@ -137,7 +131,7 @@ class ChorusClient:
         found: list[dict[str, Any]] = []
         sub = await self.nc.subscribe(inbox)
         try:
-            await self.nc.publish(f"$SRV.PING.{self.subjects.micro_service}", b"", reply=inbox)
+            await wire.publish(self.nc, self.subjects.micro_ping, b"", reply=inbox)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             while (left := deadline - loop.time()) > 0:

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
 
 import msgspec
 from nats.aio.client import Client
@@ -24,7 +23,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from chorus.config import Settings
@@ -32,9 +31,6 @@ from chorus.coordinator.registry import InstanceView, Registry, targets_of
 from chorus.coordinator.routing import Router
 from chorus.errors import InvalidMessage
 from chorus.messages import (
-    MSG_ID_HEADER,
-    RUN_ID_HEADER,
-    TASK_ID_HEADER,
     AttemptError,
     AttemptLog,
     DeadLetter,
@@ -43,9 +39,13 @@ from chorus.messages import (
     Task,
     TaskOutcome,
     decode,
+    decode_result,
     encode,
+    headers,
 )
-from chorus.nats.streams import ensure_dead_letter_stream, ensure_dispatch_stream, publish_durably
+from chorus.nats import wire
+from chorus.nats.jetstream import ClaimKeeper, DurableConsumer
+from chorus.nats.streams import ensure_dead_letter_stream, ensure_dispatch_stream
 
 log = logging.getLogger("chorus.coordinator.dispatch")
 
@@ -54,12 +54,17 @@ MAX_BACKOFF_S = 30.0
 
 
 class Lost(Exception):
-    """The instance did not answer: it died, vanished, or the task timed out."""
+    """The instance did not answer: it died, or the task timed out. `gone`: nobody listens
+    on the instance's subject at all, so the task never reached it (not the task's fault).
 
-    def __init__(self, code: str, reason: str) -> None:
+    Internal to the dispatcher (never crosses the wire); `code` becomes the attempt's error
+    code in the attempt log."""
+
+    def __init__(self, code: str, reason: str, *, gone: bool = False) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.gone = gone
 
 
 class Counters(msgspec.Struct):
@@ -89,9 +94,7 @@ class Dispatcher:
         self.counters = Counters()
         self._targets: dict[str, asyncio.Task[None]] = {}
         self._work: set[asyncio.Task[None]] = set()
-        # tasks out with an instance, by id(msg) (Msg is unhashable); their claims kept alive
-        self._claims: dict[int, Msg] = {}
-        self._keeper: asyncio.Task[None] | None = None
+        self._claims = ClaimKeeper(settings.claim_timeout / 3)  # tasks out with an instance
         self._stopping = False
 
     @property
@@ -101,7 +104,7 @@ class Dispatcher:
     async def start(self) -> None:
         await ensure_dispatch_stream(self.js, self.subjects)
         await ensure_dead_letter_stream(self.js, self.subjects)
-        self._keeper = asyncio.create_task(self._keep_claims())
+        self._claims.start()
         # Targets that already have a consumer (from an earlier run) resume at once.
         for info in await self.js.consumers_info(self.subjects.dispatch_stream):
             target = (info.config.filter_subject or "").removeprefix(self.subjects.dispatch(""))
@@ -117,19 +120,10 @@ class Dispatcher:
         for target in targets_of(view.heartbeat):
             self.serve(target)
 
-    async def _keep_claims(self) -> None:
-        """One ticker for every task out with an instance (not a task per dispatch)."""
-        while True:
-            await asyncio.sleep(self.settings.claim_timeout / 3)  # a schedule, not a wait
-            for msg in list(self._claims.values()):
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
-
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop fetching; wait for dispatches in flight, then hand the rest back."""
         self._stopping = True
-        if self._keeper is not None:
-            self._keeper.cancel()
+        await self._claims.stop()
         for loop in self._targets.values():
             loop.cancel()
         await asyncio.gather(*self._targets.values(), return_exceptions=True)
@@ -151,63 +145,39 @@ class Dispatcher:
 
     # fetching
 
-    async def _bind(self, target: str) -> Any:
-        durable = self.subjects.dispatch_consumer(target)
+    def _consumer(self, target: str) -> DurableConsumer:
         config = ConsumerConfig(
-            durable_name=durable,
+            durable_name=self.subjects.dispatch_consumer(target),
             filter_subject=self.subjects.dispatch(target),
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.settings.claim_timeout,
             deliver_policy=DeliverPolicy.ALL,
             max_ack_pending=-1,
         )
-        try:
-            await self.js.add_consumer(self.subjects.dispatch_stream, config)
-        except BadRequestError as exc:  # exists with other settings: keep it and its position
-            log.warning("dispatch consumer exists", extra={"consumer": durable, "error": str(exc)})
-        return await self.js.pull_subscribe_bind(
-            durable=durable, stream=self.subjects.dispatch_stream
-        )
+        return DurableConsumer(self.js, self.subjects.dispatch_stream, config)
 
     def _free_slots(self, target: str) -> int:
         return sum(v.free for v in self.router.candidates(self.registry.serving(target), target))
 
     async def _loop(self, target: str) -> None:
-        subscription = None
-        while not self._stopping:
-            try:
-                if subscription is None:
-                    subscription = await self._bind(target)
-                free = self._free_slots(target)
-                if free < 1:
-                    await self.registry.changed.wait(timeout=1.0)
-                    continue
-                # No idle heartbeat: when messages are already buffered nats-py sends a pull
-                # without `expires`, which the server refuses with a heartbeat, and the
-                # buffered messages were lost until their claim lapsed (30 s stalls).
-                messages = await subscription.fetch(min(free, MAX_BATCH), timeout=1.0)
-            except (NatsTimeout, TimeoutError):  # nothing to fetch: nats-py raises either
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # After a server restart a pull subscription may not resume: bind again.
-                log.warning("dispatch fetch failed", extra={"target": target, "error": repr(exc)})
-                subscription = None
-                await asyncio.sleep(0.5)  # backoff before binding again
-                continue
-            for msg in messages:
-                await self._assign(target, msg)
-            await asyncio.sleep(0)  # let the dispatches send their tasks before the next pull
+        async def room() -> int:
+            free = self._free_slots(target)
+            if free < 1:
+                await self.registry.changed.wait(timeout=1.0)
+                return 0
+            return min(free, MAX_BATCH)
+
+        async def assign(msg: Msg) -> None:
+            await self._assign(target, msg)
+
+        consumer = self._consumer(target)
+        await consumer.run(room, assign, stopping=lambda: self._stopping)
 
     async def _assign(self, target: str, msg: Msg) -> None:
         """Give `msg` to the best instance, waiting (claim kept alive) while none is free."""
-        last_progress = time.monotonic()
-        while (view := self.router.choose(self.registry.serving(target), target)) is None:
-            if time.monotonic() - last_progress > self.settings.claim_timeout / 3:
-                await msg.in_progress()
-                last_progress = time.monotonic()
-            await self.registry.changed.wait(timeout=1.0)
+        with self._claims.holding(msg):
+            while (view := self.router.choose(self.registry.serving(target), target)) is None:
+                await self.registry.changed.wait(timeout=1.0)
         view.reserved += 1
         work = asyncio.create_task(self._dispatch(target, msg, view))
         self._work.add(work)
@@ -217,13 +187,13 @@ class Dispatcher:
 
     async def _dispatch(self, target: str, msg: Msg, view: InstanceView) -> None:
         self.counters.active += 1
-        self._claims[id(msg)] = msg
+        self._claims.hold(msg)
         try:
             await self._attempt(target, msg, view)
         except Exception:
             log.exception("dispatch failed; the task will be redelivered", extra={"target": target})
         finally:
-            self._claims.pop(id(msg), None)
+            self._claims.release(msg)
             view.reserved -= 1
             self.counters.active -= 1
             self.registry.changed.fire()
@@ -255,6 +225,13 @@ class Dispatcher:
         try:
             reply = await self._request(view, task)
         except Lost as lost:
+            if lost.gone:
+                # Nobody listens on the instance's subject: it is gone, and the task never
+                # reached it. Not an attempt: mark the instance gone and queue the task again.
+                self.registry.gone(view.instance)
+                self.router.released(view)
+                await msg.nak()
+                return
             self.router.failed(view)
             error = AttemptError(
                 attempt=task.attempt, code=lost.code, reason=lost.reason, instance=view.instance
@@ -286,15 +263,13 @@ class Dispatcher:
         await self._retry_or_bury(target, msg, task, attempts, error)
 
     async def _request(self, view: InstanceView, task: Task) -> Result | ErrorReply:
-        headers = {TASK_ID_HEADER: task.task_id}
-        if task.run_id:
-            headers[RUN_ID_HEADER] = task.run_id
         request = asyncio.ensure_future(
-            self.nc.request(
+            wire.request(
+                self.nc,
                 self.subjects.agent_task(view.instance),
                 encode(task),
+                headers.for_task(task),
                 timeout=self.settings.task_timeout,
-                headers=headers,
             )
         )
         lost = asyncio.ensure_future(view.lost.wait())
@@ -312,13 +287,15 @@ class Dispatcher:
         try:
             reply_msg = request.result()
         except NoRespondersError:
-            raise Lost("instance_lost", f"instance {view.instance} is not listening") from None
+            raise Lost(
+                "instance_lost", f"instance {view.instance} is not listening", gone=True
+            ) from None
         except NatsTimeout:
             raise Lost(
                 "timeout", f"no answer from {view.instance} in {self.settings.task_timeout}s"
             ) from None
         try:
-            return decode(reply_msg.data, Result | ErrorReply)  # type: ignore[arg-type]
+            return decode_result(reply_msg.data)
         except InvalidMessage as exc:
             return ErrorReply(code=exc.code, reason=f"unreadable reply: {exc.reason}")
 
@@ -334,7 +311,8 @@ class Dispatcher:
             await self._bury(target, msg, task, errors)
             return
         await self.tasks.put(
-            f"attempts.{task.task_id}", encode(AttemptLog(task_id=task.task_id, errors=errors))
+            self.subjects.attempts_key(task.task_id),
+            encode(AttemptLog(task_id=task.task_id, errors=errors)),
         )
         self.counters.retried += 1
         delay = min(MAX_BACKOFF_S, self.settings.retry_backoff * 2 ** (len(errors) - 1))
@@ -343,11 +321,11 @@ class Dispatcher:
     async def _bury(self, target: str, msg: Msg, task: Task, errors: list[AttemptError]) -> None:
         """Dead-letter the task with every attempt's error and record it failed."""
         letter = DeadLetter(task=task, target=target, errors=errors)
-        await publish_durably(
+        await wire.publish_durably(
             self.js,
             self.subjects.dead_letter(target),
             encode(letter),
-            {MSG_ID_HEADER: task.task_id, TASK_ID_HEADER: task.task_id},
+            headers.for_dead_letter(task),
         )
         outcome = TaskOutcome(
             task_id=task.task_id, status="failed", errors=errors, attempts=len(errors)
@@ -365,21 +343,21 @@ class Dispatcher:
 
     async def _recorded(self, task_id: str) -> bytes | None:
         try:
-            entry = await self.tasks.get(f"outcome.{task_id}")
+            entry = await self.tasks.get(self.subjects.outcome_key(task_id))
         except KeyNotFoundError:
             return None
         return entry.value
 
     async def _attempt_log(self, task_id: str) -> AttemptLog:
         try:
-            entry = await self.tasks.get(f"attempts.{task_id}")
+            entry = await self.tasks.get(self.subjects.attempts_key(task_id))
         except KeyNotFoundError:
             return AttemptLog(task_id=task_id)
         return decode(entry.value or b"{}", AttemptLog)
 
     async def _record(self, outcome: TaskOutcome) -> None:
         """Record the outcome once; a second recorder (a redelivery) finds it there."""
-        key = f"outcome.{outcome.task_id}"
+        key = self.subjects.outcome_key(outcome.task_id)
         try:
             # Storing it is announcing it: submitters listen on the key's subject.
             await self.tasks.create(key, encode(outcome))

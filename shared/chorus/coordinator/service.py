@@ -30,6 +30,7 @@ from chorus.messages import (
     decode,
     encode,
 )
+from chorus.nats import wire
 from chorus.nats.streams import ensure_agents_bucket, ensure_tasks_bucket
 
 log = logging.getLogger("chorus.coordinator")
@@ -122,8 +123,8 @@ class Coordinator:
             health=change.health,
             previous=change.previous,
         )
-        await self.nc.publish(
-            self.subjects.agent_status(view.instance, change.health), encode(notice)
+        await wire.publish(
+            self.nc, self.subjects.agent_status(view.instance, change.health), encode(notice)
         )
         assert self._agents is not None
         if change.health in ("left", "forgotten"):
@@ -196,7 +197,7 @@ class Coordinator:
 
     async def _on_metrics(self, msg: Msg) -> None:
         queues = await self.dispatcher.queue_lengths()
-        await msg.respond(encode(self.metrics(queues)))
+        await wire.respond(msg, encode(self.metrics(queues)))
 
 
 def _fingerprint(view: InstanceView) -> tuple[object, ...]:

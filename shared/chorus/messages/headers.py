@@ -20,6 +20,14 @@ TASK_ID_HEADER: Final = "Chorus-Task-Id"
 ATTEMPT_HEADER: Final = "Chorus-Attempt"
 TRACEPARENT_HEADER: Final = "traceparent"  # W3C trace context
 MSG_ID_HEADER: Final = "Nats-Msg-Id"  # JetStream de-duplication
+# JetStream and KV headers Chorus sets on shared-state writes (chorus.state.bucket).
+EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER: Final = "Nats-Expected-Last-Subject-Sequence"
+# Makes the revision check apply to another key (nats-server 2.11+): the fencing of locks.
+EXPECTED_SUBJECT_HEADER: Final = "Nats-Expected-Last-Subject-Sequence-Subject"
+ROLLUP_HEADER: Final = "Nats-Rollup"
+MSG_TTL_HEADER: Final = "Nats-TTL"
+KV_OPERATION_HEADER: Final = "KV-Operation"  # DEL or PURGE on a delete marker
+MARKER_REASON_HEADER: Final = "Nats-Marker-Reason"  # set on markers the server writes
 # The NATS micro convention for error replies, set beside the JSON error body.
 SERVICE_ERROR_HEADER: Final = "Nats-Service-Error"
 SERVICE_ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
@@ -79,6 +87,11 @@ def for_event(event: Event) -> Headers:
     return _with_run({MSG_ID_HEADER: event.event_id}, event.run_id)
 
 
+def for_run(run_id: str) -> Headers:
+    """A message about a run (its progress)."""
+    return {RUN_ID_HEADER: run_id}
+
+
 def for_run_request(run_id: str) -> Headers:
     return {MSG_ID_HEADER: run_id, RUN_ID_HEADER: run_id}
 
@@ -89,3 +102,37 @@ def for_dead_letter(task: Task) -> Headers:
 
 def for_error(code: str, reason: str) -> Headers:
     return {SERVICE_ERROR_HEADER: reason, SERVICE_ERROR_CODE_HEADER: code}
+
+
+def for_kv_write(
+    *,
+    expect: int | None = None,
+    expect_subject: str | None = None,
+    operation: str | None = None,
+    rollup: bool = False,
+    ttl_s: int | None = None,
+) -> Headers:
+    """A conditional write to a KV bucket's stream: `expect` the revision the key (or, with
+    `expect_subject`, that other key's subject) must be at; a KV `operation` (DEL, PURGE);
+    a rollup of the key's history; a per-message TTL in seconds."""
+    headers: Headers = {}
+    if expect is not None:
+        headers[EXPECTED_LAST_SUBJECT_SEQUENCE_HEADER] = str(expect)
+    if expect_subject is not None:
+        headers[EXPECTED_SUBJECT_HEADER] = expect_subject
+    if operation is not None:
+        headers[KV_OPERATION_HEADER] = operation
+    if rollup:
+        headers[ROLLUP_HEADER] = "sub"
+    if ttl_s is not None:
+        headers[MSG_TTL_HEADER] = str(ttl_s)
+    return headers
+
+
+def kv_operation(headers: Mapping[str, str] | None) -> str:
+    """`DEL`, `PURGE`, `MARKER` (the server removed the value: TTL or max age) or `PUT`."""
+    if not headers:
+        return "PUT"
+    if headers.get(KV_OPERATION_HEADER):
+        return headers[KV_OPERATION_HEADER]
+    return "MARKER" if headers.get(MARKER_REASON_HEADER) else "PUT"

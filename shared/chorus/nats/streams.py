@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
-import nats.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, PubAck, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NoStreamResponseError
+from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
-from chorus.messages import MSG_ID_HEADER
 from chorus.subjects import Subjects
 
 EVENTS_MAX_AGE_S = 7 * 24 * 3600
@@ -115,32 +111,3 @@ async def ensure_runs_stream(js: JetStreamContext, subjects: Subjects) -> None:
             duplicate_window=DEDUPE_WINDOW_S,
         ),
     )
-
-
-# While a server restarts (or a cluster elects a leader) a JetStream publish can time out or
-# find no responder. A publish carrying `Nats-Msg-Id` can be retried safely: the stream drops
-# the duplicate. These are the errors worth retrying.
-TRANSIENT = (nats.errors.TimeoutError, nats.errors.NoRespondersError, NoStreamResponseError)
-
-
-async def publish_durably(
-    js: JetStreamContext,
-    subject: str,
-    payload: bytes,
-    headers: dict[str, str],
-    *,
-    within: float = 30.0,
-) -> PubAck:
-    """Publish until the stream acknowledges it (or `within` seconds pass); needs Nats-Msg-Id."""
-    assert MSG_ID_HEADER in headers, "only a de-duplicated publish can be retried"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    delay = 0.1
-    while True:
-        try:
-            return await js.publish(subject, payload, headers=headers, timeout=5)
-        except TRANSIENT:
-            if loop.time() + delay > deadline:
-                raise
-            await asyncio.sleep(delay)  # backoff while the server comes back
-            delay = min(delay * 2, 2.0)

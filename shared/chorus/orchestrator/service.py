@@ -15,15 +15,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import BadRequestError
 
 from chorus.client import ChorusClient
 from chorus.client.durable import TaskQueue
@@ -31,6 +28,7 @@ from chorus.client.runstore import KvRunStore
 from chorus.config import Settings
 from chorus.errors import Conflict, InvalidMessage
 from chorus.messages import Result, RunCancel, RunRequest, Task, decode, now
+from chorus.nats.jetstream import ClaimKeeper, DurableConsumer
 from chorus.nats.streams import ensure_runs_stream
 from chorus.workflows.directory import DiscoveryDirectory
 from chorus.workflows.engine import Engine, RunHandle, new_record
@@ -73,7 +71,10 @@ class Orchestrator:
         self.subjects = settings.subjects
         self.durable_tasks = durable_tasks
         self.processors = processors
-        self._slots = asyncio.Semaphore(max_runs)
+        self.max_runs = max_runs
+        self._room = asyncio.Event()  # set while fewer than max_runs runs are in flight
+        self._room.set()
+        self._claims = ClaimKeeper(settings.claim_timeout / 3)
         self._engine: Engine | None = None
         self._loop: asyncio.Task[None] | None = None
         self._runs: set[asyncio.Task[None]] = set()
@@ -110,15 +111,10 @@ class Orchestrator:
             deliver_policy=DeliverPolicy.ALL,
             max_ack_pending=-1,
         )
-        try:
-            await js.add_consumer(self.subjects.runs_stream, config)
-        except BadRequestError as exc:  # exists with other settings: keep it and its position
-            log.warning("runs consumer exists", extra={"error": str(exc)})
-        subscription = await js.pull_subscribe_bind(
-            durable=CONSUMER, stream=self.subjects.runs_stream
-        )
+        consumer = DurableConsumer(js, self.subjects.runs_stream, config)
+        await consumer.bind()
         self._cancels = await self.nc.subscribe(self.subjects.run_cancel("*"), cb=self._on_cancel)
-        self._loop = asyncio.create_task(self._take_runs(subscription))
+        self._loop = asyncio.create_task(self._take_runs(consumer))
         log.info("orchestrator ready", extra={"durable_tasks": self.durable_tasks})
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -134,32 +130,26 @@ class Orchestrator:
             run.cancel()
         if self._runs:
             await asyncio.wait(set(self._runs), timeout=timeout)
+        await self._claims.stop()
         log.info("orchestrator stopped")
 
-    async def _take_runs(self, subscription: Any) -> None:
-        while not self._stopping:
-            await self._slots.acquire()
-            try:
-                messages = await subscription.fetch(1, timeout=1.0)  # no heartbeat: see dispatch
-            except (NatsTimeout, TimeoutError):  # nothing to fetch: nats-py raises either
-                self._slots.release()
-                continue
-            except asyncio.CancelledError:
-                self._slots.release()
-                raise
-            except Exception as exc:
-                self._slots.release()
-                log.warning("fetching runs failed", extra={"error": repr(exc)})
-                await asyncio.sleep(0.5)  # backoff before fetching again
-                continue
-            for msg in messages:
-                run = asyncio.create_task(self._serve(msg))
-                self._runs.add(run)
-                run.add_done_callback(self._ran)
+    async def _take_runs(self, consumer: DurableConsumer) -> None:
+        async def room() -> int:
+            await self._room.wait()
+            return self.max_runs - len(self._runs)
+
+        async def take(msg: Msg) -> None:
+            run = asyncio.create_task(self._serve(msg))
+            self._runs.add(run)
+            run.add_done_callback(self._ran)
+            if len(self._runs) >= self.max_runs:
+                self._room.clear()
+
+        await consumer.run(room, take, stopping=lambda: self._stopping)
 
     def _ran(self, run: asyncio.Task[None]) -> None:
         self._runs.discard(run)
-        self._slots.release()
+        self._room.set()
 
     async def _serve(self, msg: Msg) -> None:
         try:
@@ -168,15 +158,13 @@ class Orchestrator:
             log.error("dropping malformed run request", extra={"error": exc.reason})
             await msg.term()
             return
-        keepalive = asyncio.create_task(_keep_claim(msg, self.settings.claim_timeout / 3))
-        try:
-            await self._drive(msg, request)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await msg.nak()  # shutting down: another replica resumes it now
-            raise
-        finally:
-            keepalive.cancel()
+        with self._claims.holding(msg):
+            try:
+                await self._drive(msg, request)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await msg.nak()  # shutting down: another replica resumes it now
+                raise
 
     async def _drive(self, msg: Msg, request: RunRequest) -> None:
         store = self.engine.services.store
@@ -235,9 +223,3 @@ class Orchestrator:
         if handle is not None:
             log.info("cancelling run", extra={"run_id": request.run_id})
             handle.cancel(request.reason or "cancelled on request")
-
-
-async def _keep_claim(msg: Msg, every: float) -> None:
-    while True:
-        await asyncio.sleep(every)
-        await msg.in_progress()

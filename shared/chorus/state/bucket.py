@@ -20,11 +20,12 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy, Header, KeyValueConfig, StorageType
+from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType
 from nats.js.errors import APIError, BadRequestError, NotFoundError
-from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE
 
 from chorus.errors import Conflict, InvalidKey
+from chorus.messages import headers
+from chorus.nats import wire
 from chorus.subjects import Subjects
 
 log = logging.getLogger("chorus.state")
@@ -36,8 +37,6 @@ HISTORY: Final = 16
 MARKER_TTL_S: Final = 1
 # Ephemeral watch consumers are removed this long after their subscriber is gone.
 WATCH_INACTIVE_S: Final = 30.0
-# Publishing with this header makes the revision check apply to another key (nats-server 2.11+).
-EXPECT_SUBJECT_HEADER: Final = "Nats-Expected-Last-Subject-Sequence-Subject"
 _WRONG_LAST_SEQUENCE: Final = (10071, 10164)
 _STREAM_CONFIG_CONFLICT: Final = 10058
 
@@ -88,16 +87,14 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
         return self.operation != PUT
 
 
-def _operation(headers: dict[str, str] | None) -> str:
-    if not headers:
-        return PUT
-    op = headers.get(KV_OP)
-    if op == KV_DEL:
+def _operation(received: dict[str, str] | None) -> str:
+    op = headers.kv_operation(received)
+    if op == "DEL":
         return DELETE
-    if op == KV_PURGE:
+    if op == "PURGE":
         return PURGE
     # Markers the server writes when a message's TTL or the bucket's max age removes it.
-    if headers.get(KV_MARKER_REASON):
+    if op == "MARKER":
         return EXPIRED
     return PUT
 
@@ -232,21 +229,15 @@ class StateBucket:
         `expect` is the revision the key must be at (0: no value), or, with `expect_key`,
         the revision that other key must be at. Raises Conflict when it is not.
         """
-        headers: dict[str, str] = {}
-        if expect is not None:
-            headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value] = str(expect)
-        if expect_key is not None:
-            headers[EXPECT_SUBJECT_HEADER] = self.subjects.state_subject(expect_key)
-        if operation is not None:
-            headers[KV_OP] = operation
-        if rollup:
-            headers[Header.ROLLUP.value] = "sub"
-        if ttl_s is not None:
-            headers[Header.MSG_TTL.value] = str(ttl_s)
+        sent = headers.for_kv_write(
+            expect=expect,
+            expect_subject=None if expect_key is None else self.subjects.state_subject(expect_key),
+            operation=operation,
+            rollup=rollup,
+            ttl_s=ttl_s,
+        )
         try:
-            ack = await self.js.publish(
-                self.subjects.state_subject(key), payload, headers=headers or None
-            )
+            ack = await wire.js_publish(self.js, self.subjects.state_subject(key), payload, sent)
         except APIError as exc:
             if exc.err_code in _WRONG_LAST_SEQUENCE:
                 on = expect_key or key

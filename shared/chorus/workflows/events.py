@@ -19,7 +19,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from chorus.client import ChorusClient
 from chorus.errors import InvalidMessage
-from chorus.messages import RUN_ID_HEADER, Event, decode
+from chorus.messages import Event, decode, headers
 from chorus.nats.streams import ensure_events_stream
 
 log = logging.getLogger("chorus.workflows")
@@ -54,7 +54,7 @@ class RunEvents:
                 msg = await self._sub.next_msg(timeout=left)
             except NatsTimeout:
                 continue
-            if (msg.headers or {}).get(RUN_ID_HEADER) != self.run_id:
+            if headers.read(msg.headers).run_id != self.run_id:
                 continue
             try:
                 event = decode(msg.data, Event)

@@ -11,7 +11,8 @@ from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeout
 
 from chorus.errors import InvalidMessage
-from chorus.messages import RUN_ID_HEADER, RunProgress, decode, encode
+from chorus.messages import RunProgress, decode, encode, headers
+from chorus.nats import wire
 from chorus.subjects import Subjects
 
 log = logging.getLogger("chorus.workflows")
@@ -28,10 +29,11 @@ class NatsProgress:
         self.subjects = subjects
 
     async def publish(self, progress: RunProgress) -> None:
-        await self.nc.publish(
+        await wire.publish(
+            self.nc,
             self.subjects.run_progress(progress.run_id, progress.kind),
             encode(progress),
-            headers={RUN_ID_HEADER: progress.run_id},
+            headers.for_run(progress.run_id),
         )
 
 

@@ -1,0 +1,166 @@
+"""The one way Chorus consumes JetStream: a durable pull consumer and a claim keeper.
+
+Agent events, coordinator dispatch and orchestrator runs all use `DurableConsumer`:
+
+- `bind` creates the durable consumer, or keeps an existing one with its position when it
+  exists with other settings (an older version's);
+- `run` fetches only when the caller says there is room, hands each message to the caller,
+  and after any error other than "nothing to fetch" binds again with a backoff (after a
+  server restart a pull subscription may not resume by itself, nats-py #504);
+- fetches use no idle heartbeat: when messages are already buffered nats-py then sends a
+  pull without `expires`, which the server refuses, and the buffered messages sat unacked
+  until their claim lapsed (30 s stalls).
+
+`ClaimKeeper` keeps the claims of messages being worked on alive with in-progress acks, one
+ticker for all of them, so a long task is not redelivered while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
+from nats.js.errors import BadRequestError
+
+log = logging.getLogger("chorus.nats.jetstream")
+
+FETCH_WAIT_S = 1.0  # how long one pull waits for messages
+REBIND_BACKOFF_S = 0.5
+
+Room = Callable[[], Awaitable[int]]
+"""Waits until the caller can take messages; returns how many (0: ask again)."""
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+def backoff(attempt: int, *, base: float = 1.0, most: float = 30.0) -> float:
+    """The delay before delivery `attempt + 1`: doubling from `base`, at most `most`."""
+    return float(min(most, base * 2.0 ** max(0, attempt - 1)))
+
+
+class DurableConsumer:
+    """A durable pull consumer on `stream`, shared by every process that binds the same name."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        stream: str,
+        config: ConsumerConfig,
+        *,
+        fetch_wait: float = FETCH_WAIT_S,
+    ) -> None:
+        assert config.durable_name, "a durable consumer needs a name"
+        self.js = js
+        self.stream = stream
+        self.config = config
+        self.name: str = config.durable_name
+        self.fetch_wait = fetch_wait
+        self._subscription: Any = None
+
+    async def bind(self) -> None:
+        """Create the consumer (or keep the one that exists) and subscribe to it."""
+        try:
+            await self.js.add_consumer(self.stream, self.config)
+        except BadRequestError as exc:  # exists with other settings: keep it and its position
+            log.warning("consumer exists", extra={"consumer": self.name, "error": str(exc)})
+        self._subscription = await self.js.pull_subscribe_bind(
+            durable=self.name, stream=self.stream
+        )
+
+    async def fetch(self, batch: int) -> list[Msg]:
+        """Up to `batch` messages, waiting at most `fetch_wait`; [] when there are none.
+
+        Any other failure drops the subscription; the next fetch binds again (after a
+        backoff), so a server restart costs one short pause, not the consumer."""
+        try:
+            if self._subscription is None:
+                await self.bind()
+            messages: list[Msg] = await self._subscription.fetch(batch, timeout=self.fetch_wait)
+            return messages
+        except (NatsTimeout, TimeoutError):  # nothing to fetch: nats-py raises either
+            return []
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(
+                "fetch failed; binding again", extra={"consumer": self.name, "error": repr(exc)}
+            )
+            self._subscription = None
+            await asyncio.sleep(REBIND_BACKOFF_S)  # backoff before binding again
+            return []
+
+    async def run(self, room: Room, handle: Handler, *, stopping: Callable[[], bool]) -> None:
+        """Fetch while there is room and hand each message to `handle`, until `stopping()`.
+
+        `handle` should return quickly (start the work in a task of its own), or the next
+        fetch waits for it: which is what a caller that must place each message before
+        taking the next (the dispatcher) wants."""
+        while not stopping():
+            wanted = await room()
+            if stopping():
+                break
+            if wanted < 1:
+                continue
+            for msg in await self.fetch(wanted):
+                await handle(msg)
+            await asyncio.sleep(0)  # let the work just started send before the next pull
+
+    async def unsubscribe(self) -> None:
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+            self._subscription = None
+
+
+class ClaimKeeper:
+    """Keeps messages claimed while they are worked on: `in_progress()` every `every` seconds
+    (a third of the consumer's ack wait), one ticker for all held messages."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._held: dict[int, Msg] = {}  # by id(msg): Msg is unhashable
+        self._ticker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick(), name="claim-keeper")
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, msg: Msg) -> None:
+        self.start()
+        self._held[id(msg)] = msg
+
+    def release(self, msg: Msg) -> None:
+        self._held.pop(id(msg), None)
+
+    @contextlib.contextmanager
+    def holding(self, msg: Msg) -> Iterator[None]:
+        self.hold(msg)
+        try:
+            yield
+        finally:
+            self.release(msg)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)  # a schedule, not a wait for something
+            for msg in list(self._held.values()):
+                try:
+                    await msg.in_progress()
+                except Exception as exc:  # the server is away: the next tick tries again
+                    log.debug("claim not renewed", extra={"error": repr(exc)})
