@@ -12,14 +12,16 @@ For each case a fresh process is started against an embedded nats-server and mea
 References measured in the same run: bare `python`, `import nats, msgspec` and
 `import nats, msgspec, openai` (time from start to exit, and memory at exit).
 
-    python bench/agent_startup.py            # 5 runs of each case, medians
-    python bench/agent_startup.py --smoke    # 1 run of each
-    python bench/agent_startup.py --imports  # also: which imports cost the time and memory
+    python -m bench.agent_startup            # 5 runs of each case, medians; about 20 s
+    python -m bench.agent_startup --smoke    # 1 run of each; about 5 s
+    python -m bench.agent_startup --imports  # also: which imports cost the time and memory
 
 Numbers are printed, never asserted. When a target is missed the import breakdown is printed
 as well (the agent run once more under an import probe): per package the time and resident
 memory its modules add (like `-X importtime`, with memory), and the Chorus module that first
-imports it; then the imports Chorus code makes, heaviest first.
+imports it; then the imports Chorus code makes, heaviest first (`bench.agent_imports`). The
+agent processes run the code of this checkout (`PYTHONPATH` is its `shared/` and root).
+Linux only (memory is read from /proc/<pid>/status).
 """
 
 from __future__ import annotations
@@ -27,37 +29,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
-import json
-import os
-import platform
 import signal
-import socket
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 
 import yaml
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bench.agent_imports import IMPORT_PROBE, ImportProfile, breakdown, mib, read_profile
+from bench.harness import cli
+from bench.harness.fleet import ROOT, child_env, free_port, tail
+from bench.harness.profile import parse_status, proc_status
+from bench.harness.stats import median, spread
+from bench.harness.tables import environment_lines, markdown_table
 from chorus.config import Settings
 from chorus.messages import Heartbeat, Result, Task, decode, decode_result, encode
 from chorus.nats.connection import connect
-from chorus.nats.server import NatsServer, find_binary
+from chorus.nats.server import NatsServer
 from chorus.subjects import Subjects
 
-ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "shared" / "chorus" / "examples" / "agents" / "researcher.yaml"
 OPENAI_MODEL = "openai:gpt-5-mini"
 HEARTBEAT_INTERVAL_S = 0.5  # only decides how long "wait for the next heartbeat" takes
+AGENT_ENV = {"CHORUS_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL_S)}
 TIMEOUT_S = 30.0
 
 # Targets from the foundation issue (MiB, seconds).
@@ -71,67 +70,6 @@ REFERENCES: dict[str, str] = {
     "import nats, msgspec": f"import nats, msgspec, os; {STATUS_PROGRAM}",
     "import nats, msgspec, openai": f"import nats, msgspec, openai, os; {STATUS_PROGRAM}",
 }
-
-# The agent process again, with every module load measured: the resident memory and time it
-# adds itself (its imports excluded, as in `-X importtime`), the module whose code imported
-# it, and the nearest Chorus module on the stack. Written as JSON to $CHORUS_BENCH_IMPORTS at
-# exit. `_load_unlocked` is CPython's private hook that every module load goes through.
-IMPORT_PROBE = r"""
-import _frozen_importlib as bootstrap, atexit, json, os, runpy, sys, time
-
-def rss():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-
-def callers():
-    # The module whose code ran the import, whether that code was a function, and the
-    # nearest Chorus module; the import machinery and this probe are skipped.
-    frame, importer, in_function, ours = sys._getframe(2), None, False, None
-    while frame is not None and ours is None:
-        spec = frame.f_globals.get("__spec__")
-        name = getattr(spec, "name", None) or frame.f_globals.get("__name__", "")
-        if frame.f_code not in PROBE and not name.startswith(("importlib", "_frozen_importlib")):
-            if importer is None:
-                importer, in_function = name, frame.f_code.co_name != "<module>"
-            if name.split(".")[0] in ("chorus", "services"):
-                ours = name
-        frame = frame.f_back
-    return importer, in_function, ours
-
-load, stack, modules = bootstrap._load_unlocked, [], []
-
-def measured_load(spec):
-    importer, lazy, ours = callers()
-    entry = {"name": spec.name, "importer": importer, "origin": ours, "lazy": lazy}
-    modules.append(entry)
-    stack.append([0, 0.0])
-    kb, started = rss(), time.perf_counter()
-    try:
-        return load(spec)
-    finally:
-        child_kb, child_s = stack.pop()
-        total_kb, total_s = rss() - kb, time.perf_counter() - started
-        if stack:
-            stack[-1][0] += total_kb
-            stack[-1][1] += total_s
-        entry.update(
-            self_kb=total_kb - child_kb, total_kb=total_kb,
-            self_ms=(total_s - child_s) * 1000, total_ms=total_s * 1000,
-        )
-
-PROBE = {callers.__code__, measured_load.__code__}
-
-def dump(baseline=rss()):
-    with open(os.environ["CHORUS_BENCH_IMPORTS"], "w") as out:
-        json.dump({"baseline_kb": baseline, "exit_kb": rss(), "modules": modules}, out)
-
-bootstrap._load_unlocked = measured_load
-atexit.register(dump)
-sys.argv = ["chorus", *sys.argv[1:]]
-runpy.run_module("chorus", run_name="__main__", alter_sys=True)
-"""
 
 
 @dataclass
@@ -160,46 +98,9 @@ class Case:
     samples: list[AgentSample] = field(default_factory=list)
 
 
-def parse_status(text: str) -> dict[str, int]:
-    """The `kB` fields of a /proc/<pid>/status text."""
-    fields: dict[str, int] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        parts = value.split()
-        if len(parts) == 2 and parts[1] == "kB":
-            fields[key] = int(parts[0])
-    return fields
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    return parse_status(Path(f"/proc/{pid}/status").read_text())
-
-
-def mib(kb: float) -> float:
-    return kb / 1024
-
-
 def unused_local_url() -> str:
     """An http URL on a local port nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
-
-
-def child_env(nats_url: str, prefix: str, extra: dict[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "NATS_URL": nats_url,
-            "CHORUS_PREFIX": prefix,
-            "CHORUS_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL_S),
-            # The code of this checkout, whatever the venv's editable install points at.
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "shared"), str(ROOT)]),
-        }
-    )
-    env.update(extra)
-    return env
+    return f"http://127.0.0.1:{free_port()}/v1"
 
 
 def agent_args(spec: Path, instance: str) -> list[str]:
@@ -237,10 +138,6 @@ class HeartbeatWatch:
     def clear(self) -> None:
         while not self.times.empty():
             self.times.get_nowait()
-
-
-def tail(log: Path, lines: int = 20) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 async def terminate(process: asyncio.subprocess.Process) -> float:
@@ -316,7 +213,7 @@ async def running_agent(
                 sys.executable,
                 *python_args,
                 *agent_args(case.spec, instance),
-                env={**child_env(nats_url, prefix, case.env), **env},
+                env=child_env(nats_url, prefix, {**AGENT_ENV, **case.env, **env}),
                 stdout=sink,
                 stderr=sink,
             )
@@ -398,30 +295,12 @@ async def run_rounds(
 # reporting
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def spread(values: list[float], fmt: Callable[[float], str]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return fmt(values[0])
-    return f"{fmt(median(values))} ({fmt(min(values))}-{fmt(max(values))})"
-
-
 def seconds(value: float) -> str:
     return f"{value:.3f}"
 
 
 def megabytes(value: float) -> str:
     return f"{value:.1f}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def agent_table(cases: list[Case]) -> str:
@@ -500,37 +379,6 @@ def target_lines(cases: list[Case]) -> tuple[list[str], bool]:
 # import breakdown
 
 
-@dataclass
-class ModuleLoad:
-    """One module load in the agent process, as the import probe saw it."""
-
-    name: str
-    importer: str | None  # the module whose code ran the import
-    origin: str | None  # the nearest Chorus module on the stack
-    lazy: bool  # imported by a function at run time, not by a module body
-    self_kb: int
-    total_kb: int
-    self_ms: float
-    total_ms: float
-
-
-@dataclass
-class ImportProfile:
-    baseline_kb: int
-    exit_kb: int
-    modules: list[ModuleLoad]
-
-
-def is_ours(module: str | None) -> bool:
-    return module is not None and module.split(".")[0] in ("chorus", "services")
-
-
-def read_profile(path: Path) -> ImportProfile:
-    raw = json.loads(path.read_text())
-    loads = [ModuleLoad(**entry) for entry in raw["modules"]]
-    return ImportProfile(raw["baseline_kb"], raw["exit_kb"], loads)
-
-
 async def profile_imports(case: Case, nats_url: str, workdir: Path) -> ImportProfile:
     """Run the agent under the import probe until it has answered (or is ready), then stop it."""
     out = workdir / f"imports-{uuid.uuid4().hex[:8]}.json"
@@ -545,148 +393,46 @@ async def profile_imports(case: Case, nats_url: str, workdir: Path) -> ImportPro
     return read_profile(out)
 
 
-def imported_by(load: ModuleLoad) -> str:
-    lazy = " (lazy)" if load.lazy else ""
-    if load.origin is None or load.origin == load.importer:
-        return f"`{load.importer}`{lazy}"
-    return f"`{load.origin}` via `{load.importer}`{lazy}"
-
-
-def package_table(profile: ImportProfile, top: int) -> str:
-    # Third-party and standard library by package; Chorus module by module.
-    packages: dict[str, list[ModuleLoad]] = {}
-    for load in profile.modules:
-        key = load.name if is_ours(load.name) else load.name.split(".")[0]
-        packages.setdefault(key, []).append(load)
-
-    def kb(loads: list[ModuleLoad]) -> int:
-        return sum(load.self_kb for load in loads)
-
-    ranked = sorted(packages.items(), key=lambda item: -kb(item[1]))[:top]
-    rows = [
-        [
-            f"`{name}`",
-            str(len(loads)),
-            f"{sum(load.self_ms for load in loads):.1f}",
-            f"{mib(kb(loads)):.1f}",
-            imported_by(loads[0]),  # loads are in start order: the first brought it in
-        ]
-        for name, loads in ranked
-    ]
-    header = ["package", "modules", "import ms", "RSS MiB", "first imported by"]
-    return markdown_table(header, rows)
-
-
-def chorus_import_table(profile: ImportProfile, top: int) -> str:
-    """The imports Chorus code makes itself, heaviest first: what a lazy import would save."""
-    direct = [load for load in profile.modules if is_ours(load.importer) or load.lazy]
-    ranked = sorted(direct, key=lambda load: -load.total_kb)[:top]
-    rows = [
-        [
-            f"`{load.importer}`",
-            f"`{load.name}`" + (" (lazy)" if load.lazy else ""),
-            f"{load.total_ms:.1f}",
-            f"{mib(load.total_kb):.1f}",
-        ]
-        for load in ranked
-    ]
-    header = ["importer", "imports", "ms with its imports", "RSS MiB with its imports"]
-    return markdown_table(header, rows)
-
-
 async def import_breakdown(case: Case, nats_url: str, workdir: Path, top: int) -> str:
-    profile = await profile_imports(case, nats_url, workdir)
-    total_kb = sum(load.self_kb for load in profile.modules)
-    total_ms = sum(load.self_ms for load in profile.modules)
-    return "\n".join(
-        [
-            f"**{case.label}**: the interpreter starts at {mib(profile.baseline_kb):.1f} MiB; "
-            f"{len(profile.modules)} module loads add {mib(total_kb):.1f} MiB and take "
-            f"{total_ms:.0f} ms; VmRSS at exit {mib(profile.exit_kb):.1f} MiB.",
-            "",
-            "Packages by resident memory (each module counted alone, without its imports):",
-            "",
-            package_table(profile, top),
-            "",
-            "Imports made by Chorus code (and at run time), with everything they pull in:",
-            "",
-            chorus_import_table(profile, top),
-        ]
-    )
+    return breakdown(case.label, await profile_imports(case, nats_url, workdir), top)
 
 
 # main
 
 
-def environment_lines(runs: int) -> list[str]:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory = parse_status(Path("/proc/meminfo").read_text()).get("MemTotal", 0)
-    server = subprocess.run(
-        [find_binary(), "--version"], capture_output=True, text=True, timeout=10, check=True
-    ).stdout.strip()
-    packages = ", ".join(
-        f"{name} {version(name)}" for name in ("nats-py", "msgspec", "openai", "PyYAML")
-    )
-    return [
-        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {cpu}, {os.cpu_count()} CPUs, {mib(memory) / 1024:.1f} GiB RAM, "
-        f"{platform.system()} {platform.release()}",
-        f"- Python {platform.python_version()}; {packages}; {server}",
-        f"- command: `python bench/agent_startup.py --runs {runs}`; "
-        f"figures are medians (min-max) of {runs} run(s)",
-    ]
+async def main_async(args: argparse.Namespace, workdir: Path) -> None:
+    runs = 1 if args.smoke else args.repeat or 5
+    with NatsServer(workdir / "jetstream") as server:
+        cases = build_cases(workdir)
+        references: dict[str, list[ReferenceSample]] = {label: [] for label in REFERENCES}
+        await run_rounds(cases, references, runs, server.url, workdir)
+        command = f"python -m bench.agent_startup --runs {runs}"
+        packages = ("nats-py", "msgspec", "openai", "PyYAML")
+        print("\n".join(environment_lines(command, packages)))
+        print(f"- figures are medians (min-max) of {runs} run(s)")
+        print()
+        print(agent_table(cases))
+        print()
+        print(reference_table(references))
+        print()
+        targets, all_met = target_lines(cases)
+        print("Targets:")
+        print("\n".join(targets))
+        if args.imports or not all_met:
+            for case in cases[:2]:
+                print()
+                print(await import_breakdown(case, server.url, workdir, args.top))
 
 
-async def main_async(args: argparse.Namespace) -> int:
-    runs = 1 if args.smoke else args.runs
-    with tempfile.TemporaryDirectory(prefix="chorus-bench-") as tmp:
-        workdir = Path(tmp)
-        server = NatsServer(workdir / "jetstream").start()
-        try:
-            cases = build_cases(workdir)
-            references: dict[str, list[ReferenceSample]] = {label: [] for label in REFERENCES}
-            await run_rounds(cases, references, runs, server.url, workdir)
-            print("\n".join(environment_lines(runs)))
-            print()
-            print(agent_table(cases))
-            print()
-            print(reference_table(references))
-            print()
-            targets, all_met = target_lines(cases)
-            print("Targets:")
-            print("\n".join(targets))
-            if args.imports or not all_met:
-                for case in cases[:2]:
-                    print()
-                    print(await import_breakdown(case, server.url, workdir, args.top))
-        finally:
-            server.stop()
-    return 0
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--runs", type=int, default=5, help="runs of each case (default 5)")
-    parser.add_argument("--smoke", action="store_true", help="one run of each case")
+def main() -> int:
+    parser = cli.parser("bench.agent_startup", __doc__, repeat="runs of each case (default 5)")
     parser.add_argument(
         "--imports",
         action="store_true",
         help="print the import breakdown even when every target is met",
     )
     parser.add_argument("--top", type=int, default=12, help="rows of the import breakdown")
-    args = parser.parse_args(argv)
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    return asyncio.run(main_async(parse_args(argv)))
+    return cli.run(main_async, parser.parse_args(), "chorus-bench-")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ writes it causes (messages on `$KV.<prefix>-agents.>`), the heartbeats sent, hea
 announced (there should be none), and the CPU of nats-server, of this simulator and of the
 rest of the machine (noise).
 
-    python bench/coordinator_load.py                  # 30 s window
-    python bench/coordinator_load.py --smoke          # 5 s window
-    python bench/coordinator_load.py --profile DIR    # then py-spy the coordinator for a window
+    python -m bench.coordinator_load                  # 30 s window, about 45 s
+    python -m bench.coordinator_load --smoke          # 5 s window, about 10 s
+    python -m bench.coordinator_load --profile DIR    # then py-spy the coordinator for a window
 
 `--profile` samples the coordinator after the measured window (so sampling does not count)
 and prints where its CPU goes. Numbers are printed, never asserted.
@@ -26,9 +26,7 @@ import asyncio
 import contextlib
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -38,24 +36,13 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from chorus.config import Settings
+from bench.harness import cli
+from bench.harness.fleet import Child, running_fleet
+from bench.harness.profile import dump_stacks, profiled, rss_mib
+from bench.harness.tables import markdown_table
 from chorus.messages import Heartbeat, Metrics, decode, encode
 from chorus.nats.connection import connect
-from chorus.nats.server import NatsServer
 from chorus.subjects import Subjects
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routing import (
-    Child,
-    Fleet,
-    child_env,
-    free_port,
-    markdown_table,
-    print_warnings,
-    profiled,
-    spawn,
-    wait_for_coordinator,
-)
 
 PREFIX = "load"
 AGENTS = 10  # agent names; the instances are spread over them
@@ -151,96 +138,65 @@ async def wait_registered(nc: Client, subjects: Subjects, want: int, coordinator
         await asyncio.sleep(0.5)  # polling: registration is only visible in the metrics
 
 
-async def dump_stacks(pid: int) -> None:
-    """What the coordinator is doing right now (py-spy dump), when py-spy is installed."""
-    if shutil.which("py-spy") is None:
-        return
-    dump = await asyncio.create_subprocess_exec(
-        "py-spy", "dump", "--pid", str(pid), stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await asyncio.wait_for(dump.communicate(), TIMEOUT_S)
-    print(out.decode(errors="replace"), file=sys.stderr)
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 async def run(sizes: Sizes, workdir: Path, profile: Path | None) -> None:
-    server = NatsServer(
-        workdir / "jetstream", monitor_port=free_port(), log_file=workdir / "nats-server.log"
-    ).start()
-    assert server.pid is not None
-    settings = Settings(nats_url=server.url, prefix=PREFIX)
-    subjects = settings.subjects
-    nc = await connect(settings, "bench")
-    # Heartbeats go out on their own connection: one nats-py connection publishing 1,000
-    # messages a second while it also takes the registration burst (a KV write and a status
-    # notice per instance) was at times cut off by the server as a slow consumer.
-    simulator_nc = await connect(settings, "simulator")
-    fleet = Fleet({"simulator": [os.getpid()], "nats-server": [server.pid]})
-    simulating: asyncio.Task[None] | None = None
-    try:
-        print(
-            f"# nats-py {version('nats-py')}, msgspec {version('msgspec')}, Python "
-            f"{platform.python_version()}, {os.cpu_count()} cpus; {sizes.instances} instances "
-            f"x 1 heartbeat/{INTERVAL_S:g} s, window {sizes.window_s:g} s",
-            flush=True,
-        )
-        env = child_env(server.url, PREFIX)
-        log = workdir / "coordinator.log"
-        coordinator = fleet.adopt(
-            await spawn("coordinator", ["-m", "chorus", "coordinator"], env, log)
-        )
-        await wait_for_coordinator(nc, subjects, coordinator)
+    async with running_fleet(workdir, PREFIX, self_role="simulator") as fleet:
+        nc, subjects = fleet.nc, fleet.subjects
+        # Heartbeats go out on their own connection: one nats-py connection publishing 1,000
+        # messages a second while it also takes the registration burst (a KV write and a
+        # status notice per instance) was at times cut off by the server as a slow consumer.
+        simulator_nc = await connect(fleet.settings, "simulator")
+        simulating: asyncio.Task[None] | None = None
+        try:
+            print(
+                f"# nats-py {version('nats-py')}, msgspec {version('msgspec')}, Python "
+                f"{platform.python_version()}, {os.cpu_count()} cpus; {sizes.instances} "
+                f"instances x 1 heartbeat/{INTERVAL_S:g} s, window {sizes.window_s:g} s",
+                flush=True,
+            )
+            coordinator = await fleet.start_coordinator()
 
-        kv_writes, changes = Counter(), Counter()
-        # The registry bucket's subjects (a wire name, only counted here).
-        await nc.subscribe(f"$KV.{subjects.agents_bucket}.>", cb=kv_writes.on_message)
-        await nc.subscribe(subjects.all_status, cb=changes.on_message)
-        await nc.flush(timeout=5)
+            kv_writes, changes = Counter(), Counter()
+            # The registry bucket's subjects (a wire name, only counted here).
+            await nc.subscribe(f"$KV.{subjects.agents_bucket}.>", cb=kv_writes.on_message)
+            await nc.subscribe(subjects.all_status, cb=changes.on_message)
+            await nc.flush(timeout=5)
 
-        simulator = Simulator(simulator_nc, subjects, sizes.instances)
-        simulating = asyncio.create_task(simulator.run())
-        started = time.perf_counter()
-        await wait_registered(nc, subjects, sizes.instances, coordinator)
-        registered_s = time.perf_counter() - started
-        print(f"all {sizes.instances} instances registered after {registered_s:.1f} s", flush=True)
-        await asyncio.sleep(sizes.settle_s)  # the start-up burst (one KV put per instance)
+            simulator = Simulator(simulator_nc, subjects, sizes.instances)
+            simulating = asyncio.create_task(simulator.run())
+            started = time.perf_counter()
+            await wait_registered(nc, subjects, sizes.instances, coordinator)
+            registered_s = time.perf_counter() - started
+            print(
+                f"all {sizes.instances} instances registered after {registered_s:.1f} s",
+                flush=True,
+            )
+            await asyncio.sleep(sizes.settle_s)  # the start-up burst (one KV put per instance)
 
-        before = fleet.snapshot()
-        counts = (kv_writes.count, changes.count, simulator.sent, simulator.late_ticks)
-        window_start = time.perf_counter()
-        await asyncio.sleep(sizes.window_s)  # the measurement is of a steady state
-        wall = time.perf_counter() - window_start
-        after = fleet.snapshot()
-        writes = kv_writes.count - counts[0]
-        announced = changes.count - counts[1]
-        sent = simulator.sent - counts[2]
-        late = simulator.late_ticks - counts[3]
-        rss = rss_mib(coordinator.pid)
+            before = fleet.snapshot()
+            counts = (kv_writes.count, changes.count, simulator.sent, simulator.late_ticks)
+            window_start = time.perf_counter()
+            await asyncio.sleep(sizes.window_s)  # the measurement is of a steady state
+            wall = time.perf_counter() - window_start
+            after = fleet.snapshot()
+            writes = kv_writes.count - counts[0]
+            announced = changes.count - counts[1]
+            sent = simulator.sent - counts[2]
+            late = simulator.late_ticks - counts[3]
+            rss = rss_mib(coordinator.pid)
 
-        cpu = {role: 100 * max(after[role] - before[role], 0) / wall for role in after}
-        metrics = decode((await nc.request(subjects.metrics, b"", timeout=10)).data, Metrics)
+            cpu = {role: 100 * max(after[role] - before[role], 0) / wall for role in after}
+            reply = await nc.request(subjects.metrics, b"", timeout=10)
+            metrics = decode(reply.data, Metrics)
 
-        if profile is not None:
-            async with profiled(profile, "coordinator-load", {"coordinator": coordinator.pid}):
-                await asyncio.sleep(sizes.window_s)  # py-spy samples the steady state
-    except BaseException:
-        print_warnings(workdir)
-        raise
-    finally:
-        if simulating is not None:
-            simulating.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await simulating
-        await fleet.stop()
-        await simulator_nc.close()
-        await nc.close()
-        server.stop()
+            if profile is not None:
+                async with profiled(profile, "coordinator-load", {"coordinator": coordinator.pid}):
+                    await asyncio.sleep(sizes.window_s)  # py-spy samples the steady state
+        finally:
+            if simulating is not None:
+                simulating.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await simulating
+            await simulator_nc.close()
 
     met = cpu["coordinator"] < TARGET_CPU_PCT
     rows = [
@@ -266,24 +222,24 @@ async def run(sizes: Sizes, workdir: Path, profile: Path | None) -> None:
     print(markdown_table(["measure", "value", "note"], rows), flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="a 5 s window")
-    parser.add_argument("--instances", type=int, help="simulated instances (default 1000)")
-    parser.add_argument("--seconds", type=float, help="the measured window")
-    parser.add_argument("--profile", type=Path, help="py-spy the coordinator afterwards; here")
-    args = parser.parse_args()
+async def main_async(args: argparse.Namespace, workdir: Path) -> None:
     sizes = SMOKE if args.smoke else DEFAULT
     sizes = Sizes(
         instances=args.instances or sizes.instances,
         window_s=args.seconds or sizes.window_s,
         settle_s=sizes.settle_s,
     )
-    if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="chorus-coordinator-load-") as tmp:
-        asyncio.run(run(sizes, Path(tmp), args.profile))
+    await run(sizes, workdir, args.profile)
+
+
+def main() -> int:
+    parser = cli.parser(
+        "bench.coordinator_load", __doc__, profile="py-spy the coordinator afterwards; here"
+    )
+    parser.add_argument("--instances", type=int, help="simulated instances (default 1000)")
+    parser.add_argument("--seconds", type=float, help="the measured window")
+    return cli.run(main_async, parser.parse_args(), "chorus-coordinator-load-")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -3,19 +3,19 @@
 N writers, each on its own connection, add 1 to the same key M times, on an embedded
 nats-server with file storage. Both runs must end at exactly N x M.
 
-    python bench/kv_contention.py                  # 4 writers x 500
-    python bench/kv_contention.py --writers 8 --increments 1000
-    python bench/kv_contention.py --smoke          # a tiny run, for CI
+    python -m bench.kv_contention                  # 4 writers x 500
+    python -m bench.kv_contention --writers 8 --increments 1000
+    python -m bench.kv_contention --smoke          # 2 writers x 20, under a second
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import nats
 from nats.aio.client import Client
@@ -23,6 +23,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from bench.harness import cli
 from chorus.nats.server import NatsServer
 from chorus.state import SharedState
 from chorus.subjects import Subjects
@@ -108,16 +109,10 @@ async def bench(url: str, n: int, m: int) -> list[Outcome]:
             await c.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--writers", type=int, default=4)
-    parser.add_argument("--increments", type=int, default=500, help="per writer")
-    parser.add_argument("--smoke", action="store_true", help="2 writers x 20 increments")
-    args = parser.parse_args()
+async def main_async(args: argparse.Namespace, workdir: Path) -> None:
     n, m = (2, 20) if args.smoke else (args.writers, args.increments)
-
-    with tempfile.TemporaryDirectory() as store, NatsServer(store) as server:
-        outcomes = asyncio.run(bench(server.url, n, m))
+    with NatsServer(workdir / "jetstream") as server:
+        outcomes = await bench(server.url, n, m)
 
     print(f"{n} writers x {m} increments on one key ({n * m} in all), embedded nats-server")
     for o in outcomes:
@@ -129,5 +124,12 @@ def main() -> None:
     print(f"  SharedState / raw    {ratio:8.2f}x")
 
 
+def main() -> int:
+    parser = cli.parser("bench.kv_contention", __doc__)
+    parser.add_argument("--writers", type=int, default=4)
+    parser.add_argument("--increments", type=int, default=500, help="per writer")
+    return cli.run(main_async, parser.parse_args(), "chorus-kv-")
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

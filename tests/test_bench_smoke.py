@@ -1,0 +1,64 @@
+"""Every benchmark script runs in its smoke mode and prints its key figures.
+
+The benches print numbers and never assert times; this only checks that each one still
+works end to end (`python -m bench.<name> --smoke`, from the repository root) and that the
+lines the docs quote are there. Together they take about 40 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 120
+
+KEY_LINES: dict[str, list[str]] = {
+    "kv_contention": ["SharedState.update", "raw kv.update CAS", "SharedState / raw"],
+    "agent_startup": [
+        "| offline model |",
+        "| import nats, msgspec |",
+        "- offline: VmRSS idle ≤ 35 MiB: median",
+    ],
+    "coordinator_load": [
+        "| coordinator CPU (% of one core) |",
+        "| registry KV writes (`$KV.<prefix>-agents.>`) |",
+        "| rest of the machine (noise) |",
+    ],
+    "routing": [
+        "raw cross-process request-reply, sequential",
+        "raw JetStream work-queue round trip, 100 in flight",
+        "chorus durable, 4 agents, 100 in flight",
+        "| direct `run_task` p50 vs raw request-reply p50 |",
+        "| durable `TaskQueue.run` p50 vs raw work-queue p50 |",
+        "## Cost per request",
+        "chorus durable `TaskQueue.run`: medians of",
+    ],
+    "orchestration": [
+        "| cross-process core request-reply, sequential |",
+        "per step / raw WQ p50",
+        "per task / raw req-reply (100 in flight)",
+        "Where a pipeline step's time goes, durable path",
+        "| KV store + NATS progress (as the orchestrator) |",
+        "- pipeline step, durable: p50",
+    ],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", list(KEY_LINES))
+def test_bench_script_runs_in_smoke_mode_and_prints_its_figures(script: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{script}", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    report = f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, report
+    for line in KEY_LINES[script]:
+        assert line in done.stdout, f"{line!r} missing\n{report}"
