@@ -8,6 +8,7 @@ never lost; an orchestrator takes it from there.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError, NoKeysError
 
-from chorus.errors import ConfigError, Conflict, NotFound, RequestTimeout
+from chorus.errors import ConfigError, Conflict, InvalidMessage, NotFound, RequestTimeout
 from chorus.examples import WORKFLOWS
 from chorus.messages import (
     FINISHED_RUN,
@@ -32,6 +33,8 @@ from chorus.streams import ensure_runs_stream, publish_durably
 from chorus.subjects import Subjects, check_token
 from chorus.workflows.spec import WorkflowSpec, load_workflow
 from chorus.workflows.store import KvRunStore
+
+log = logging.getLogger("chorus.runs")
 
 
 def workflow_dirs() -> list[Path]:
@@ -102,7 +105,9 @@ class RunClient:
         return record
 
     async def list(self, limit: int = 50) -> list[RunRecord]:
-        """The most recently created runs first."""
+        """The most recently created runs first. A record that does not decode (written by
+        something else, or nested past the decoder's depth) is logged and left out, so one bad
+        value never hides the others."""
         store = await self.store()
         try:
             keys = await store.kv.keys()
@@ -114,8 +119,13 @@ class RunClient:
                 entry = await store.kv.get(key)
             except KeyNotFoundError:
                 continue
-            if entry.value:
+            if not entry.value:
+                continue
+            try:
                 records.append(decode(entry.value, RunRecord))
+            except (InvalidMessage, RecursionError) as exc:
+                reason = exc.reason if isinstance(exc, InvalidMessage) else "nested too deep"
+                log.warning("run record skipped", extra={"key": key, "error": reason})
         records.sort(key=lambda r: r.created_at, reverse=True)
         return records[:limit]
 
