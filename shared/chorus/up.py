@@ -130,6 +130,11 @@ async def run_up(
     await asyncio.to_thread(system.start_server)
     try:
         start_services(system, agents, gateway_port=gateway_port)
+        if gateway_port is not None:
+            console.print(
+                f"gateway API key (admin): {data_dir / KEY_FILE}; send it as "
+                "`Authorization: Bearer <key>`"
+            )
         with Live(
             status_table(system, gateway_port), console=console, refresh_per_second=2
         ) as live:
