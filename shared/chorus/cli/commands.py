@@ -61,7 +61,6 @@ def register(sub: Any) -> None:
     )
     gateway.add_argument(
         "--keys",
-        default=os.environ.get("CHORUS_GATEWAY_KEYS"),
         metavar="FILE",
         help="API keys file (hashes), made with `chorus gateway key add` [env CHORUS_GATEWAY_KEYS]",
     )
@@ -73,7 +72,7 @@ def register(sub: Any) -> None:
     gateway.add_argument(
         "--allowed-host",
         action="append",
-        default=_env_list("CHORUS_GATEWAY_ALLOWED_HOSTS"),
+        default=[],
         metavar="HOST",
         help="a Host header to serve besides localhost, 127.0.0.1 and --host; `*` for any; "
         "repeatable [env CHORUS_GATEWAY_ALLOWED_HOSTS, comma-separated]",
@@ -81,7 +80,7 @@ def register(sub: Any) -> None:
     gateway.add_argument(
         "--allowed-origin",
         action="append",
-        default=_env_list("CHORUS_GATEWAY_ALLOWED_ORIGINS"),
+        default=[],
         metavar="ORIGIN",
         help="a web origin (https://name[:port]) whose pages may call the API; repeatable "
         "[env CHORUS_GATEWAY_ALLOWED_ORIGINS, comma-separated]",
@@ -89,7 +88,6 @@ def register(sub: Any) -> None:
     gateway.add_argument(
         "--max-waiting",
         type=int,
-        default=os.environ.get("CHORUS_GATEWAY_MAX_WAITING", "64"),
         help="execute requests waiting for their run at once, then 429 "
         "[env CHORUS_GATEWAY_MAX_WAITING, default 64]",
     )
@@ -170,8 +168,9 @@ async def coordinator_run(args: argparse.Namespace, settings: Settings) -> int:
     return await serve(settings)
 
 
-def _env_list(variable: str) -> list[str]:
-    return [item.strip() for item in os.environ.get(variable, "").split(",") if item.strip()]
+def _listed(setting: str, flags: list[str]) -> list[str]:
+    """A comma-separated setting (from the environment) and the repeated flag, together."""
+    return [item.strip() for item in setting.split(",") if item.strip()] + flags
 
 
 def register_keys(gateway: Any) -> None:
@@ -195,8 +194,6 @@ def register_keys(gateway: Any) -> None:
     for action in (add, listing, remove):
         action.add_argument(
             "--keys",
-            required="CHORUS_GATEWAY_KEYS" not in os.environ,
-            default=os.environ.get("CHORUS_GATEWAY_KEYS"),
             metavar="FILE",
             help="the keys file [env CHORUS_GATEWAY_KEYS]",
         )
@@ -210,11 +207,11 @@ async def gateway_run(args: argparse.Namespace, settings: Settings) -> int:
 
     options = GatewayOptions.build(
         args.host,
-        keys_file=args.keys,
+        keys_file=args.keys or settings.gateway_keys or None,
         no_auth=args.no_auth,
-        allowed_hosts=args.allowed_host,
-        allowed_origins=args.allowed_origin,
-        max_waiting=args.max_waiting,
+        allowed_hosts=_listed(settings.gateway_allowed_hosts, args.allowed_host),
+        allowed_origins=_listed(settings.gateway_allowed_origins, args.allowed_origin),
+        max_waiting=settings.gateway_max_waiting if args.max_waiting is None else args.max_waiting,
     )
     return await serve(settings, args.host, args.port, options)
 
@@ -222,9 +219,12 @@ async def gateway_run(args: argparse.Namespace, settings: Settings) -> int:
 async def gateway_key(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
+    from chorus.errors import ConfigError
     from chorus.gateway.keys import add_key, read_keys, remove_key
 
-    path = Path(args.keys)
+    if not (args.keys or settings.gateway_keys):
+        raise ConfigError("give the keys file: --keys FILE (env CHORUS_GATEWAY_KEYS)")
+    path = Path(args.keys or settings.gateway_keys)
     if args.key_command == "add":
         key = add_key(path, args.name, args.scope)
         print(key)
