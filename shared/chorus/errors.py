@@ -129,6 +129,29 @@ class RunFailed(ChorusError):
     code = "run_failed"
 
 
+class Unauthorized(ChorusError):
+    """A gateway request came without an API key, or with one the gateway does not know."""
+
+    code = "unauthorized"
+
+
+class Forbidden(ChorusError):
+    """A gateway request is not allowed: its key lacks the scope, or its Host or Origin is
+    not one the gateway serves."""
+
+    code = "forbidden"
+
+
+class UnsupportedMediaType(ChorusError):
+    code = "unsupported_media_type"
+
+
+class TooManyRequests(ChorusError):
+    """A limit on requests in flight is reached; retry later."""
+
+    code = "too_many_requests"
+
+
 _BY_CODE: dict[str, type[ChorusError]] = {}
 
 

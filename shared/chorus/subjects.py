@@ -7,14 +7,24 @@ import re
 import msgspec
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+# Tokens go into subjects, KV keys and message headers: bounded, so one long id cannot push a
+# message over the server's max_payload (which closes the connection).
+MAX_TOKEN_LENGTH = 128
 # Keys under this prefix in the state bucket hold lock leases (chorus.state.locks).
 LOCK_KEY_PREFIX = "_lock."
 _TOPIC = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*(\.>|\.\*)?$|^>$")
 
 
 def check_token(value: str, what: str) -> str:
-    """A single subject token: letters, digits, `-` and `_` only."""
-    if not _TOKEN.match(value):
+    """A single subject token: letters, digits, `-` and `_` only, at most 128 of them."""
+    if len(value) > MAX_TOKEN_LENGTH:
+        from chorus.errors import ConfigError
+
+        raise ConfigError(
+            f"{what} {value[:16]!r}... is {len(value)} characters long; "
+            f"the most is {MAX_TOKEN_LENGTH}"
+        )
+    if not _TOKEN.fullmatch(value):  # fullmatch: `$` alone would let a final "\n" through
         from chorus.errors import ConfigError
 
         raise ConfigError(f"{what} {value!r} must use only letters, digits, '-' and '_'")

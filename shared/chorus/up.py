@@ -3,6 +3,8 @@
 An embedded nats-server (data kept in `--data-dir`), the coordinator, the orchestrator, the
 gateway and the example agents (or yours), supervised: a child that exits is restarted with
 backoff. Ctrl-C (or SIGTERM) drains the agents, stops the services, then the server.
+The gateway requires an API key: an admin key is made on the first run and kept in the data
+dir (`gateway.key`, mode 0600; its hash in `gateway-keys.jsonl`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from chorus.errors import ConfigError
 from chorus.examples import AGENTS
+from chorus.gateway.keys import KEY_FILE, local_key
 from chorus.local import LocalSystem
 
 if TYPE_CHECKING:
@@ -70,7 +73,8 @@ def start_services(
     system.spawn("coordinator", "coordinator")
     system.spawn("orchestrator", "orchestrator")
     if gateway_port is not None:
-        system.spawn("gateway", "gateway", "--port", str(gateway_port))
+        keys_file, _ = local_key(system.data_dir)
+        system.spawn("gateway", "gateway", "--port", str(gateway_port), "--keys", str(keys_file))
     for agent in agents:
         for replica in range(1, agent.replicas + 1):
             system.spawn(f"{agent.name}-{replica}", "agent", "run", str(agent.spec))
@@ -81,7 +85,11 @@ def status_table(system: LocalSystem, gateway_port: int | None) -> Table:
 
     table = Table(
         title=f"chorus up — NATS_URL={system.url}"
-        + (f"  gateway http://127.0.0.1:{gateway_port}" if gateway_port is not None else "")
+        + (
+            f"  gateway http://127.0.0.1:{gateway_port} (key in {system.data_dir / KEY_FILE})"
+            if gateway_port is not None
+            else ""
+        )
         + "  (Ctrl-C stops everything)",
         title_justify="left",
     )
@@ -122,6 +130,11 @@ async def run_up(
     await asyncio.to_thread(system.start_server)
     try:
         start_services(system, agents, gateway_port=gateway_port)
+        if gateway_port is not None:
+            console.print(
+                f"gateway API key (admin): {data_dir / KEY_FILE}; send it as "
+                "`Authorization: Bearer <key>`"
+            )
         with Live(
             status_table(system, gateway_port), console=console, refresh_per_second=2
         ) as live:

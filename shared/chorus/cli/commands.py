@@ -43,7 +43,9 @@ def register(sub: Any) -> None:
         help="run the HTTP gateway: execute workflows, runs, health, metrics",
         description="Serve the HTTP API until SIGTERM/SIGINT: POST /api/execute, "
         "GET /api/runs/{id}, /api/health, /api/metrics, Prometheus /metrics, /openapi.json.",
-        epilog="example: chorus gateway --port 8080 && curl localhost:8080/api/health",
+        epilog="example: chorus gateway key add me --scope admin --keys keys.jsonl\n"
+        "         chorus gateway --keys keys.jsonl --port 8080",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gateway.add_argument(
         "--host",
@@ -56,7 +58,40 @@ def register(sub: Any) -> None:
         default=None,
         help="port to listen on, 0 for any free one [env CHORUS_GATEWAY_PORT, default 8080]",
     )
+    gateway.add_argument(
+        "--keys",
+        metavar="FILE",
+        help="API keys file (hashes), made with `chorus gateway key add` [env CHORUS_GATEWAY_KEYS]",
+    )
+    gateway.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="accept requests without a key: only when --host is a loopback address",
+    )
+    gateway.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a Host header to serve besides localhost, 127.0.0.1 and --host; `*` for any; "
+        "repeatable [env CHORUS_GATEWAY_ALLOWED_HOSTS, comma-separated]",
+    )
+    gateway.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (https://name[:port]) whose pages may call the API; repeatable "
+        "[env CHORUS_GATEWAY_ALLOWED_ORIGINS, comma-separated]",
+    )
+    gateway.add_argument(
+        "--max-waiting",
+        type=int,
+        help="execute requests waiting for their run at once, then 429 "
+        "[env CHORUS_GATEWAY_MAX_WAITING, default 64]",
+    )
     gateway.set_defaults(func=gateway_run, service=True)
+    register_keys(gateway)
 
     orchestrator = sub.add_parser(
         "orchestrator",
@@ -132,12 +167,79 @@ async def coordinator_run(args: argparse.Namespace, settings: Settings) -> int:
     return await serve(settings)
 
 
+def _listed(setting: str, flags: list[str]) -> list[str]:
+    """A comma-separated setting (from the environment) and the repeated flag, together."""
+    return [item.strip() for item in setting.split(",") if item.strip()] + flags
+
+
+def register_keys(gateway: Any) -> None:
+    """`chorus gateway key add|list|remove`: the gateway's API keys file."""
+    from chorus.gateway.keys import SCOPES
+
+    key = gateway.add_subparsers(dest="gateway_command", metavar="key").add_parser(
+        "key", help="make, list and remove the gateway's API keys"
+    )
+    actions = key.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    add = actions.add_parser(
+        "add",
+        help="make a key, store its hash and print the key (once: it is stored nowhere)",
+        epilog="example: chorus gateway key add ci --scope read --scope execute --keys keys.jsonl",
+    )
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("--scope", action="append", choices=SCOPES, required=True)
+    listing = actions.add_parser("list", help="the keys' names and scopes")
+    remove = actions.add_parser("remove", help="revoke a key (restart the gateway to apply)")
+    remove.add_argument("name", metavar="NAME")
+    for action in (add, listing, remove):
+        action.add_argument(
+            "--keys",
+            metavar="FILE",
+            help="the keys file [env CHORUS_GATEWAY_KEYS]",
+        )
+        action.set_defaults(func=gateway_key, service=False)
+
+
 async def gateway_run(args: argparse.Namespace, settings: Settings) -> int:
+    from chorus.gateway.options import GatewayOptions
     from chorus.gateway.process import serve
 
     host = settings.gateway_host if args.host is None else args.host
     port = settings.gateway_port if args.port is None else args.port
-    return await serve(settings, host, port)
+    options = GatewayOptions.build(
+        host,
+        keys_file=args.keys or settings.gateway_keys or None,
+        no_auth=args.no_auth,
+        allowed_hosts=_listed(settings.gateway_allowed_hosts, args.allowed_host),
+        allowed_origins=_listed(settings.gateway_allowed_origins, args.allowed_origin),
+        max_waiting=settings.gateway_max_waiting if args.max_waiting is None else args.max_waiting,
+    )
+    return await serve(settings, host, port, options)
+
+
+async def gateway_key(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from chorus.errors import ConfigError
+    from chorus.gateway.keys import add_key, read_keys, remove_key
+
+    if not (args.keys or settings.gateway_keys):
+        raise ConfigError("give the keys file: --keys FILE (env CHORUS_GATEWAY_KEYS)")
+    path = Path(args.keys or settings.gateway_keys)
+    if args.key_command == "add":
+        key = add_key(path, args.name, args.scope)
+        print(key)
+        print(
+            f"key {args.name!r} ({', '.join(args.scope)}) added to {path}; it is shown only "
+            "now. Send it as `Authorization: Bearer <key>`; restart the gateway to accept it.",
+            file=sys.stderr,
+        )
+    elif args.key_command == "list":
+        for stored in read_keys(path):
+            print(f"{stored.name}\t{','.join(stored.scopes)}")
+    else:
+        remove_key(path, args.name)
+        print(f"key {args.name!r} removed from {path}; restart the gateway", file=sys.stderr)
+    return 0
 
 
 async def orchestrator_run(args: argparse.Namespace, settings: Settings) -> int:

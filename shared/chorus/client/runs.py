@@ -8,6 +8,7 @@ never lost; an orchestrator takes it from there.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from nats.js.errors import KeyNotFoundError, NoKeysError
 
 from chorus.client.runstore import KvRunStore
 from chorus.config import EXAMPLE_WORKFLOWS
-from chorus.errors import ConfigError, Conflict, NotFound, RequestTimeout
+from chorus.errors import ConfigError, Conflict, InvalidMessage, NotFound, RequestTimeout
 from chorus.messages import (
     FINISHED_RUN,
     RunCancel,
@@ -32,6 +33,8 @@ from chorus.nats import wire
 from chorus.nats.streams import ensure_runs_stream
 from chorus.specs.workflow import find_workflow
 from chorus.subjects import Subjects, check_token
+
+log = logging.getLogger("chorus.client.runs")
 
 
 class RunClient:
@@ -93,7 +96,9 @@ class RunClient:
         return record
 
     async def list(self, limit: int = 50) -> list[RunRecord]:
-        """The most recently created runs first."""
+        """The most recently created runs first. A record that does not decode (written by
+        something else, or nested past the decoder's depth) is logged and left out, so one bad
+        value never hides the others."""
         store = await self.store()
         try:
             keys = await store.kv.keys()
@@ -105,8 +110,13 @@ class RunClient:
                 entry = await store.kv.get(key)
             except KeyNotFoundError:
                 continue
-            if entry.value:
+            if not entry.value:
+                continue
+            try:
                 records.append(decode(entry.value, RunRecord))
+            except (InvalidMessage, RecursionError) as exc:
+                reason = exc.reason if isinstance(exc, InvalidMessage) else "nested too deep"
+                log.warning("run record skipped", extra={"key": key, "error": reason})
         records.sort(key=lambda r: r.created_at, reverse=True)
         return records[:limit]
 

@@ -83,5 +83,6 @@ class AccessLog:
                     "status": status,
                     "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                     "client": f"{client[0]}:{client[1]}" if client else "",
+                    "api_key": scope.get("state", {}).get("api_key", ""),  # its name (auth.py)
                 },
             )

@@ -1,15 +1,18 @@
 """The HTTP gateway: run workflows, read runs, health and metrics, over one NATS connection.
 
-`create_app` takes everything it needs (the connection, the settings, an event that says the
-process is stopping) and holds no global state, so tests start as many gateways as they like.
+`create_app` takes everything it needs (the connection, the settings, what the gateway accepts,
+an event that says the process is stopping) and holds no global state, so tests start as many
+gateways as they like. Every route but `/api/health` needs an API key with its scope.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Final
 
+import msgspec
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from starlette.applications import Starlette
@@ -26,12 +29,22 @@ from chorus.errors import (
     InvalidMessage,
     NoResponders,
     NotFound,
-    PayloadTooLarge,
     RequestTimeout,
 )
 from chorus.gateway.access import AccessLog, RequestCounts
+from chorus.gateway.auth import Authenticator, Endpoint
 from chorus.gateway.bodies import ApiError, HealthReport, RunAccepted, RunLinks, RunList
+from chorus.gateway.guard import HostGuard
+from chorus.gateway.keys import Scope
+from chorus.gateway.limits import (
+    WaitSlots,
+    check_depth,
+    check_publishable,
+    read_body,
+    require_json,
+)
 from chorus.gateway.openapi import document
+from chorus.gateway.options import GatewayOptions
 from chorus.gateway.prometheus import CONTENT_TYPE, gateway_families, render, system_families
 from chorus.gateway.responses import EXCEPTION_HANDLERS, JSONResponse
 from chorus.gateway.system import (
@@ -46,6 +59,7 @@ from chorus.messages import (
     RunRequest,
     RunStatus,
     decode,
+    encode,
 )
 from chorus.subjects import check_token
 
@@ -105,25 +119,6 @@ def _run_id(request: Request) -> str:
         ) from None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it is known to be larger than `limit`."""
-    too_large = PayloadTooLarge(
-        f"the request body is larger than {limit} bytes (CHORUS_MAX_MESSAGE_BYTES); "
-        "pass large inputs by reference (a URL or a shared-state key) instead"
-    )
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _until_disconnected(request: Request) -> None:
     """Returns when the client has gone (after the body is read, the server says only that)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -134,10 +129,19 @@ class Gateway:
     """The route handlers, over one NATS connection."""
 
     def __init__(
-        self, nc: Client, settings: Settings, *, stopping: asyncio.Event, status_timeout: float
+        self,
+        nc: Client,
+        settings: Settings,
+        options: GatewayOptions,
+        *,
+        stopping: asyncio.Event,
+        status_timeout: float,
     ) -> None:
         self.nc = nc
         self.settings = settings
+        self.options = options
+        self.auth = Authenticator(options.keys)
+        self.waiting = WaitSlots(options.max_waiting)
         self.stopping = stopping
         self.runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
         self.system = SystemView(nc, settings.subjects, timeout=status_timeout)
@@ -146,24 +150,37 @@ class Gateway:
 
     async def execute(self, request: Request) -> Response:
         """`POST /api/execute`: submit a run; 200 with it once finished, else 202."""
+        require_json(request)
         wait = _flag(request, "wait", True)
         timeout = _number(request, "timeout", DEFAULT_WAIT_S, most=MAX_WAIT_S)
-        run_request = decode(await _read_body(request, self.settings.max_message_bytes), RunRequest)
+        run_request = await self._run_request(request)
         require_connected(self.nc)
-        record = await self.runs.submit(run_request)
-        log.info(
-            "run submitted",
-            extra={"run_id": record.run_id, "workflow": record.workflow.name, "wait": wait},
-        )
-        if not wait or record.finished:
-            return JSONResponse(record) if record.finished else accepted(record.run_id, "pending")
-        finished = await self._wait(request, record.run_id, timeout)
+        # A slot is taken before submitting, so a request refused with 429 leaves no run.
+        with self.waiting.take() if wait else contextlib.nullcontext():
+            record = await self.runs.submit(run_request)
+            log.info(
+                "run submitted",
+                extra={"run_id": record.run_id, "workflow": record.workflow.name, "wait": wait},
+            )
+            if not wait or record.finished:
+                return (
+                    JSONResponse(record) if record.finished else accepted(record.run_id, "pending")
+                )
+            finished = await self._wait(request, record.run_id, timeout)
         if finished is not None:
             return JSONResponse(finished)
         current = await self.runs.get(record.run_id)
         return (
             JSONResponse(current) if current.finished else accepted(current.run_id, current.status)
         )
+
+    async def _run_request(self, request: Request) -> RunRequest:
+        """The body as a RunRequest, checked for depth before decoding and for size after."""
+        body = await read_body(request, self.settings.max_message_bytes)
+        check_depth(body, self.options.max_json_depth)
+        run_request = decode(body, RunRequest)
+        check_publishable(len(encode(run_request)), self.nc.max_payload)
+        return run_request
 
     async def _wait(self, request: Request, run_id: str, timeout: float) -> RunRecord | None:
         """The finished run; None when it goes on past the timeout, the client left, or the
@@ -197,6 +214,7 @@ class Gateway:
 
     async def cancel_run(self, request: Request) -> Response:
         """`POST /api/runs/{run_id}/cancel`: 202 with the status the run has now."""
+        require_json(request, body=False)
         run_id = _run_id(request)
         require_connected(self.nc)
         record = await self.runs.get(run_id)
@@ -208,7 +226,9 @@ class Gateway:
         return accepted(run_id, (await self.runs.get(run_id)).status)
 
     async def health(self, request: Request) -> Response:
-        """`GET /api/health`: 200 ok or degraded; 503 while NATS is away."""
+        """`GET /api/health`: 200 ok or degraded; 503 while NATS is away. Open to all (for
+        container health checks); the agent list only for keys that may read."""
+        may_read = self.auth.may(request, "read")
         if not self.nc.is_connected:
             unreachable = nats_unreachable(self.nc)
             report = HealthReport(
@@ -220,7 +240,8 @@ class Gateway:
                 error=ApiError(code=unreachable.code, reason=unreachable.reason),
             )
             return JSONResponse(report, status_code=503)
-        return JSONResponse(await self.system.health())
+        report = await self.system.health()
+        return JSONResponse(report if may_read else msgspec.structs.replace(report, agents=[]))
 
     async def metrics(self, request: Request) -> Response:
         """`GET /api/metrics`: the coordinator's Metrics; 503 when none answers."""
@@ -253,6 +274,7 @@ class Gateway:
 def create_app(
     nc: Client,
     settings: Settings,
+    options: GatewayOptions,
     *,
     stopping: asyncio.Event | None = None,
     status_timeout: float = STATUS_TIMEOUT_S,
@@ -260,20 +282,29 @@ def create_app(
     """The gateway's ASGI app. Set `stopping` on shutdown: requests waiting for a run then
     answer 202 at once instead of holding the server open."""
     gateway = Gateway(
-        nc, settings, stopping=stopping or asyncio.Event(), status_timeout=status_timeout
+        nc, settings, options, stopping=stopping or asyncio.Event(), status_timeout=status_timeout
     )
+
+    def route(path: str, endpoint: Endpoint, scope: Scope | None, *, post: bool = False) -> Route:
+        handler = endpoint if scope is None else gateway.auth.protect(endpoint, scope)
+        return Route(path, handler, methods=["POST" if post else "GET"])
+
     routes = [
-        Route("/api/execute", gateway.execute, methods=["POST"], name="execute"),
-        Route("/api/runs", gateway.list_runs, methods=["GET"], name="runs"),
-        Route("/api/runs/{run_id}", gateway.get_run, methods=["GET"], name="run"),
-        Route("/api/runs/{run_id}/cancel", gateway.cancel_run, methods=["POST"], name="cancel"),
-        Route("/api/health", gateway.health, methods=["GET"], name="health"),
-        Route("/api/metrics", gateway.metrics, methods=["GET"], name="metrics"),
-        Route("/metrics", gateway.prometheus, methods=["GET"], name="prometheus"),
-        Route("/openapi.json", gateway.openapi_json, methods=["GET"], name="openapi"),
+        route("/api/execute", gateway.execute, "execute", post=True),
+        route("/api/runs", gateway.list_runs, "read"),
+        route("/api/runs/{run_id}", gateway.get_run, "read"),
+        route("/api/runs/{run_id}/cancel", gateway.cancel_run, "execute", post=True),
+        route("/api/health", gateway.health, None),  # open, for health checks: see health()
+        route("/api/metrics", gateway.metrics, "read"),
+        route("/metrics", gateway.prometheus, "read"),
+        route("/openapi.json", gateway.openapi_json, "read"),
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(AccessLog, counts=gateway.counts)],
+        middleware=[
+            # Outermost first: every request is logged and counted, refused ones too.
+            Middleware(AccessLog, counts=gateway.counts),
+            Middleware(HostGuard, options.allowed_hosts, options.allowed_origins),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
     )

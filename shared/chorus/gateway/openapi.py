@@ -30,7 +30,7 @@ _RUN_ID: Final = {
     "name": "run_id",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$", "maxLength": 128},
 }
 _ACCEPTED_HEADERS: Final = {
     "Location": {"description": "where to read the run", "schema": {"type": "string"}}
@@ -158,6 +158,36 @@ def _paths() -> dict[str, Any]:
     }
 
 
+_AUTH_ERRORS: Final = {
+    "401": _error("no API key, or an unknown one (code `unauthorized`)"),
+    "403": _error("the key lacks the scope, or the Host or Origin is not allowed"),
+}
+_WRITE_ERRORS: Final = {"415": _error("the body is not `Content-Type: application/json`")}
+_SECURITY_SCHEMES: Final = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API key from `chorus gateway key add`; scopes read, execute, admin",
+    }
+}
+
+
+def _secured(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every route but health needs a key; writes take JSON only; waits are limited."""
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if path == "/api/health":
+                operation["security"] = [{}, {"bearer": []}]  # open; agents only with `read`
+                continue
+            operation["responses"].update(_AUTH_ERRORS)
+            if method == "post":
+                operation["responses"].update(_WRITE_ERRORS)
+    paths["/api/execute"]["post"]["responses"]["429"] = _error(
+        "too many requests are waiting for runs; retry after `Retry-After` seconds"
+    )
+    return paths
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the gateway's routes."""
     (_, schemas) = msgspec.json.schema_components(
@@ -186,6 +216,7 @@ def document() -> dict[str, Any]:
             "description": "Run workflows on a Chorus system and watch its health over HTTP. "
             'Errors answer `{"error": {"code": ..., "reason": ...}}`.',
         },
-        "paths": _paths(),
-        "components": {"schemas": schemas},
+        "paths": _secured(_paths()),
+        "security": [{"bearer": []}],
+        "components": {"schemas": schemas, "securitySchemes": _SECURITY_SCHEMES},
     }

@@ -10,6 +10,7 @@ from nats.aio.client import Client
 
 from chorus.config import Settings
 from chorus.gateway.app import create_app
+from chorus.gateway.options import GatewayOptions
 from chorus.gateway.server import listen
 from chorus.gateway.server import serve as serve_http
 from chorus.lifecycle import serve_until_signalled
@@ -20,7 +21,7 @@ log = logging.getLogger("chorus.gateway")
 GRACE_S = 10  # for requests in flight at shutdown (waits for runs answer 202 at once)
 
 
-async def serve(settings: Settings, host: str, port: int) -> int:
+async def serve(settings: Settings, host: str, port: int, options: GatewayOptions) -> int:
     """Listen on `host:port` (bound first, so a port in use fails at once), then serve."""
     with listen(host, port) as sock:
         stopping = asyncio.Event()
@@ -28,11 +29,19 @@ async def serve(settings: Settings, host: str, port: int) -> int:
 
         async def start() -> None:
             nc = await connect(settings, "gateway", service=True)
-            app = create_app(nc, settings, stopping=stopping)
+            app = create_app(nc, settings, options, stopping=stopping)
             serving = asyncio.create_task(serve_http(app, sock, stopping, grace=GRACE_S))
             running.append((serving, nc))
             bound_host, bound_port = sock.getsockname()[:2]
-            log.info("gateway listening", extra={"host": bound_host, "port": bound_port})
+            log.info(
+                "gateway listening",
+                extra={
+                    "host": bound_host,
+                    "port": bound_port,
+                    "auth": options.keys is not None,
+                    "allowed_hosts": sorted(options.allowed_hosts),
+                },
+            )
 
         async def stop() -> None:
             stopping.set()

@@ -15,6 +15,7 @@ from chorus.errors import (
     ChorusError,
     ConfigError,
     Conflict,
+    Forbidden,
     InvalidKey,
     InvalidMessage,
     NatsUnreachable,
@@ -22,6 +23,9 @@ from chorus.errors import (
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
+    TooManyRequests,
+    Unauthorized,
+    UnsupportedMediaType,
 )
 from chorus.gateway.bodies import ApiError, ApiErrorBody
 from chorus.messages import encode
@@ -31,9 +35,13 @@ STATUS_BY_ERROR: Final[tuple[tuple[type[ChorusError], int], ...]] = (
     (InvalidMessage, 400),
     (InvalidKey, 400),
     (ConfigError, 400),  # a wrong workflow, run id or workflow name in the request
+    (Unauthorized, 401),
+    (Forbidden, 403),
     (NotFound, 404),
     (Conflict, 409),
     (PayloadTooLarge, 413),
+    (UnsupportedMediaType, 415),
+    (TooManyRequests, 429),
     (NatsUnreachable, 503),
     (NoResponders, 503),
     (RequestTimeout, 504),
@@ -46,6 +54,11 @@ HTTP_CODES: Final[Mapping[int, str]] = {
     413: PayloadTooLarge.code,
 }
 INTERNAL_ERROR: Final = "internal_error"
+RETRY_AFTER_S: Final = 5  # for a 429: waiting requests last seconds to minutes
+HEADERS_BY_ERROR: Final[tuple[tuple[type[ChorusError], Mapping[str, str]], ...]] = (
+    (Unauthorized, {"WWW-Authenticate": 'Bearer realm="chorus"'}),
+    (TooManyRequests, {"Retry-After": str(RETRY_AFTER_S)}),
+)
 
 
 class JSONResponse(Response):
@@ -78,9 +91,14 @@ def status_of(exc: ChorusError) -> int:
     return next((status for kind, status in STATUS_BY_ERROR if isinstance(exc, kind)), 500)
 
 
+def response_for(exc: ChorusError) -> JSONResponse:
+    headers = next((h for kind, h in HEADERS_BY_ERROR if isinstance(exc, kind)), None)
+    return error_response(exc.code, exc.reason, status_of(exc), headers)
+
+
 async def on_chorus_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ChorusError)
-    return error_response(exc.code, exc.reason, status_of(exc))
+    return response_for(exc)
 
 
 async def on_nats_error(request: Request, exc: Exception) -> Response:
