@@ -25,7 +25,7 @@ from chorus.messages import (
     decode,
     encode,
 )
-from chorus.streams import ensure_events_stream, publish_durably
+from chorus.streams import ensure_events_stream, publish_durably, stream_exists
 from chorus.subjects import Subjects
 
 
@@ -123,7 +123,9 @@ class ChorusClient:
         """Store an event in the events stream; returns False when it was a duplicate id."""
         js = self.nc.jetstream()
         if not self._events_ready:
-            await ensure_events_stream(js, self.subjects)
+            # Agent credentials may read the events stream but not create it (the services do).
+            if not await stream_exists(js, self.subjects.events_stream):
+                await ensure_events_stream(js, self.subjects)
             self._events_ready = True
         headers = {MSG_ID_HEADER: event.event_id}
         if event.run_id:
