@@ -448,3 +448,19 @@ async def test_services_with_their_credentials_run_a_durable_task_and_a_workflow
         for nc in (*connections.values(), operator):
             await nc.close()
     assert deployment.violations()[violations:] == []
+
+
+def test_deploy_example_is_what_auth_init_writes_for_the_example_agents(tmp_path: Path) -> None:
+    from chorus.agent.spec import load_spec
+    from chorus.cli.auth import example_specs
+
+    layout = init_auth(tmp_path, [load_spec(spec) for spec in example_specs()])
+    deploy = Path(__file__).parent.parent / "deploy" / "auth"
+
+    def without_keys(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not line.strip().startswith("nkey: ")]
+
+    assert without_keys(layout.auth_include.read_text()) == without_keys(
+        (deploy / "nats-auth.conf").read_text()
+    )
+    assert layout.server_config.read_text() == (deploy / "nats-server.conf").read_text()

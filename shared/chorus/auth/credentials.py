@@ -30,7 +30,8 @@ def public_key(seed: bytes) -> str:
 
 def write_seed(path: Path, seed: bytes) -> None:
     """Write a seed readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "wb") as sink:
         sink.write(seed + b"\n")
