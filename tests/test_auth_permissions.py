@@ -464,3 +464,21 @@ def test_deploy_example_is_what_auth_init_writes_for_the_example_agents(tmp_path
         (deploy / "nats-auth.conf").read_text()
     )
     assert layout.server_config.read_text() == (deploy / "nats-server.conf").read_text()
+
+
+@pytest.mark.parametrize(
+    ("fields", "wrong"),
+    [({"publishes": ["bad topic"]}, "event topic"), ({"state": ["notes.>"]}, "state prefix")],
+)
+def test_spec_publishes_and_state_are_validated(fields: dict[str, Any], wrong: str) -> None:
+    from chorus.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=wrong):
+        AgentSpec(name="writer", **fields)
+
+
+def test_an_instance_id_must_start_with_its_agent_name() -> None:
+    from chorus.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="instance id"):
+        AgentHost(writer_agent(), Settings(), model=OfflineModel(), instance="researcher-abc")
