@@ -51,6 +51,7 @@ from chorus.config import Settings
 from chorus.messages import Heartbeat, Result, Task, decode, decode_result, encode
 from chorus.nats.connection import connect
 from chorus.nats.server import NatsServer
+from chorus.specs.agent import load_spec
 from chorus.subjects import Subjects
 
 SPEC = ROOT / "shared" / "chorus" / "examples" / "agents" / "researcher.yaml"
@@ -199,7 +200,8 @@ async def running_agent(
     process is killed if it is still running on the way out.
     """
     prefix = f"b{uuid.uuid4().hex[:8]}"
-    instance = f"bench-{uuid.uuid4().hex[:8]}"
+    # Instance ids are `<agent name>-<suffix>` (the subjects carry the agent name).
+    instance = f"{load_spec(case.spec).name}-{uuid.uuid4().hex[:8]}"
     subjects = Subjects(prefix)
     log = workdir / f"{instance}.log"
     nc: Client = await connect(Settings(nats_url=nats_url, prefix=prefix), "bench")

@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 
 from chorus.agent import Agent
 from chorus.agent.host import AgentHost
+from chorus.agent.loader import load_agent
 from chorus.client import ChorusClient
 from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
@@ -204,7 +205,8 @@ async def spawn_agent(settings: Settings, nc: Client, tmp_path: Path) -> AsyncIt
     processes: list[AgentProcess] = []
 
     async def spawn(spec: str | Path, *, ready_timeout: float = 20) -> AgentProcess:
-        instance = f"p{len(processes)}-{uuid.uuid4().hex[:6]}"
+        name = load_agent(str(spec)).name
+        instance = f"{name}-p{len(processes)}{uuid.uuid4().hex[:6]}"
         ready = asyncio.Event()
 
         async def on_heartbeat(msg: Msg) -> None:

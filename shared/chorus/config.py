@@ -22,6 +22,8 @@ ENVIRONMENT: dict[str, str] = {
     "NATS_USER": "nats_user",
     "NATS_PASSWORD": "nats_password",
     "NATS_TOKEN": "nats_token",
+    "NATS_NKEY_SEED": "nats_nkey_seed",
+    "NATS_INBOX_PREFIX": "nats_inbox_prefix",
     "NATS_TLS_CA": "tls_ca",
     "NATS_TLS_CERT": "tls_cert",
     "NATS_TLS_KEY": "tls_key",
@@ -60,6 +62,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_user: str | None = None
     nats_password: str | None = None
     nats_token: str | None = None
+    nats_nkey_seed: str | None = None  # a file holding an nkey seed (chorus auth init)
+    nats_inbox_prefix: str | None = None  # replies come here; credentials allow only this one
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None

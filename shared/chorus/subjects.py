@@ -59,9 +59,25 @@ class Subjects(msgspec.Struct, frozen=True):
 
     prefix: str = "chorus"
 
+    # Instance ids are `<agent name>-<suffix>` (see `instance_agent`). Subjects addressed to one
+    # instance carry the agent name as a token of its own, so NATS permissions (whose wildcards
+    # match whole tokens only) can confine an agent's credentials to its own instances.
+    @staticmethod
+    def instance_agent(instance: str) -> str:
+        """The agent name of an instance id `<name>-<suffix>` (the suffix has no `-`)."""
+        return instance.rsplit("-", 1)[0]
+
     # request-reply
     def agent_task(self, instance: str) -> str:
-        return f"{self.prefix}.agent.{instance}.task"
+        return f"{self.prefix}.agent.{self.instance_agent(instance)}.{instance}.task"
+
+    def instance_tasks(self, name: str) -> str:
+        """The task subjects of every instance of the agent called `name`."""
+        return f"{self.prefix}.agent.{name}.*.task"
+
+    @property
+    def all_instance_tasks(self) -> str:
+        return f"{self.prefix}.agent.*.*.task"
 
     def capability_task(self, capability: str) -> str:
         return f"{self.prefix}.cap.{capability}.task"
@@ -96,11 +112,15 @@ class Subjects(msgspec.Struct, frozen=True):
 
     # heartbeats and registry
     def heartbeat(self, instance: str) -> str:
-        return f"{self.prefix}.hb.{instance}"
+        return f"{self.prefix}.hb.{self.instance_agent(instance)}.{instance}"
+
+    def agent_heartbeats(self, name: str) -> str:
+        """The heartbeats of every instance of the agent called `name`."""
+        return f"{self.prefix}.hb.{name}.*"
 
     @property
     def all_heartbeats(self) -> str:
-        return f"{self.prefix}.hb.*"
+        return f"{self.prefix}.hb.*.*"
 
     def agent_status(self, instance: str, change: str) -> str:
         """Agent up/down/unhealthy notices, published by the coordinator."""
@@ -145,6 +165,10 @@ class Subjects(msgspec.Struct, frozen=True):
         return f"attempts.{task_id}"
 
     @property
+    def all_outcomes(self) -> str:
+        return f"$KV.{self.tasks_bucket}.outcome.*"
+
+    @property
     def metrics(self) -> str:
         return f"{self.prefix}.coordinator.metrics"
 
@@ -169,6 +193,15 @@ class Subjects(msgspec.Struct, frozen=True):
     def run_cancel(self, run_id: str) -> str:
         return f"{self.prefix}.runs.cancel.{run_id}"
 
+    @property
+    def all_run_cancels(self) -> str:
+        return f"{self.prefix}.runs.cancel.*"
+
+    @property
+    def runs_consumer(self) -> str:
+        """The orchestrators' shared pull consumer on the runs stream."""
+        return "orchestrator"
+
     def classify(self, subject: str) -> str | None:
         """What kind of Chorus subject this is (`task`, `event`, ...), None if not one of ours."""
         tokens = subject.split(".")
@@ -177,7 +210,9 @@ class Subjects(msgspec.Struct, frozen=True):
         if tokens[0] != self.prefix or len(tokens) < 2:
             return None
         head, last = tokens[1], tokens[-1]
-        if head in ("agent", "cap", "name") and last == "task" and len(tokens) == 4:
+        if head in ("cap", "name") and last == "task" and len(tokens) == 4:
+            return "task"
+        if head == "agent" and last == "task" and len(tokens) == 5:
             return "task"
         kinds = {
             "help": "help",
@@ -240,6 +275,10 @@ class Subjects(msgspec.Struct, frozen=True):
 
     def state_subject(self, key: str) -> str:
         return f"$KV.{self.state_bucket}.{key}"
+
+    def state_keys(self, prefix: str) -> list[str]:
+        """The subjects of the key `prefix` and of every key under `prefix.`."""
+        return [self.state_subject(prefix), self.state_subject(f"{prefix}.>")]
 
     def state_key(self, subject: str) -> str:
         """The key of a state bucket subject (inverse of `state_subject`)."""

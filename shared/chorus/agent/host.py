@@ -30,7 +30,14 @@ from chorus.agent.api import Agent
 from chorus.agent.context import Context
 from chorus.client import ChorusClient
 from chorus.config import Settings
-from chorus.errors import ChorusError, Draining, InvalidMessage, PayloadTooLarge, TaskFailed
+from chorus.errors import (
+    ChorusError,
+    ConfigError,
+    Draining,
+    InvalidMessage,
+    PayloadTooLarge,
+    TaskFailed,
+)
 from chorus.llm import Model, create_model
 from chorus.llm.factory import split_model
 from chorus.messages import (
@@ -50,7 +57,8 @@ from chorus.messages import (
 from chorus.nats import wire
 from chorus.nats.connection import connect
 from chorus.nats.jetstream import ClaimKeeper, DurableConsumer, backoff
-from chorus.nats.streams import ensure_events_stream
+from chorus.nats.streams import ensure_events_stream, stream_exists
+from chorus.subjects import check_token
 
 if TYPE_CHECKING:
     from chorus.state import SharedState
@@ -82,6 +90,18 @@ def new_instance_id(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:10]}"
 
 
+def check_instance_id(instance: str, name: str) -> str:
+    """Instance ids are `<name>-<suffix>`: subjects and credentials are scoped by the name."""
+    suffix = instance[len(name) + 1 :]
+    if not instance.startswith(f"{name}-") or not suffix or "-" in suffix:
+        raise ConfigError(
+            f"instance id {instance!r} must be {name!r}, '-' and a suffix without '-' "
+            f"(for example {new_instance_id(name)!r})"
+        )
+    check_token(instance, "instance id")
+    return instance
+
+
 class AgentHost:
     """One running instance of `agent`."""
 
@@ -98,6 +118,7 @@ class AgentHost:
         self.settings = settings
         self.subjects = settings.subjects
         self.instance = instance or new_instance_id(agent.name)
+        check_instance_id(self.instance, agent.name)
         self.model_name = split_model(agent.spec.model)[1]
         # Built here, not mid-task, so a missing API key fails at start-up.
         self.model: Model = model if model is not None else create_model(agent.spec.model)
@@ -316,7 +337,9 @@ class AgentHost:
 
     async def _bind_events(self) -> DurableConsumer:
         js = self.nc.jetstream()
-        await ensure_events_stream(js, self.subjects)
+        # Agent credentials may read the events stream but not create it (the services do).
+        if not await stream_exists(js, self.subjects.events_stream):
+            await ensure_events_stream(js, self.subjects)
         config = ConsumerConfig(
             durable_name=self.subjects.event_consumer(self.agent.name),
             filter_subjects=[self.subjects.event(t) for t in self.agent.spec.subscribes],

@@ -11,12 +11,13 @@ from chorus.config import Settings
 
 
 def register(sub: Any) -> None:
-    from chorus.cli import agents, messaging, runs, state
+    from chorus.cli import agents, auth, messaging, runs, state
 
     messaging.register(sub)
     agents.register(sub)
     runs.register(sub)
     state.register(sub)
+    auth.register(sub)
     agent = sub.add_parser("agent", help="run an agent instance")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
     run = agent_sub.add_parser(

@@ -25,7 +25,7 @@ from chorus.messages import (
     headers,
 )
 from chorus.nats import wire
-from chorus.nats.streams import ensure_events_stream
+from chorus.nats.streams import ensure_events_stream, stream_exists
 from chorus.subjects import Subjects
 
 
@@ -118,7 +118,9 @@ class ChorusClient:
         """Store an event in the events stream; returns False when it was a duplicate id."""
         js = self.nc.jetstream()
         if not self._events_ready:
-            await ensure_events_stream(js, self.subjects)
+            # Agent credentials may read the events stream but not create it (the services do).
+            if not await stream_exists(js, self.subjects.events_stream):
+                await ensure_events_stream(js, self.subjects)
             self._events_ready = True
         ack = await wire.publish_durably(
             js, self.subjects.event(event.topic), encode(event), headers.for_event(event)

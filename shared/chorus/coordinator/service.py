@@ -31,7 +31,8 @@ from chorus.messages import (
     encode,
 )
 from chorus.nats import wire
-from chorus.nats.streams import ensure_agents_bucket, ensure_tasks_bucket
+from chorus.nats.streams import ensure_agents_bucket, ensure_events_stream, ensure_tasks_bucket
+from chorus.state.bucket import StateBucket
 
 log = logging.getLogger("chorus.coordinator")
 
@@ -72,6 +73,9 @@ class Coordinator:
 
     async def start(self) -> None:
         js = self.nc.jetstream()
+        # What agents use but, under generated credentials, may not create (chorus.auth).
+        await ensure_events_stream(js, self.subjects)
+        await StateBucket.ensure(self.nc, self.subjects)
         self._agents = await ensure_agents_bucket(js, self.subjects)
         tasks = await ensure_tasks_bucket(js, self.subjects)
         self._dispatcher = Dispatcher(self.nc, self.settings, self.registry, self.router, tasks)
@@ -103,6 +107,16 @@ class Coordinator:
         except InvalidMessage as exc:
             log.warning(
                 "ignoring malformed heartbeat", extra={"subject": msg.subject, "error": str(exc)}
+            )
+            return
+        if msg.subject != self.subjects.heartbeat(hb.instance) or (
+            self.subjects.instance_agent(hb.instance) != hb.name
+        ):
+            # Credentials confine an agent to the subjects of its own name: a heartbeat for
+            # another agent's instance, or on another instance's subject, is a forgery.
+            log.warning(
+                "ignoring heartbeat not from its instance",
+                extra={"subject": msg.subject, "instance": hb.instance, "name": hb.name},
             )
             return
         change = self.registry.observe(hb)

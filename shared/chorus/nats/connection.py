@@ -64,6 +64,8 @@ def connect_options(
         "password": settings.nats_password,
         "token": settings.nats_token,
         "user_credentials": settings.nats_creds,
+        "nkeys_seed": settings.nats_nkey_seed,
+        "inbox_prefix": settings.nats_inbox_prefix,
         "tls": _tls_context(settings),
     }
     return {k: v for k, v in options.items() if v is not None}
@@ -122,10 +124,16 @@ async def _connect_unless_refused(options: dict[str, Any], settings: Settings) -
     connecting.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await connecting
-    who = settings.nats_user or ("the credentials in NATS_CREDS" if settings.nats_creds else "")
+    who = settings.nats_user or (
+        "the credentials in NATS_CREDS"
+        if settings.nats_creds
+        else f"the nkey in {settings.nats_nkey_seed}"
+        if settings.nats_nkey_seed
+        else ""
+    )
     raise NatsAuthRefused(
         f"NATS at {settings.nats_url} refused {who or 'this client'}: check NATS_USER and "
-        "NATS_PASSWORD, NATS_TOKEN or NATS_CREDS"
+        "NATS_PASSWORD, NATS_TOKEN, NATS_CREDS or NATS_NKEY_SEED"
     )
 
 

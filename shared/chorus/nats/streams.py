@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from chorus.subjects import Subjects
@@ -23,6 +23,15 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         if exc.err_code != 10058:
             raise
         await js.update_stream(config)
+
+
+async def stream_exists(js: JetStreamContext, name: str) -> bool:
+    """Whether the stream exists: a check that needs only `$JS.API.STREAM.INFO.<name>`."""
+    try:
+        await js.stream_info(name)
+    except NotFoundError:
+        return False
+    return True
 
 
 async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:

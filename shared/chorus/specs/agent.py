@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import msgspec
@@ -16,6 +17,11 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
     `handler` names a Python function or Agent (`package.module:attribute`) that replaces the
     default behaviour (ask the model with `instructions` and the task's input).
+
+    `publishes` (event topics) and `state` (key prefixes in the shared state) say what the
+    agent's generated NATS credentials may write (`chorus auth init`); `emits` is always
+    allowed. Both default to nothing: an agent that declares none may not publish events
+    other than `emits` nor touch the shared state once the server enforces credentials.
     """
 
     name: str
@@ -28,6 +34,8 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     tools: list[str] = []
     handler: str | None = None
     description: str = ""
+    publishes: list[str] = []
+    state: list[str] = []
 
     def __post_init__(self) -> None:
         check_token(self.name, "agent name")
@@ -37,6 +45,10 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             check_topic(topic)
         if self.emits is not None:
             check_topic(self.emits)
+        for topic in self.publishes:
+            check_topic(topic)
+        for prefix in self.state:
+            check_state_prefix(prefix)
         if self.max_concurrency < 1:
             raise ConfigError(f"agent {self.name}: max_concurrency must be at least 1")
         unknown = set(self.tools) - KNOWN_TOOLS
@@ -45,6 +57,18 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
                 f"agent {self.name}: unknown tools {sorted(unknown)}; known: {sorted(KNOWN_TOOLS)}"
             )
 
+
+def check_state_prefix(prefix: str) -> str:
+    """A key prefix in the shared state: whole dot-separated tokens, no wildcards."""
+    if not prefix or not all(_KEY_TOKEN.match(token) for token in prefix.split(".")):
+        raise ConfigError(
+            f"state prefix {prefix!r} must be dot-separated tokens of letters, digits, '-' "
+            "and '_' (it grants the key itself and every key under it)"
+        )
+    return prefix
+
+
+_KEY_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 # Tools a YAML agent can enable; the default handler offers them to the model.
 KNOWN_TOOLS = frozenset({"ask_help"})

@@ -146,12 +146,16 @@ class StateBucket:
             direct=True,
             limit_marker_ttl=MARKER_TTL_S,
         )
+        # Look before creating: agent credentials may read the bucket but not create it.
         try:
-            await js.create_key_value(config)
-        except BadRequestError as exc:
-            if exc.err_code != _STREAM_CONFIG_CONFLICT:
-                raise
-            await cls._enable_leases(js, subjects.state_stream)
+            await js.stream_info(subjects.state_stream)
+        except NotFoundError:
+            try:
+                await js.create_key_value(config)
+            except BadRequestError as exc:
+                if exc.err_code != _STREAM_CONFIG_CONFLICT:
+                    raise
+        await cls._enable_leases(js, subjects.state_stream)
         stream = (await js.stream_info(subjects.state_stream)).config
         return cls(
             nc,

@@ -1,0 +1,310 @@
+"""What each kind of principal may publish and subscribe to, built from `chorus.subjects`.
+
+Every list is an allow-list: anything not named is denied. Wildcards in NATS permissions match
+whole tokens only, which is why instance subjects carry the agent name as a token of their own.
+The `$JS.*` subjects are nats-server's JetStream API (not Chorus's), scoped here to the streams
+and consumers a principal owns; stream deletion and purges are denied to everyone but the
+operator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from chorus.subjects import Subjects
+
+MICRO_VERBS = ("PING", "INFO", "STATS")
+# Never granted to a service or an agent, even if an allow-list entry were to cover them.
+DESTRUCTIVE = ["$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>"]
+
+
+class Responses(msgspec.Struct, frozen=True):
+    """`allow_responses`: reply once to each request received, within `expires_s`."""
+
+    max: int = 1
+    expires_s: int = 120
+
+
+class Permissions(msgspec.Struct, frozen=True, kw_only=True):
+    publish: list[str] = []
+    publish_deny: list[str] = []
+    subscribe: list[str] = []
+    subscribe_deny: list[str] = []
+    responses: Responses | None = None
+
+
+class AgentGrant(msgspec.Struct, frozen=True, kw_only=True):
+    """The parts of an agent spec that its permissions follow from."""
+
+    name: str
+    capabilities: list[str] = []
+    subscribes: list[str] = []
+    publishes: list[str] = []  # event topics, `emits` included
+    state: list[str] = []  # key prefixes in the state bucket
+
+
+# nats-server's JetStream API subjects for one stream
+
+
+def _api(*tokens: str) -> str:
+    return ".".join(("$JS.API", *tokens))
+
+
+def stream_info(stream: str) -> list[str]:
+    return [_api("STREAM.INFO", stream)]
+
+
+def stream_ensure(stream: str) -> list[str]:
+    """Create it when missing (a create of an existing stream changes nothing) and look at it."""
+    return [_api("STREAM.CREATE", stream), *stream_info(stream)]
+
+
+def stream_own(stream: str) -> list[str]:
+    """Create, update (ensure_stream updates a changed config), look at: never delete or purge."""
+    return [*stream_ensure(stream), _api("STREAM.UPDATE", stream)]
+
+
+def stream_read(stream: str) -> list[str]:
+    """Read any message: info, direct get (by subject in the API subject or in the body), get."""
+    return [
+        *stream_info(stream),
+        _api("DIRECT.GET", stream),
+        _api("DIRECT.GET", stream, ">"),
+        _api("STREAM.MSG.GET", stream),
+    ]
+
+
+def consumers_all(stream: str) -> list[str]:
+    """Create, inspect, delete and consume any consumer of a stream the principal owns."""
+    return [
+        _api("CONSUMER.*", stream),
+        _api("CONSUMER.*", stream, ">"),
+        _api("CONSUMER.DURABLE.CREATE", stream, "*"),
+        _api("CONSUMER.MSG.NEXT", stream, "*"),
+        *acks(stream, "*"),
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def ephemeral_consumers(stream: str) -> list[str]:
+    """Watch a stream through ephemeral (ordered) consumers: read-only, no durable state."""
+    return [
+        _api("CONSUMER.CREATE", stream),
+        _api("CONSUMER.INFO", stream, "*"),
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def one_consumer(stream: str, consumer: str) -> list[str]:
+    """Bind, create or update one named consumer and fetch and ack its messages only."""
+    return [
+        _api("CONSUMER.CREATE", stream, consumer),
+        _api("CONSUMER.CREATE", stream, consumer, ">"),
+        _api("CONSUMER.DURABLE.CREATE", stream, consumer),
+        _api("CONSUMER.INFO", stream, consumer),
+        _api("CONSUMER.MSG.NEXT", stream, consumer),
+        *acks(stream, consumer),
+    ]
+
+
+def acks(stream: str, consumer: str) -> list[str]:
+    """Ack subjects in both formats: `$JS.ACK.<stream>.<consumer>...` and the v2 one with
+    domain and account hash first (nats-server 2.15 can switch to it)."""
+    return [f"$JS.ACK.{stream}.{consumer}.>", f"$JS.ACK.*.*.{stream}.{consumer}.>"]
+
+
+def inbox(principal: str) -> str:
+    """The inbox prefix a principal's replies arrive under (connect with `inbox_prefix`)."""
+    return f"_INBOX.{principal}"
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+# principals
+
+
+def agent(
+    grant: AgentGrant, subjects: Subjects, *, principal: str, reply_within_s: int
+) -> Permissions:
+    """One agent name: its own instances, name, capabilities, events, consumer and state."""
+    s = subjects
+    publish = [s.agent_heartbeats(grant.name), s.help("*")]
+    publish += [s.event(topic) for topic in grant.publishes]
+    subscribe = [
+        f"{inbox(principal)}.>",
+        s.instance_tasks(grant.name),
+        f"{s.named_task(grant.name)} {s.named_queue(grant.name)}",
+    ]
+    for capability in grant.capabilities:
+        subscribe.append(f"{s.capability_task(capability)} {s.capability_queue(capability)}")
+        subscribe.append(f"{s.help(capability)} {s.help_queue(capability)}")
+    for verb in MICRO_VERBS:  # nats.micro discovery of the instance
+        subscribe += [
+            f"$SRV.{verb}",
+            f"$SRV.{verb}.{s.micro_service}",
+            f"$SRV.{verb}.{s.micro_service}.*",
+        ]
+    if grant.publishes:
+        publish += stream_info(s.events_stream)
+    if grant.subscribes:
+        publish += stream_info(s.events_stream)
+        publish += one_consumer(s.events_stream, s.event_consumer(grant.name))
+    if grant.state:
+        publish += stream_info(s.state_stream)
+        for prefix in grant.state:
+            keys = s.state_keys(prefix)
+            publish += keys  # put, update, delete (a KV write is a publish on the key subject)
+            publish += [_api("DIRECT.GET", s.state_stream, key) for key in keys]
+    return Permissions(
+        publish=_unique(publish),
+        publish_deny=DESTRUCTIVE,
+        subscribe=_unique(subscribe),
+        responses=Responses(expires_s=reply_within_s),
+    )
+
+
+def coordinator(subjects: Subjects, *, principal: str) -> Permissions:
+    """Registry from heartbeats, dispatch to instances, outcomes, dead letters, metrics."""
+    s = subjects
+    publish = [
+        s.all_status,
+        s.all_instance_tasks,
+        s.all_dead_letters,
+        f"$KV.{s.agents_bucket}.>",
+        f"$KV.{s.tasks_bucket}.>",
+        _api("INFO"),
+        *stream_own(s.dispatch_stream),
+        *consumers_all(s.dispatch_stream),
+        *stream_own(s.dead_letter_stream),
+        # It creates what agents may only use, so agents can start once it runs.
+        *stream_own(s.events_stream),
+        *stream_own(s.state_stream),
+    ]
+    for bucket in (s.agents_bucket, s.tasks_bucket):
+        publish += [*stream_own(f"KV_{bucket}"), *stream_read(f"KV_{bucket}")]
+        publish += consumers_all(f"KV_{bucket}")
+    subscribe = [
+        f"{inbox(principal)}.>",
+        s.all_heartbeats,
+        f"{s.metrics} {s.coordinator_queue}",
+    ]
+    return Permissions(
+        publish=_unique(publish),
+        publish_deny=DESTRUCTIVE,
+        subscribe=subscribe,
+        responses=Responses(expires_s=60),
+    )
+
+
+def orchestrator(subjects: Subjects, *, principal: str) -> Permissions:
+    """Runs from the runs queue, run records, progress, steps as durable or direct tasks."""
+    s = subjects
+    runs_kv = f"KV_{s.runs_bucket}"
+    tasks_kv = f"KV_{s.tasks_bucket}"
+    publish = [
+        s.all_runs,
+        s.all_dispatch,
+        s.capability_task("*"),
+        s.named_task("*"),
+        s.all_instance_tasks,
+        s.all_events,
+        f"$KV.{s.runs_bucket}.>",
+        _api("INFO"),
+        *stream_own(s.runs_stream),
+        *one_consumer(s.runs_stream, s.runs_consumer),
+        *stream_own(runs_kv),
+        *stream_read(runs_kv),
+        *consumers_all(runs_kv),
+        *stream_ensure(s.dispatch_stream),
+        *stream_ensure(tasks_kv),
+        *stream_read(tasks_kv),  # outcomes: read, never written
+        *stream_own(s.events_stream),
+        *ephemeral_consumers(s.events_stream),
+    ]
+    subscribe = [
+        f"{inbox(principal)}.>",
+        s.all_run_cancels,
+        s.all_outcomes,
+        s.all_runs,
+    ]
+    return Permissions(publish=_unique(publish), publish_deny=DESTRUCTIVE, subscribe=subscribe)
+
+
+def gateway(subjects: Subjects, *, principal: str) -> Permissions:
+    """Submit, read, list and cancel runs; read the registry and the coordinator's metrics."""
+    s = subjects
+    runs_kv = f"KV_{s.runs_bucket}"
+    agents_kv = f"KV_{s.agents_bucket}"
+    publish = [
+        s.run_submit(),
+        s.all_run_cancels,
+        s.metrics,
+        f"$KV.{s.runs_bucket}.>",  # the pending record, and cancelling a pending run
+        _api("INFO"),
+        *stream_ensure(s.runs_stream),
+        *stream_ensure(runs_kv),
+        *stream_read(runs_kv),
+        *ephemeral_consumers(runs_kv),
+        *stream_ensure(agents_kv),
+        *stream_read(agents_kv),
+        *ephemeral_consumers(agents_kv),
+    ]
+    subscribe = [f"{inbox(principal)}.>", s.all_runs]
+    return Permissions(publish=_unique(publish), publish_deny=DESTRUCTIVE, subscribe=subscribe)
+
+
+def operator() -> Permissions:
+    """People and scripts with the `chorus` CLI or the `nats` CLI: everything."""
+    return Permissions(publish=[">"], subscribe=[">"])
+
+
+def observer(subjects: Subjects, *, principal: str) -> Permissions:
+    """Dashboards and auditors: see traffic and stored state, change nothing, take no work.
+
+    Request subjects are not readable: a subscriber there could join a queue group and swallow
+    tasks it cannot answer.
+    """
+    s = subjects
+    readable = [
+        s.all_events,
+        s.all_heartbeats,
+        s.all_status,
+        s.all_runs,
+        s.all_run_cancels,
+        s.all_dead_letters,
+        f"$KV.{s.agents_bucket}.>",
+        f"$KV.{s.tasks_bucket}.>",
+        f"$KV.{s.runs_bucket}.>",
+        f"$KV.{s.state_bucket}.>",
+    ]
+    publish = [
+        s.metrics,
+        *(f"$SRV.{verb}.{s.micro_service}" for verb in MICRO_VERBS),
+        _api("INFO"),
+        _api("STREAM.NAMES"),
+        _api("STREAM.LIST"),
+        _api("STREAM.INFO.*"),
+        _api("CONSUMER.INFO.*.*"),
+        _api("CONSUMER.LIST.*"),
+        _api("CONSUMER.NAMES.*"),
+    ]
+    # Ephemeral consumers only on streams that are not work queues (a consumer on a work
+    # queue would take its messages).
+    for stream in (
+        s.events_stream,
+        s.dead_letter_stream,
+        f"KV_{s.agents_bucket}",
+        f"KV_{s.tasks_bucket}",
+        f"KV_{s.runs_bucket}",
+        s.state_stream,
+    ):
+        publish += [*stream_read(stream), *ephemeral_consumers(stream)]
+    return Permissions(
+        publish=_unique(publish),
+        publish_deny=DESTRUCTIVE,
+        subscribe=[f"{inbox(principal)}.>", *readable],
+    )
