@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
-from collections.abc import Mapping
 from typing import Any
 
-from chorus.errors import ChorusError, RunFailed, TaskFailed
+from chorus.errors import RunFailed
 from chorus.messages import Result, StepRecord
 from chorus.workflows.expressions import as_text
-from chorus.workflows.run import Finish, Processor, Run, StepFailed
+from chorus.workflows.processors import call_processor, resolve_processor
+from chorus.workflows.run import Finish, Run, StepFailed
 from chorus.workflows.spec import Pipeline, Step
 from chorus.workflows.templates import Template
 
@@ -50,17 +48,7 @@ def _finisher(run: Run, step: Step) -> Finish | None:
         processor = resolve_processor(step.processor, run.services.processors)
 
         async def apply_processor(record: StepRecord, result: Result) -> None:
-            try:
-                value: Any = processor(record)
-                if inspect.isawaitable(value):
-                    value = await value
-            except ChorusError:
-                raise
-            except Exception as exc:
-                raise TaskFailed(
-                    f"output processor {step.processor} raised {type(exc).__name__}: {exc}"
-                ) from exc
-            record.output = as_text(value)
+            record.output = as_text(await call_processor(step.processor, processor, record))
 
         return apply_processor
     return None
@@ -73,22 +61,3 @@ def _result_view(result: Result) -> dict[str, Any]:
         "agent": result.agent,
         "instance": result.instance,
     }
-
-
-def resolve_processor(name: str, registered: Mapping[str, Processor]) -> Processor:
-    """A processor given to the engine by name, or a `package.module:function` to import."""
-    if name in registered:
-        return registered[name]
-    module_name, _, attribute = name.partition(":")
-    if not attribute:
-        raise RunFailed(
-            f"output processor {name!r} is not registered with the engine and is not a "
-            "package.module:function reference"
-        )
-    try:
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise RunFailed(f"cannot load output processor {name!r}: {exc}") from None
-    if not callable(found):
-        raise RunFailed(f"output processor {name!r} is not a function")
-    return found  # type: ignore[no-any-return]
