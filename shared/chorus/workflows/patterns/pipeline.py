@@ -19,7 +19,9 @@ async def execute(run: Run, spec: Pipeline) -> None:
     for number, step in enumerate(spec.steps, 1):
         done = run.done(step.key)
         if done is None:
-            task_input = Template(step.input).render(run.context()) if step.input else text
+            task_input = (
+                await Template(step.input).render_async(run.context()) if step.input else text
+            )
             try:
                 done = await run.perform(
                     step.key, step, task_input, data=data, finish=finishers[step.key]
@@ -41,7 +43,7 @@ def _finisher(run: Run, step: Step) -> Finish | None:
             context = run.context()
             context["output"] = result.output
             context["result"] = _result_view(result)
-            record.output = template.render(context)
+            record.output = await template.render_async(context)
 
         return apply_template
     if step.processor:
