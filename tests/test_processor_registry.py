@@ -4,7 +4,9 @@ service."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
@@ -21,7 +23,8 @@ from chorus.workflows import Pipeline, Step
 from chorus.workflows.engine import Engine, new_record, run_workflow
 from chorus.workflows.processors import load_processors
 from chorus.workflows.store import KvRunStore
-from tests.conftest import StartHost, StartOrchestrator
+from tests.conftest import Reap, StartHost, StartOrchestrator, child_env, stop_child
+from tests.test_gateway import running_gateway
 
 
 def shout(step: StepRecord) -> str:
@@ -76,6 +79,55 @@ async def test_a_module_function_from_the_wire_fails_the_run_and_the_orchestrato
     assert refused.steps == []  # refused before anything was sent
     assert after.status == "completed", after.error
     assert after.output == "worked on q"
+
+
+async def test_sys_exit_posted_to_the_gateway_fails_the_run_and_the_orchestrator_serves_on(
+    start_orchestrator: StartOrchestrator,
+    start_host: StartHost,
+    nc: Client,
+    settings: Settings,
+) -> None:
+    await start_host(echo())
+    await start_orchestrator(durable_tasks=False)
+    workflow = {"type": "pipeline", "name": "p", "steps": [{"agent": "worker"}]}
+    exiting = {**workflow, "steps": [{"agent": "worker", "processor": "sys:exit"}]}
+
+    async with running_gateway(nc, settings) as http:
+        refused = await http.post("/api/execute", json={"workflow": exiting, "input": "q"})
+        after = await http.post("/api/execute", json={"workflow": workflow, "input": "q"})
+
+    assert refused.status_code == 200
+    assert refused.json()["status"] == "failed"
+    assert "'sys:exit', which is not registered" in refused.json()["error"]
+    assert after.json()["status"] == "completed"
+
+
+async def test_the_orchestrator_process_survives_sys_exit_and_runs_its_processors_modules(
+    start_host: StartHost, nc: Client, settings: Settings, tmp_path: Path, reap: Reap
+) -> None:
+    await start_host(echo())
+    log = tmp_path / "orchestrator.log"
+    with log.open("ab") as sink:
+        command = ["orchestrator", "--direct", "--processors", "tests.test_processor_registry"]
+        child = reap(
+            subprocess.Popen(
+                [sys.executable, "-m", "chorus", *command],
+                env=child_env(settings),
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    runs = RunClient(nc, settings.subjects)
+
+    refused = await submit(runs, pipeline("sys:exit"))
+    bailed = await submit(runs, pipeline("bail"))
+    shouted = await submit(runs, pipeline("shout"))
+
+    assert child.poll() is None, log.read_text()
+    assert stop_child(child) == 0, log.read_text()
+    assert refused.status == "failed" and "(registered: bail, shout)" in refused.error
+    assert bailed.status == "failed" and "raised SystemExit: 3" in bailed.error
+    assert shouted.output == "WORKED ON Q", shouted.error
 
 
 async def test_a_processor_from_a_processors_module_runs_in_the_orchestrator(

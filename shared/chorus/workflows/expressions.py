@@ -27,6 +27,7 @@ Semantics:
   startswith(text, prefix), endswith(text, suffix), get(mapping, key[, default]), int, float,
   str, bool, abs, min, max, round(number[, digits]). Methods cannot be called
   (`lower(x)`, not `x.lower()`).
+- `%` is arithmetic only: `text % values` formatting is refused when evaluated.
 - Everything else is refused when the expression is parsed: lambdas, comprehensions,
   f-strings, `**`, `:=`, starred arguments, keyword arguments, any other call.
 
