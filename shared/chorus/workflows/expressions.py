@@ -258,7 +258,7 @@ class Expression:
         try:
             value = evaluator.visit(self._tree)
             return evaluator.text(value) if text else value
-        except (_Missing, OverBudget) as exc:
+        except (_Missing, _OverBudget) as exc:
             raise self.error(str(exc)) from None
         except RecursionError:
             raise self.error("nested too deeply") from None
@@ -417,13 +417,13 @@ class _Missing(Exception):
     """A name, key or index that is not there."""
 
 
-class OverBudget(Exception):
+class _OverBudget(Exception):
     """An evaluation did more work, or took longer, than its Budget allows."""
 
 
 class Budget:
     """The work one evaluation may do and when it must end; a template's placeholders share
-    one. `charge` raises OverBudget past either, looking at the clock every CLOCK_EVERY units
+    one. `charge` raises _OverBudget past either, looking at the clock every CLOCK_EVERY units
     (an evaluation in a worker thread cannot be killed: it has to notice its deadline)."""
 
     def __init__(self, work: int = MAX_WORK, *, timeout: float | None = None) -> None:
@@ -442,14 +442,14 @@ class Budget:
     def charge(self, units: int) -> None:
         self.left -= units
         if self.left < 0:
-            raise OverBudget(
+            raise _OverBudget(
                 f"the work budget of {self.work} units was exceeded: it builds, compares or "
                 "converts values too big or too often"
             )
         if self.deadline is not None and self.left <= self._next_look:
             self._next_look = self.left - CLOCK_EVERY
             if time.monotonic() > self.deadline:
-                raise OverBudget(f"the time budget of {self.timeout}s was exceeded")
+                raise _OverBudget(f"the time budget of {self.timeout}s was exceeded")
 
 
 async def off_the_loop(call: Callable[[], T], budget: Budget) -> T:
@@ -569,7 +569,13 @@ class _Evaluator:
         if isinstance(value, str):
             return value
         if _is_container(value):
-            self.plan(self.size(value), text=True)
+            least = self.size(value)
+            if least > MAX_VALUE_SIZE:
+                raise ValueError(
+                    f"as text it would be at least {least} characters, over the limit of "
+                    f"{MAX_VALUE_SIZE}"
+                )
+            self.budget.charge(least)
             encoded = _text(value)
             if len(encoded) > MAX_VALUE_SIZE:
                 raise ValueError(
