@@ -99,10 +99,18 @@ def register(sub: Any) -> None:
         help="run the orchestrator: durable workflow runs, resumed after crashes",
         description="Run the orchestrator until SIGTERM/SIGINT. Any number may run; they share "
         "the runs queue. Steps go through the coordinator's durable task queue unless "
-        "--direct is given (then they are plain request-reply and need no coordinator).",
+        "--direct is given (then they are plain request-reply and need no coordinator). "
+        "Pipeline steps' `processor:` names resolve only against the --processors modules.",
     )
     orchestrator.add_argument(
         "--direct", action="store_true", help="send steps by request-reply, not durably"
+    )
+    orchestrator.add_argument(
+        "--processors",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module whose PROCESSORS mapping names output processors; repeatable",
     )
     orchestrator.set_defaults(func=orchestrator_run, service=True)
 
@@ -246,7 +254,7 @@ async def gateway_key(args: argparse.Namespace, settings: Settings) -> int:
 async def orchestrator_run(args: argparse.Namespace, settings: Settings) -> int:
     from chorus.orchestrator.process import serve
 
-    return await serve(settings, durable_tasks=not args.direct)
+    return await serve(settings, durable_tasks=not args.direct, processor_modules=args.processors)
 
 
 async def print_schema(args: argparse.Namespace, settings: Settings) -> int:

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from nats.aio.client import Client
 
 from chorus.config import Settings
 from chorus.lifecycle import serve_until_signalled
 from chorus.nats.connection import connect
 from chorus.orchestrator.service import Orchestrator
+from chorus.workflows.processors import load_processors
 
 
-async def serve(settings: Settings, *, durable_tasks: bool = True) -> int:
+async def serve(
+    settings: Settings, *, durable_tasks: bool = True, processor_modules: Sequence[str] = ()
+) -> int:
     running: list[tuple[Orchestrator, Client]] = []
+    processors = load_processors(processor_modules)  # a bad module stops us before connecting
 
     async def start() -> None:
         nc = await connect(settings, "orchestrator", service=True)
-        orchestrator = Orchestrator(nc, settings, durable_tasks=durable_tasks)
+        orchestrator = Orchestrator(
+            nc, settings, durable_tasks=durable_tasks, processors=processors
+        )
         running.append((orchestrator, nc))
         await orchestrator.start()
 

@@ -161,7 +161,7 @@ class Step(Target, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: str = ""
     input: str = ""
     output: str = ""
-    processor: str = ""  # a name given to the engine's `processors`, or `package.module:function`
+    processor: str = ""  # a name in the engine's `processors` registry; never imported
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -45,6 +45,7 @@ from chorus.subjects import Subjects, check_token
 from chorus.workflows.directory import DiscoveryDirectory
 from chorus.workflows.events import NatsEventBus
 from chorus.workflows.patterns import execute
+from chorus.workflows.processors import check_processors
 from chorus.workflows.progress import NatsProgress, NoProgress
 from chorus.workflows.protocols import (
     AgentDirectory,
@@ -209,6 +210,7 @@ class Engine:
             extra={"run_id": record.run_id, "workflow": record.workflow.name},
         )
         try:
+            check_processors(record.workflow, self.services.processors)
             await execute(run)
         except Conflict:
             raise  # another process owns the record now: save nothing more
@@ -233,6 +235,13 @@ class Engine:
             raise
         except Exception as exc:
             log.exception("run failed on an internal error", extra={"run_id": record.run_id})
+            await self._finish(run, "failed", f"internal error: {type(exc).__name__}: {exc}")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            # SystemExit, KeyboardInterrupt... raised by code a run called: out of a task they
+            # would end the event loop, and the unacked run would end the next process too.
+            log.error("run failed on %s", type(exc).__name__, extra={"run_id": record.run_id})
             await self._finish(run, "failed", f"internal error: {type(exc).__name__}: {exc}")
         else:
             await self._finish(run, "completed", "")
@@ -283,7 +292,8 @@ async def run_workflow(
     """Run a workflow (a spec, or the path of a workflow file) on NATS and return its record.
 
     Progress is published as it goes (follow it with ProgressWatch and the run id); the record
-    is kept in the runs bucket.
+    is kept in the runs bucket. `processors` maps the names steps give as `processor:` to
+    functions; a name it lacks fails the run before any step (nothing is ever imported).
     """
     spec = workflow if not isinstance(workflow, str | Path) else load_workflow(workflow)
     engine = await Engine.on_nats(client, processors=processors)

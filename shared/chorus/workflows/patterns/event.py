@@ -33,7 +33,7 @@ async def execute(run: Run, spec: EventDriven) -> None:
             start.started_at = now()
             event = Event(
                 topic=spec.start,
-                data=_start_data(run, spec),
+                data=await _start_data(run, spec),
                 event_id=f"{record.run_id}-start",
                 source=f"workflow:{spec.name}",
                 run_id=record.run_id,
@@ -75,7 +75,7 @@ async def execute(run: Run, spec: EventDriven) -> None:
     await run.report("step_finished", "until", f"{event.topic} from {event.source}")
 
 
-def _start_data(run: Run, spec: EventDriven) -> object:
+async def _start_data(run: Run, spec: EventDriven) -> object:
     if spec.data:
-        return Template(spec.data).render(run.context())
+        return await Template(spec.data).render_async(run.context())
     return run.record.data if run.record.data is not None else run.record.input

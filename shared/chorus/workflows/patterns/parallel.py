@@ -20,7 +20,11 @@ async def execute(run: Run, spec: Parallel) -> None:
         step = run.record.step(task.key)
         if step is not None and step.status in ("completed", "failed"):
             return  # finished before a resume, one way or the other
-        task_input = Template(task.input).render(run.context()) if task.input else run.record.input
+        task_input = (
+            await Template(task.input).render_async(run.context())
+            if task.input
+            else run.record.input
+        )
         # A failure is recorded in the task's step; the others carry on.
         async with limit:
             with contextlib.suppress(StepFailed):

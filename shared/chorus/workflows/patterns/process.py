@@ -25,7 +25,7 @@ async def execute(run: Run, spec: Process) -> None:
             last = done
     if spec.output:
         try:
-            record.output = Template(spec.output).render(run.context())
+            record.output = await Template(spec.output).render_async(run.context())
         except ExpressionError as exc:
             raise RunFailed(f"output: {exc.reason}") from None
     elif last is not None:
@@ -35,14 +35,16 @@ async def execute(run: Run, spec: Process) -> None:
 async def _step(run: Run, step: ProcessStep) -> StepRecord:
     context = run.context()
     try:
-        if step.when and not parse(step.when).is_true(context):
+        if step.when and not await parse(step.when).is_true_async(context):
             await run.skip(step.name, f"`{step.when}` is false")
             return run.step(step.name)
-        if step.require and not parse(step.require).is_true(context):
+        if step.require and not await parse(step.require).is_true_async(context):
             reason = f"requirement `{step.require}` is not met"
             await run.fail(step.name, reason)
             raise RunFailed(f"step {step.name}: {reason}")
-        task_input = Template(step.input).render(context) if step.input else run.record.input
+        task_input = (
+            await Template(step.input).render_async(context) if step.input else run.record.input
+        )
     except ExpressionError as exc:
         await run.fail(step.name, exc.reason)
         raise RunFailed(f"step {step.name}: {exc.reason}") from None
