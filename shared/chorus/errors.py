@@ -23,10 +23,6 @@ class PayloadTooLarge(ChorusError):
     code = "payload_too_large"
 
 
-class UnknownSubject(ChorusError):
-    code = "unknown_subject"
-
-
 class ConfigError(ChorusError):
     """Configuration, a spec file or a workflow file is wrong."""
 
@@ -150,6 +146,31 @@ class TooManyRequests(ChorusError):
     """A limit on requests in flight is reached; retry later."""
 
     code = "too_many_requests"
+
+
+class ToolFailed(ChorusError):
+    """A tool call that did not work: told to the model as the call's output, never raised out
+    of the agent loop. `reason` is what the model reads."""
+
+    code = "tool_error"
+
+
+class MaxTurnsExceeded(ChorusError):
+    """The agent loop reached `max_turns` without a final answer."""
+
+    code = "max_turns_exceeded"
+
+
+class InstanceLost(ChorusError):
+    """A dispatched task's instance stopped heartbeating, or is not listening at all."""
+
+    code = "instance_lost"
+
+
+class TaskTimedOut(ChorusError):
+    """A dispatched task got no answer within CHORUS_TASK_TIMEOUT."""
+
+    code = "timeout"
 
 
 _BY_CODE: dict[str, type[ChorusError]] = {}

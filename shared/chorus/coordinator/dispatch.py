@@ -29,7 +29,7 @@ from nats.js.kv import KeyValue
 from chorus.config import Settings
 from chorus.coordinator.registry import InstanceView, Registry, targets_of
 from chorus.coordinator.routing import Router
-from chorus.errors import InvalidMessage
+from chorus.errors import InstanceLost, InvalidMessage, TaskTimedOut
 from chorus.messages import (
     AttemptError,
     AttemptLog,
@@ -53,17 +53,14 @@ MAX_BATCH = 64
 MAX_BACKOFF_S = 30.0
 
 
-class Lost(Exception):
-    """The instance did not answer: it died, or the task timed out. `gone`: nobody listens
-    on the instance's subject at all, so the task never reached it (not the task's fault).
-
-    Internal to the dispatcher (never crosses the wire); `code` becomes the attempt's error
-    code in the attempt log."""
+class Lost(InstanceLost):
+    """The instance did not answer: it died, or the task timed out (`code` is then
+    `timeout`). `gone`: nobody listens on the instance's subject at all, so the task never
+    reached it (not the task's fault)."""
 
     def __init__(self, code: str, reason: str, *, gone: bool = False) -> None:
         super().__init__(reason)
         self.code = code
-        self.reason = reason
         self.gone = gone
 
 
@@ -281,18 +278,19 @@ class Dispatcher:
                     future.cancel()
         if request not in done:
             raise Lost(
-                "instance_lost",
+                InstanceLost.code,
                 f"instance {view.instance} stopped heartbeating while running the task",
             )
         try:
             reply_msg = request.result()
         except NoRespondersError:
             raise Lost(
-                "instance_lost", f"instance {view.instance} is not listening", gone=True
+                InstanceLost.code, f"instance {view.instance} is not listening", gone=True
             ) from None
         except NatsTimeout:
             raise Lost(
-                "timeout", f"no answer from {view.instance} in {self.settings.task_timeout}s"
+                TaskTimedOut.code,
+                f"no answer from {view.instance} in {self.settings.task_timeout}s",
             ) from None
         try:
             return decode_result(reply_msg.data)
