@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from bench.harness.stats import pct
 from bench.harness.tables import markdown_table
 from chorus.client.runstore import KvRunStore
-from chorus.messages import Result, RunRecord, Task, decode, encode
+from chorus.messages import Event, Result, RunRecord, StepRecord, Task, decode, encode
 from chorus.messages import Usage as MsgUsage
 from chorus.specs.workflow import Parallel, Pipeline
 from chorus.subjects import Subjects
@@ -41,17 +41,30 @@ class InstantRunner:
 
 
 class MemoryStore:
-    """Keeps the encoded record in a dict: the engine's own cost, without the KV round trip."""
+    """Keeps each encoded part (head, steps, events) in a dict: the engine's own cost,
+    without the KV round trip."""
 
     def __init__(self) -> None:
         self.records: dict[str, bytes] = {}
+        self.steps: dict[str, dict[int, bytes]] = {}
 
     async def load(self, run_id: str) -> RunRecord | None:
         raw = self.records.get(run_id)
-        return decode(raw, RunRecord) if raw is not None else None
+        if raw is None:
+            return None
+        record = decode(raw, RunRecord)
+        steps = self.steps.get(run_id, {})
+        record.steps = [decode(steps[i], StepRecord) for i in sorted(steps)]
+        return record
 
     async def save(self, record: RunRecord) -> None:
         self.records[record.run_id] = encode(record)
+
+    async def save_step(self, run_id: str, index: int, step: StepRecord) -> None:
+        self.steps.setdefault(run_id, {})[index] = encode(step)
+
+    async def add_event(self, run_id: str, index: int, event: Event) -> None:
+        self.steps.setdefault(f"{run_id}.events", {})[index] = encode(event)
 
 
 @dataclass

@@ -192,7 +192,7 @@ async def test_execute_waits_and_answers_200_with_the_finished_run(
 
     response = await execute(http, {"workflow": PIPELINE, "input": "NATS"}, timeout="20")
 
-    assert response.status_code == 200
+    assert response.status_code == 200, response.text
     run = decode(response.content, RunRecord)
     assert run.status == "completed", run.error
     assert run.output == "[offline] Find the facts.: NATS"

@@ -491,10 +491,10 @@ async def test_junk_in_the_runs_bucket_does_not_break_the_run_list(
     deep = encode(RunRecord(run_id="deep", workflow=workflow, kind="pipeline"))
     await runs.put("deep", deep.replace(b'"data":null', b'"data":' + nested(5000).encode()))
 
-    with caplog.at_level(logging.WARNING, logger="chorus.runs"):
+    with caplog.at_level(logging.WARNING, logger="chorus.client.runstore"):
         response = await http.get("/api/runs", headers=bearer(keys.read))
 
     assert response.status_code == 200
     assert [r["run_id"] for r in response.json()["runs"]] == [good.json()["run_id"]]
-    skipped = {r.__dict__["key"] for r in caplog.records if r.msg == "run record skipped"}
+    skipped = {r.__dict__["key"] for r in caplog.records if r.msg == "skipping an unreadable run"}
     assert skipped == {"junk", "deep"}

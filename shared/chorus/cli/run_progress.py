@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol, TextIO
 
-from chorus.messages import RunProgress, RunRecord
-from chorus.specs.workflow import EventDriven, Hierarchical, Parallel, WorkflowSpec
+from chorus.messages import RunFields, RunHead, RunProgress, RunRecord
+from chorus.specs.workflow import WorkflowSpec, expected_steps
 from chorus.workflows.progress import FINAL_KINDS
 
 if TYPE_CHECKING:
@@ -37,26 +37,19 @@ END_KINDS: Final = {
 }
 
 
-def expected_steps(workflow: WorkflowSpec) -> int | None:
-    """How many steps a run of the workflow has; None while it is not known (a plan's)."""
-    if isinstance(workflow, Parallel):
-        return len(workflow.tasks)
-    if isinstance(workflow, EventDriven):
-        return 2  # publish the start event, wait for the final one
-    if isinstance(workflow, Hierarchical):
-        return None
-    return len(workflow.steps)
-
-
-def steps_done(record: RunRecord) -> str:
-    done = sum(s.status in ("completed", "skipped") for s in record.steps)
-    total = expected_steps(record.workflow) or 0
+def steps_done(record: RunRecord | RunHead) -> str:
+    """`done/total` steps, from a whole record or from a head's summary."""
+    if isinstance(record, RunRecord):
+        done = sum(s.status in ("completed", "skipped") for s in record.steps)
+        total = expected_steps(record.workflow) or 0
+    else:
+        done, total = record.steps_done, record.steps_expected
     if record.plan is not None:
         total = len(record.plan.subtasks) + 2  # plan, the subtasks, compile
-    return f"{done}/{max(total, len(record.steps))}"
+    return f"{done}/{max(total, record.steps_total)}"
 
 
-def duration(record: RunRecord) -> str:
+def duration(record: RunFields) -> str:
     if not record.started_at:
         return "-"
     seconds = (record.ended_at or time.time()) - record.started_at

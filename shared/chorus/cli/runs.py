@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.errors import NoKeysError
 
 from chorus.cli import wire
 from chorus.cli.run_progress import (
@@ -32,7 +31,7 @@ from chorus.cli.run_progress import (
 from chorus.client.runs import RunClient
 from chorus.config import Settings
 from chorus.errors import ConfigError, InvalidMessage, NotFound, RequestTimeout
-from chorus.messages import RunProgress, RunRecord, RunRequest, decode, encode
+from chorus.messages import RunHead, RunProgress, RunRecord, RunRequest, decode, encode
 from chorus.nats.connection import connect
 from chorus.specs.workflow import WorkflowSpec, find_workflow, load_workflow
 from chorus.subjects import check_token
@@ -163,7 +162,7 @@ def data_of(argument: str | None) -> Any:
         raise ConfigError(f"--data is not JSON: {exc}") from None
 
 
-def record_json(record: RunRecord | list[RunRecord]) -> str:
+def record_json(record: RunRecord | list[RunHead]) -> str:
     return msgspec.json.format(encode(record), indent=2).decode()
 
 
@@ -287,11 +286,7 @@ async def find_run(runs: RunClient, run_id: str) -> RunRecord:
     except NotFound:
         if len(run_id) < 4:
             raise NotFound(f"no run {run_id!r}; `chorus runs` lists the recent ones") from None
-    try:
-        keys = await (await runs.store()).kv.keys()
-    except NoKeysError:
-        keys = []
-    matches = sorted(k for k in keys if k.startswith(run_id))
+    matches = await runs.find(run_id)
     if len(matches) == 1:
         return await runs.get(matches[0])
     if matches:
@@ -309,7 +304,7 @@ def _console() -> Console:
     return Console(highlight=False) if sys.stdout.isatty() else Console(highlight=False, width=200)
 
 
-def runs_table(records: list[RunRecord]) -> Table:
+def runs_table(records: list[RunHead]) -> Table:
     from rich.markup import escape
     from rich.table import Table
 
@@ -320,7 +315,7 @@ def runs_table(records: list[RunRecord]) -> Table:
         style = STATUS_STYLE.get(record.status, "white")
         view.add_row(
             record.run_id[:12],
-            escape(record.workflow.name),
+            escape(record.workflow_name),
             record.kind,
             f"[{style}]{record.status}[/]",
             steps_done(record),

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import msgspec
 from nats.aio.client import Client
-from nats.js.errors import KeyNotFoundError, NoKeysError
 
 from chorus.client.runstore import KvRunStore
 from chorus.config import EXAMPLE_WORKFLOWS
@@ -22,9 +21,10 @@ from chorus.errors import ConfigError, Conflict, InvalidMessage, NotFound, Reque
 from chorus.messages import (
     FINISHED_RUN,
     RunCancel,
+    RunHead,
     RunRecord,
     RunRequest,
-    decode,
+    decode_any,
     encode,
     headers,
     now,
@@ -90,40 +90,35 @@ class RunClient:
         return existing or record
 
     async def get(self, run_id: str) -> RunRecord:
-        record = await (await self.store()).load(run_id)
+        """The whole run, steps included; NotFound when there is none, InvalidMessage naming
+        the run when what is stored cannot be read."""
+        try:
+            record = await (await self.store()).load(run_id)
+        except InvalidMessage as exc:
+            raise InvalidMessage(
+                f"run {run_id} is stored but cannot be read: {exc.reason}"
+            ) from None
         if record is None:
             raise NotFound(f"no run {run_id!r}")
         return record
 
-    async def list(self, limit: int = 50) -> list[RunRecord]:
-        """The most recently created runs first. A record that does not decode (written by
-        something else, or nested past the decoder's depth) is logged and left out, so one bad
-        value never hides the others."""
-        store = await self.store()
-        try:
-            keys = await store.kv.keys()
-        except NoKeysError:
-            return []
-        records = []
-        for key in keys:
-            try:
-                entry = await store.kv.get(key)
-            except KeyNotFoundError:
-                continue
-            if not entry.value:
-                continue
-            try:
-                records.append(decode(entry.value, RunRecord))
-            except (InvalidMessage, RecursionError) as exc:
-                reason = exc.reason if isinstance(exc, InvalidMessage) else "nested too deep"
-                log.warning("run record skipped", extra={"key": key, "error": reason})
+    async def list(self, limit: int = 50) -> list[RunHead]:
+        """The most recently created runs first, without their steps (heads only: a list
+        reads one small record per run however many steps runs have). A record that does not
+        decode is logged and left out, so one bad value never hides the others."""
+        records = await (await self.store()).heads()
         records.sort(key=lambda r: r.created_at, reverse=True)
         return records[:limit]
 
+    async def find(self, prefix: str) -> Sequence[str]:
+        """The ids of the runs whose id starts with `prefix`, sorted."""
+        heads = await (await self.store()).heads()
+        return sorted(r.run_id for r in heads if r.run_id.startswith(prefix))
+
     async def wait(self, run_id: str, timeout: float) -> RunRecord:
-        """Wait until the run is completed, failed or cancelled."""
+        """Wait until the run is completed, failed or cancelled; the whole record."""
         store = await self.store()
-        watcher = await store.kv.watch(run_id)
+        watcher = await store.kv.watch(run_id)  # the head's key only
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
@@ -134,9 +129,8 @@ class RunClient:
                     break
                 if entry is None or not entry.value:
                     continue
-                record = decode(entry.value, RunRecord)
-                if record.status in FINISHED_RUN:
-                    return record
+                if decode_any(entry.value, RunHead | RunRecord).status in FINISHED_RUN:
+                    return await self.get(run_id)
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
         raise RequestTimeout(
@@ -148,8 +142,8 @@ class RunClient:
         """Ask the orchestrator running it to stop; a run nobody has started is cancelled here."""
         # A store of its own: the revision it checks is the one of this very read, even when
         # other requests on this client load the same run meanwhile.
-        store = KvRunStore((await self.store()).kv)
-        record = await store.load(run_id)
+        store = (await self.store()).fresh()
+        record = await store.head(run_id)
         if record is None:
             raise NotFound(f"no run {run_id!r}")
         if record.status == "pending":
@@ -157,7 +151,7 @@ class RunClient:
                 record, status="cancelled", error="cancelled before it started", ended_at=now()
             )
             try:
-                await store.save(cancelled)
+                await store.save_head(cancelled)
                 return
             except Conflict:
                 pass  # an orchestrator took it meanwhile: ask it to stop

@@ -6,7 +6,7 @@ from typing import Literal
 
 import msgspec
 
-from chorus.messages import AgentRecord, RunRecord, RunStatus
+from chorus.messages import AgentRecord, RunHead, RunStatus
 
 
 class ApiError(msgspec.Struct, frozen=True, kw_only=True):
@@ -33,7 +33,7 @@ class RunAccepted(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RunList(msgspec.Struct, frozen=True, kw_only=True):
-    runs: list[RunRecord]  # the most recent first
+    runs: list[RunHead]  # the most recent first
 
 
 class HealthReport(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

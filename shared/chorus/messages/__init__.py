@@ -50,11 +50,14 @@ from chorus.messages.headers import (
     TRACEPARENT_HEADER,
 )
 from chorus.messages.runs import (
+    ENDED_STEP,
     FINISHED_RUN,
     DelegationPlan,
     PlanResults,
     ProgressKind,
     RunCancel,
+    RunFields,
+    RunHead,
     RunProgress,
     RunRecord,
     RunRequest,
@@ -75,6 +78,7 @@ from chorus.messages.state import (
 
 __all__ = [
     "ATTEMPT_HEADER",
+    "ENDED_STEP",
     "FINISHED_RUN",
     "MSG_ID_HEADER",
     "RUN_ID_HEADER",
@@ -103,6 +107,8 @@ __all__ = [
     "ProgressKind",
     "Result",
     "RunCancel",
+    "RunFields",
+    "RunHead",
     "RunProgress",
     "RunRecord",
     "RunRequest",

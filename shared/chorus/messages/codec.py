@@ -39,6 +39,13 @@ class Usage(msgspec.Struct, frozen=True):
             self.total_tokens + other.total_tokens,
         )
 
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens - other.input_tokens,
+            self.output_tokens - other.output_tokens,
+            self.total_tokens - other.total_tokens,
+        )
+
 
 class Message(msgspec.Struct, tag_field="type", kw_only=True):
     """Base of all wire messages."""

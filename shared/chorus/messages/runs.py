@@ -9,7 +9,7 @@ import msgspec
 
 from chorus.messages.agents import Event
 from chorus.messages.codec import Message, Usage, new_id, now
-from chorus.specs.workflow import WorkflowKind, WorkflowSpec
+from chorus.specs.workflow import WorkflowKind, WorkflowSpec, expected_steps
 
 ProgressKind = Literal[
     "run_started",
@@ -28,6 +28,7 @@ ProgressKind = Literal[
 RunStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 StepStatus = Literal["pending", "running", "completed", "failed", "skipped", "cancelled"]
 FINISHED_RUN: Final[frozenset[str]] = frozenset({"completed", "failed", "cancelled"})
+ENDED_STEP: Final[frozenset[str]] = frozenset({"completed", "skipped", "failed", "cancelled"})
 
 
 class Subtask(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -85,22 +86,21 @@ class StepRecord(msgspec.Struct, kw_only=True):
         return self.status == "completed"
 
 
-class RunRecord(Message, tag="run_record"):
-    """A run, saved after every finished step: enough for any orchestrator to resume it."""
+class RunFields(Message, tag="run_fields", kw_only=True):
+    """What a run's head and its whole record share (not sent on its own)."""
 
     run_id: str
-    workflow: WorkflowSpec
     kind: WorkflowKind
     status: RunStatus = "pending"
     input: str = ""
     data: Any = None
-    steps: list[StepRecord] = []
     output: str = ""
     output_data: Any = None
     error: str = ""
     plan: DelegationPlan | None = None  # hierarchical runs
-    events: list[Event] = []  # event-driven runs: the chain of events of this run
-    usage: Usage = Usage()  # the sum of every step's
+    usage: Usage = Usage()  # the sum of every finished step's
+    steps_done: int = 0  # completed or skipped
+    steps_total: int = 0  # step records so far
     created_at: float = msgspec.field(default_factory=now)
     started_at: float = 0.0
     ended_at: float = 0.0
@@ -110,8 +110,45 @@ class RunRecord(Message, tag="run_record"):
     def finished(self) -> bool:
         return self.status in FINISHED_RUN
 
+
+class RunHead(RunFields, tag="run_head"):
+    """A run's head (KV `<prefix>-runs`, key = run id): small and of fixed size however many
+    steps the run has, so it can be saved as often as the run's status and summary change.
+    Lists of runs are lists of heads."""
+
+    workflow_name: str = ""
+    steps_expected: int = 0  # known from the workflow (0: not known yet, e.g. a plan's)
+
+
+class RunRecord(RunFields, tag="run_record", kw_only=True):
+    """A whole run, assembled from its head, its workflow, its steps and its events (each
+    stored under its own key): enough for any orchestrator to resume it."""
+
+    workflow: WorkflowSpec
+    steps: list[StepRecord] = []
+    events: list[Event] = []  # event-driven runs: the chain of events of this run
+
     def step(self, name: str) -> StepRecord | None:
         return next((s for s in self.steps if s.name == name), None)
+
+    def head(self) -> RunHead:
+        shared = {f: getattr(self, f) for f in RunFields.__struct_fields__}
+        return RunHead(
+            **shared,
+            workflow_name=self.workflow.name,
+            steps_expected=expected_steps(self.workflow) or 0,
+        )
+
+    @classmethod
+    def assemble(
+        cls,
+        head: RunHead,
+        workflow: WorkflowSpec,
+        steps: list[StepRecord],
+        events: list[Event],
+    ) -> RunRecord:
+        shared = {f: getattr(head, f) for f in RunFields.__struct_fields__}
+        return cls(**shared, workflow=workflow, steps=steps, events=events)
 
 
 class RunProgress(Message, tag="run_progress"):

@@ -19,7 +19,8 @@ def wire_types() -> list[type[Message]]:
     pending = list(Message.__subclasses__())
     while pending:
         kind = pending.pop(0)
-        found.append(kind)
+        if kind.__name__ != "RunFields":  # a shared base, never sent on its own
+            found.append(kind)
         pending.extend(kind.__subclasses__())
     return found
 

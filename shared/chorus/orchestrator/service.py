@@ -210,7 +210,7 @@ class Orchestrator:
         record = await store.load(run_id)
         if record is not None and not record.finished:
             record.status, record.error, record.ended_at = "cancelled", reason, now()
-            await store.save(record)
+            await store.save(record)  # the head: no step ran
 
     async def _on_cancel(self, msg: Msg) -> None:
         """One subscription for every run, made at start, so no cancel can slip past a run."""

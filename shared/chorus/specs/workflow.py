@@ -413,3 +413,14 @@ def find_workflow(name: str, folders: Sequence[Path]) -> WorkflowSpec:
                 return load_workflow(path)
     known = sorted({p.stem for d in folders if d.is_dir() for p in d.glob("*.y*ml")})
     raise NotFound(f"no workflow named {name!r}; known: {', '.join(known) or 'none'}")
+
+
+def expected_steps(workflow: WorkflowSpec) -> int | None:
+    """How many steps a run of the workflow has; None while it is not known (a plan's)."""
+    if isinstance(workflow, Parallel):
+        return len(workflow.tasks)
+    if isinstance(workflow, EventDriven):
+        return 2  # publish the start event, wait for the final one
+    if isinstance(workflow, Hierarchical):
+        return None
+    return len(workflow.steps)

@@ -36,6 +36,7 @@ from chorus.messages import (
     RunCancel,
     RunRecord,
     RunStatus,
+    StepRecord,
     decode,
     new_id,
     now,
@@ -58,6 +59,9 @@ from chorus.workflows.run import Processor, Run, Services
 from chorus.workflows.runner import DirectRunner
 
 log = logging.getLogger("chorus.workflows")
+
+OUTPUT_PREVIEW = 2_000
+OUTPUT_CUT_NOTE = " [cut: the whole output is over the server's max_payload; see each step's]"
 
 FINISHED_PROGRESS: dict[RunStatus, ProgressKind] = {
     "completed": "run_completed",
@@ -192,10 +196,10 @@ class Engine:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            for step in run.record.steps:
-                if step.status == "running":
-                    run.end_step(step, "cancelled")
-            await self._finish(run, "cancelled", handle.reason)
+            stopped = [s for s in run.record.steps if s.status == "running"]
+            for step in stopped:
+                run.end_step(step, "cancelled")
+            await self._finish(run, "cancelled", handle.reason, *stopped)
             return handle.record
 
     async def _advance(self, run: Run) -> None:
@@ -217,16 +221,18 @@ class Engine:
         except ChorusError as exc:
             await self._finish(run, "failed", exc.reason)
         except nats.errors.MaxPayloadError:
-            # The record outgrew the server's max_payload: retrying cannot help. Keep what
-            # fits (statuses, errors, short outputs) and fail the run saying why.
-            for step in record.steps:
+            # One step (or the head) outgrew the server's max_payload: retrying cannot help.
+            # Keep what fits (statuses, errors, short outputs) and fail the run saying why.
+            large = [s for s in record.steps if len(s.output) > 200 or s.data is not None]
+            for step in large:
                 step.output, step.data = step.output[:200], None
-            record.events = record.events[-10:]
+            record.output, record.output_data = record.output[:200], None
             await self._finish(
                 run,
                 "failed",
-                "the run record grew past the NATS server's max_payload (1 MiB by default): "
-                "split the work into smaller runs or return shorter outputs",
+                "a step's output grew past the NATS server's max_payload (1 MiB by default): "
+                "return shorter outputs, or put large results in the state store",
+                *large,
             )
         except (nats.errors.Error, TimeoutError, ConnectionError):
             # NATS is away (a restart, a network cut): the run is interrupted, not failed. Its
@@ -246,10 +252,17 @@ class Engine:
         else:
             await self._finish(run, "completed", "")
 
-    async def _finish(self, run: Run, status: RunStatus, error: str) -> None:
+    async def _finish(self, run: Run, status: RunStatus, error: str, *changed: StepRecord) -> None:
         record = run.record
         record.status, record.error, record.ended_at = status, error, now()
-        await run.checkpoint()
+        try:
+            await run.checkpoint(*changed)
+        except nats.errors.MaxPayloadError:
+            # The run's own output (e.g. a parallel run joining large outputs) does not fit
+            # the head; every step's output is kept under its own key.
+            record.output = record.output[:OUTPUT_PREVIEW] + OUTPUT_CUT_NOTE
+            record.output_data = None
+            await run.checkpoint(*changed)
         await run.report(FINISHED_PROGRESS[status], detail=error or _summary(record.output))
         log.info(
             f"run {status}",

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from chorus.messages import Event, Result, RunProgress, RunRecord, Task
+from chorus.messages import Event, Result, RunProgress, RunRecord, StepRecord, Task
 
 
 class TaskRunner(Protocol):
@@ -26,12 +26,21 @@ class TaskRunner(Protocol):
 
 
 class RunStore(Protocol):
-    """Where run records live. `save` is revision-checked: it raises chorus.errors.Conflict
-    when another process saved the record since this store loaded (or created) it."""
+    """Where runs live: a head record, its steps and the events of its chain, each saved on
+    its own. Saves are revision-checked: they raise chorus.errors.Conflict when another
+    process saved that part since this store loaded (or created) it."""
 
-    async def load(self, run_id: str) -> RunRecord | None: ...
+    async def load(self, run_id: str) -> RunRecord | None:
+        """The whole run, steps and events included."""
+        ...
 
-    async def save(self, record: RunRecord) -> None: ...
+    async def save(self, record: RunRecord) -> None:
+        """Save the head: everything but the steps and events."""
+        ...
+
+    async def save_step(self, run_id: str, index: int, step: StepRecord) -> None: ...
+
+    async def add_event(self, run_id: str, index: int, event: Event) -> None: ...
 
 
 class ProgressSink(Protocol):

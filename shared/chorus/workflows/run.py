@@ -9,10 +9,13 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import nats.errors
 
 from chorus.errors import ChorusError, RequestTimeout
 from chorus.messages import (
+    ENDED_STEP,
+    Event,
     ProgressKind,
     Result,
     RunProgress,
@@ -21,6 +24,7 @@ from chorus.messages import (
     StepStatus,
     Task,
     Usage,
+    encode,
     now,
 )
 from chorus.nats.connection import raise_if_cancelled
@@ -87,7 +91,16 @@ class Run:
     def __init__(self, record: RunRecord, services: Services) -> None:
         self.record = record
         self.services = services
-        self._save = asyncio.Lock()  # parallel steps finish together; saves go one at a time
+        # Parallel steps finish together: their own keys save at once, the head one at a time.
+        self._head_lock = asyncio.Lock()
+        self._saved_head = b""  # the head as last saved: saved again only when it changed
+        self._index = {id(step): n for n, step in enumerate(record.steps)}
+        # What each step adds to the head's summary (done, usage), kept so a checkpoint
+        # updates the summary from the steps it saves instead of summing over every step.
+        self._counted: dict[int, tuple[bool, Usage]] = {}
+        record.steps_done, record.usage = 0, Usage()
+        for step in record.steps:
+            self._count(step)
 
     @property
     def run_id(self) -> str:
@@ -99,6 +112,7 @@ class Run:
         if existing is not None:
             return existing
         step = StepRecord(name=name)
+        self._index[id(step)] = len(self.record.steps)
         self.record.steps.append(step)
         return step
 
@@ -123,13 +137,43 @@ class Run:
         }
         return {"input": self.record.input, "data": self.record.data, "steps": steps}
 
-    async def checkpoint(self) -> None:
-        """Save the record (revision-checked). Every finished step is saved before the next."""
+    async def checkpoint(self, *steps: StepRecord) -> None:
+        """Save `steps` (each under its own key) and, at the same time, the run's head when
+        it changed; every save is revision-checked. Every finished step is saved before the
+        next starts."""
+        store = self.services.store
+        copies = []
+        for step in steps:
+            self._count(step)
+            copies.append((self._index[id(step)], msgspec.structs.replace(step)))
+        await asyncio.gather(
+            *(store.save_step(self.run_id, index, copy) for index, copy in copies),
+            self._save_head(),
+        )
+
+    def _count(self, step: StepRecord) -> None:
         record = self.record
-        record.usage = sum((s.usage for s in record.steps), Usage())
-        record.updated_at = now()
-        async with self._save:
-            await self.services.store.save(record)
+        done = step.status in ("completed", "skipped")
+        usage = step.usage if step.status in ENDED_STEP else Usage()
+        was_done, was_usage = self._counted.get(id(step), (False, Usage()))
+        record.steps_done += int(done) - int(was_done)
+        record.usage = record.usage + usage - was_usage
+        record.steps_total = len(record.steps)
+        self._counted[id(step)] = (done, usage)
+
+    async def _save_head(self) -> None:
+        async with self._head_lock:  # the head's revision moves one save at a time
+            head = encode(msgspec.structs.replace(self.record, steps=[], events=[], updated_at=0))
+            if head == self._saved_head:
+                return
+            self.record.updated_at = now()
+            await self.services.store.save(self.record)
+            self._saved_head = head
+
+    async def add_event(self, event: Event) -> None:
+        """Add an event to the run's chain and save it (written once, under its own key)."""
+        self.record.events.append(event)
+        await self.services.store.add_event(self.run_id, len(self.record.events) - 1, event)
 
     async def report(self, kind: ProgressKind, step: str = "", detail: str = "") -> None:
         progress = RunProgress(
@@ -172,7 +216,10 @@ class Run:
                 step.attempts += 1
             resend = False
             step.status, step.error, step.code = "running", "", ""
-            await self.checkpoint()
+            # Saved while the task goes out (the save copies the step before the first
+            # await), and waited for before the outcome is saved: one write fewer on the
+            # critical path of every step.
+            saving = asyncio.ensure_future(self.checkpoint(step))
             await self.report("step_started", name, f"{target.target}, attempt {step.attempts}")
             task = Task(
                 task_id=task_id(self.run_id, name, step.attempts),
@@ -187,7 +234,10 @@ class Run:
                 attempt=step.attempts,
             )
             try:
-                result = await self._dispatch(task, target.timeout)
+                try:
+                    result = await self._dispatch(task, target.timeout)
+                finally:
+                    await saving  # a Conflict here wins: another process owns the run
                 step.agent, step.instance = result.agent, result.instance
                 step.output, step.data, step.usage = result.output, result.data, result.usage
                 if finish is not None:
@@ -202,12 +252,12 @@ class Run:
                     await self.report("step_retry", name, exc.reason)
                     continue
                 self.end_step(step, "failed")
-                await self.checkpoint()
+                await self.checkpoint(step)
                 await self.report("step_failed", name, exc.reason)
                 raise StepFailed(step) from None
             break
         self.end_step(step, "completed")
-        await self.checkpoint()
+        await self.checkpoint(step)
         await self.report("step_finished", name, f"{step.agent} in {step.duration_ms:.0f} ms")
         return step
 
@@ -216,7 +266,7 @@ class Run:
         step.error = reason
         step.started_at = step.started_at or now()
         self.end_step(step, "skipped")
-        await self.checkpoint()
+        await self.checkpoint(step)
         await self.report("step_skipped", name, reason)
 
     async def fail(self, name: str, reason: str) -> None:
@@ -225,7 +275,7 @@ class Run:
         step.error, step.code = reason, "run_failed"
         step.started_at = step.started_at or now()
         self.end_step(step, "failed")
-        await self.checkpoint()
+        await self.checkpoint(step)
         await self.report("step_failed", name, reason)
 
     @staticmethod

@@ -42,7 +42,7 @@ async def execute(run: Run, spec: EventDriven) -> None:
             start.output = spec.start
             run.end_step(start, "completed")
             wait.status, wait.started_at, wait.input = "running", now(), spec.until
-            await run.checkpoint()
+            await run.checkpoint(start, wait)
             await run.report("step_finished", "start", f"published {spec.start}")
         deadline = start.started_at + spec.timeout
         while True:
@@ -62,8 +62,7 @@ async def execute(run: Run, spec: EventDriven) -> None:
             if event.event_id in seen:
                 continue
             seen.add(event.event_id)
-            record.events.append(event)
-            await run.checkpoint()
+            await run.add_event(event)
             await run.report("event_seen", event.topic, event.source)
             if topic_matches(spec.until, event.topic):
                 break
@@ -71,7 +70,7 @@ async def execute(run: Run, spec: EventDriven) -> None:
     wait.usage = sum((e.usage for e in record.events), Usage())  # the agents' reactions
     run.end_step(wait, "completed")
     record.output, record.output_data = wait.output, event.data
-    await run.checkpoint()
+    await run.checkpoint(wait)
     await run.report("step_finished", "until", f"{event.topic} from {event.source}")
 
 
