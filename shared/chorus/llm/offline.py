@@ -110,8 +110,8 @@ class OfflineModel:
         calls: tuple[FunctionCall, ...] = ()
         if isinstance(answer, FunctionCall):
             calls, text, data = (answer,), "", None
-        elif isinstance(answer, list) and answer and all(
-            isinstance(a, FunctionCall) for a in answer
+        elif (
+            isinstance(answer, list) and answer and all(isinstance(a, FunctionCall) for a in answer)
         ):
             calls, text, data = tuple(answer), "", None
         elif isinstance(answer, str):
@@ -121,7 +121,7 @@ class OfflineModel:
         else:
             text, data = json.dumps(answer), answer
         prompt = [request.instructions, request.input]
-        prompt += [getattr(item, "text", "") or getattr(item, "output", "") for item in request.items]
+        prompt += [getattr(i, "text", "") or getattr(i, "output", "") for i in request.items]
         prompt_tokens = sum(_count_tokens(part) for part in prompt)
         completion_tokens = _count_tokens(text) + sum(_count_tokens(c.arguments) for c in calls)
         usage = Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)

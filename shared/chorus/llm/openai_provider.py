@@ -332,9 +332,7 @@ class OpenAIModel:
         items: list[Item] = []
         for output in response.output:
             if output.type == "message":
-                text = "".join(
-                    part.text for part in output.content if part.type == "output_text"
-                )
+                text = "".join(part.text for part in output.content if part.type == "output_text")
                 if text:
                     items.append(AssistantMessage(text=text))
             elif output.type == "function_call":
