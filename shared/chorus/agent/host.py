@@ -159,10 +159,11 @@ class AgentHost:
         return ChorusClient(self.nc, self.subjects, timeout=self.settings.request_timeout)
 
     async def start(self) -> None:
+        # Before connecting: a model that cannot run the hosted tools fails here, cleanly.
+        await self.toolbox.start(self.model)
         if self._nc is None:
             self._nc = await connect(self.settings, f"agent:{self.instance}", service=True)
         spec = self.agent.spec
-        await self.toolbox.start(self.model)  # MCP servers up; hosted tools checked
         self._service = await add_service(
             self.nc,
             name=self.subjects.micro_service,
