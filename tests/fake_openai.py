@@ -1,8 +1,9 @@
 """A local stand-in for the OpenAI HTTP API, for tests that drive the real `openai` client.
 
 Speaks `POST /v1/responses` and `POST /v1/chat/completions`, records every request, replies
-with scripted text (by default an echo, or a sample valid for the requested JSON schema),
-and can fail the next requests with an OpenAI-style error body. Stdlib only.
+with scripted text (by default an echo, or a sample valid for the requested JSON schema) or
+scripted function calls (a `reply` that returns a list of `FakeCall`), and can fail the next
+requests with an OpenAI-style error body. Stdlib only.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NamedTuple
 
 from chorus.llm.offline import sample_for_schema
 
@@ -25,6 +26,14 @@ _ERROR_KINDS = {
     404: ("invalid_request_error", "not_found"),
     429: ("requests", "rate_limit_exceeded"),
 }
+
+
+class FakeCall(NamedTuple):
+    """A function call the fake model makes: `arguments` is JSON text."""
+
+    call_id: str
+    name: str
+    arguments: str
 
 
 def prompt_of(path: str, body: dict[str, Any]) -> tuple[str, str]:
@@ -64,7 +73,7 @@ class FakeOpenAI:
     def __init__(self) -> None:
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.headers: list[dict[str, str]] = []
-        self.reply: Callable[[str, dict[str, Any]], str] = default_reply
+        self.reply: Callable[[str, dict[str, Any]], str | list[FakeCall]] = default_reply
         self.disable_responses = False
         self._failures: list[tuple[int, float | None]] = []
         self._lock = threading.Lock()
@@ -144,12 +153,40 @@ class FakeOpenAI:
         if path not in (RESPONSES, CHAT) or (path == RESPONSES and self.disable_responses):
             return 404, _error(404, f"Invalid URL (POST {path})"), {}
         instructions, user_input = prompt_of(path, body)
-        text = self.reply(path, body)
+        answer = self.reply(path, body)
+        text, calls = (answer, []) if isinstance(answer, str) else ("", answer)
         prompt_tokens, output_tokens = _words(instructions) + _words(user_input), _words(text)
+        output_tokens += sum(_words(c.arguments) for c in calls)
         model = str(body.get("model", "fake-model"))
         if path == CHAT:
-            return 200, _chat_completion(number, model, text, prompt_tokens, output_tokens), {}
-        return 200, _response(number, model, text, prompt_tokens, output_tokens), {}
+            completion = _chat_completion(number, model, text, prompt_tokens, output_tokens)
+            if calls:
+                choice = completion["choices"][0]
+                choice["finish_reason"] = "tool_calls"
+                choice["message"]["content"] = None
+                choice["message"]["tool_calls"] = [
+                    {
+                        "id": c.call_id,
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments},
+                    }
+                    for c in calls
+                ]
+            return 200, completion, {}
+        response = _response(number, model, text, prompt_tokens, output_tokens)
+        if calls:
+            response["output"] = [
+                {
+                    "type": "function_call",
+                    "id": f"fc_{number:08d}_{index}",
+                    "call_id": c.call_id,
+                    "name": c.name,
+                    "arguments": c.arguments,
+                    "status": "completed",
+                }
+                for index, c in enumerate(calls)
+            ]
+        return 200, response, {}
 
 
 def _error(status: int, message: str) -> dict[str, Any]:

@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 120
 
 KEY_LINES: dict[str, list[str]] = {
+    "tool_loop": [
+        "| loop overhead per tool turn, 1 call |",
+        "| raw cross-process request-reply, sequential |",
+        "- loop overhead per tool turn p50",
+    ],
     "kv_contention": ["SharedState.update", "raw kv.update CAS", "SharedState / raw"],
     "agent_startup": [
         "| offline model |",

@@ -28,6 +28,7 @@ def test_demo_runs_a_task_and_every_pattern_offline(tmp_path: Path) -> None:
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "answered by researcher" in result.stdout
+    assert "tool call turn 1: define" in result.stdout  # the glossary agent's Python tool
     for pattern in ("pipeline", "parallel", "event-driven", "hierarchical", "business process"):
         line = next(line for line in result.stdout.splitlines() if f" {pattern} " in line)
         assert "completed" in line, line

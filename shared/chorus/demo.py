@@ -62,6 +62,19 @@ async def run_demo(
                 await asyncio.to_thread(system.stop)
 
 
+async def _show_tools(client: ChorusClient, question: str) -> None:
+    """A task for the glossary agent, whose model calls a Python tool before it answers."""
+    result = await client.run_task(Task(input=question), capability="glossary")
+    console.print("[bold]task[/] → capability [cyan]glossary[/] (an agent with a Python tool)")
+    for call in result.tool_calls:
+        outcome = f"[red]{escape(call.error)}[/]" if call.error else escape(call.output[:120])
+        console.print(
+            f"  [magenta]tool call[/] turn {call.turn}: {escape(call.name)}"
+            f"({escape(call.arguments[:80])}) in {call.duration_ms:.1f} ms → {outcome}"
+        )
+    console.print(f"[bold]output[/]: {escape(result.output)}\n")
+
+
 async def _show(
     nc: object, settings: Settings, question: str, timeout: float, *, expect_all: bool
 ) -> int:
@@ -82,6 +95,9 @@ async def _show(
         f"{result.duration_ms:.1f} ms, {result.usage.total_tokens} tokens"
     )
     console.print(f"[bold]output[/]: {escape(result.output)}\n")
+
+    if "glossary" in wanted:
+        await _show_tools(client, question)
 
     runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
     table = Table(title="one workflow of each pattern", title_justify="left")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ChorusError(Exception):
     """Base of every error Chorus raises on purpose. `code` is stable and goes on the wire."""
@@ -156,9 +158,20 @@ class ToolFailed(ChorusError):
 
 
 class MaxTurnsExceeded(ChorusError):
-    """The agent loop reached `max_turns` without a final answer."""
+    """The agent loop reached `max_turns` without a final answer. `tool_calls` holds the
+    records of the calls it made (`chorus.messages.ToolCallRecord`), for the error reply."""
 
     code = "max_turns_exceeded"
+
+    def __init__(self, reason: str, tool_calls: list[Any] | None = None) -> None:
+        super().__init__(reason)
+        self.tool_calls: list[Any] = tool_calls or []
+
+
+class InvalidSpec(ConfigError, ValueError):
+    """An agent spec's entry is wrong. A ValueError too, so msgspec reports the field path."""
+
+    code = "invalid_spec"
 
 
 class InstanceLost(ChorusError):

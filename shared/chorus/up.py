@@ -29,6 +29,7 @@ DEFAULT_AGENTS: tuple[tuple[str, int], ...] = (
     ("analyst", 1),
     ("writer", 1),
     ("planner", 1),
+    ("glossary", 1),
 )
 
 

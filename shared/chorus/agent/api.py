@@ -7,7 +7,14 @@
         reply = await ctx.ask_model(task.input)
         return reply.text
 
-Handlers not given fall back to the default: ask the agent's model with its instructions.
+    @tool
+    async def define(term: str) -> str:
+        "Look a term up in the glossary."
+
+    agent.use(define)  # offered to the model, with the spec's `tools:`
+
+Handlers not given fall back to the default: the agent loop with the agent's model, its
+instructions and its tools (`ctx.run_loop`).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -23,6 +30,9 @@ from chorus.agent.context import Context
 from chorus.errors import ConfigError
 from chorus.messages import Event, HelpRequest, Task
 from chorus.specs.agent import AgentSpec
+
+if TYPE_CHECKING:
+    from chorus.tools.base import Tool
 
 
 class Reply(msgspec.Struct, kw_only=True):
@@ -45,6 +55,12 @@ class Agent:
         self._task: TaskHandler | None = None
         self._event: EventHandler | None = None
         self._help: HelpHandler | None = None
+        self.tools: list[Tool] = []  # besides the spec's `tools:`
+
+    def use(self, *tools: Tool) -> Agent:
+        """Offer these tools (Python `@tool`s, any `Tool`) to the model, with the spec's."""
+        self.tools.extend(tools)
+        return self
 
     @property
     def name(self) -> str:
@@ -87,7 +103,7 @@ async def default_answer(
     ctx: Context, text: str, extra_instructions: str, json_schema: dict[str, Any] | None
 ) -> Reply:
     instructions = "\n\n".join(p for p in (ctx.instructions, extra_instructions) if p)
-    reply = await ctx.ask_model(text, instructions=instructions, json_schema=json_schema)
+    reply = await ctx.run_loop(text, instructions=instructions, json_schema=json_schema)
     return Reply(output=reply.text, data=reply.data)
 
 

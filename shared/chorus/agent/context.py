@@ -1,12 +1,18 @@
-"""What a handler can do while it works: ask the model, ask a peer for help, emit events."""
+"""What a handler can do while it works: ask the model, run the tool loop, ask a peer for
+help, emit events."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from chorus.llm.base import Model, ModelReply, ModelRequest
-from chorus.messages import Event, HelpReply, Usage
+from chorus.agent.loop import LoopResult, run_loop
+from chorus.agent.toolbox import Toolbox
+from chorus.errors import MaxTurnsExceeded
+from chorus.llm.base import FunctionCall, Model, ModelReply, ModelRequest
+from chorus.messages import Event, HelpReply, ToolCallRecord, Usage
+from chorus.tools.base import Tool, ToolCallContext
 
 if TYPE_CHECKING:
     from chorus.agent.host import AgentHost
@@ -16,12 +22,24 @@ if TYPE_CHECKING:
 class Context:
     """Per task (or event, or help request). Handlers receive one; it is not shared."""
 
-    def __init__(self, host: AgentHost, *, run_id: str = "", instructions: str = "") -> None:
+    def __init__(
+        self,
+        host: AgentHost,
+        *,
+        run_id: str = "",
+        instructions: str = "",
+        task_id: str = "",
+        attempt: int = 1,
+    ) -> None:
         self._host = host
         self.run_id = run_id
         self.instructions = instructions
+        self.task_id = task_id
+        self.attempt = attempt
+        self.depth = 0  # agents-as-tools deep; set by whoever reads it off the task
         self.usage = Usage()
         self.events: list[Event] = []
+        self.tool_calls: list[ToolCallRecord] = []  # every loop's, put on the Result
         self.log = logging.getLogger(f"chorus.agent.{host.agent.name}")
 
     @property
@@ -55,6 +73,59 @@ class Context:
         reply = await self._host.model.complete(request)
         self.usage = self.usage + reply.usage
         return reply
+
+    async def run_loop(
+        self,
+        input: str,
+        *,
+        instructions: str | None = None,
+        json_schema: dict[str, Any] | None = None,
+        schema_name: str = "output",
+        tools: Sequence[Tool] | None = None,
+        max_turns: int | None = None,
+    ) -> LoopResult:
+        """Ask the model, run the tools it calls, and ask again until it answers.
+
+        The tools are the agent's (its spec's `tools:` and `Agent.use`), or `tools` instead.
+        Usage and tool-call records are added to this task's; `max_turns` defaults to the
+        spec's. Raises MaxTurnsExceeded when the model never gives a final answer.
+        """
+        spec = self._host.agent.spec
+        toolbox = self._host.toolbox if tools is None else Toolbox(tools)
+        request = ModelRequest(
+            model=self._host.model_name,
+            instructions=self.instructions if instructions is None else instructions,
+            input=input,
+            json_schema=json_schema,
+            schema_name=schema_name,
+        )
+        try:
+            result = await run_loop(
+                self._host.model,
+                request,
+                toolbox,
+                self._call_context,
+                max_turns=max_turns or spec.max_turns,
+                max_parallel=spec.max_tool_calls_per_turn,
+            )
+        except MaxTurnsExceeded as exc:
+            self.tool_calls.extend(exc.tool_calls)
+            raise
+        self.usage = self.usage + result.usage
+        self.tool_calls.extend(result.tool_calls)
+        return result
+
+    def _call_context(self, call: FunctionCall) -> ToolCallContext:
+        return ToolCallContext(
+            agent=self.agent_name,
+            instance=self.instance,
+            task_id=self.task_id,
+            run_id=self.run_id,
+            attempt=self.attempt,
+            call_id=call.call_id,
+            depth=self.depth,
+            client=self._host.client,
+        )
 
     async def ask_help(
         self, capability: str, question: str, *, data: Any = None, timeout: float | None = None

@@ -28,6 +28,7 @@ from nats.micro.service import EndpointConfig, Service
 from chorus import __version__
 from chorus.agent.api import Agent
 from chorus.agent.context import Context
+from chorus.agent.toolbox import build_toolbox
 from chorus.client import ChorusClient
 from chorus.config import Settings
 from chorus.errors import (
@@ -35,6 +36,7 @@ from chorus.errors import (
     ConfigError,
     Draining,
     InvalidMessage,
+    MaxTurnsExceeded,
     PayloadTooLarge,
     TaskFailed,
 )
@@ -122,6 +124,7 @@ class AgentHost:
         self.model_name = split_model(agent.spec.model)[1]
         # Built here, not mid-task, so a missing API key fails at start-up.
         self.model: Model = model if model is not None else create_model(agent.spec.model)
+        self.toolbox = build_toolbox(agent.spec, self, agent.tools)
         self.stats = InstanceStats()
         self.started_at = time.time()
         self._nc = nc
@@ -156,6 +159,8 @@ class AgentHost:
         return ChorusClient(self.nc, self.subjects, timeout=self.settings.request_timeout)
 
     async def start(self) -> None:
+        # Before connecting: a model that cannot run the hosted tools fails here, cleanly.
+        await self.toolbox.start(self.model)
         if self._nc is None:
             self._nc = await connect(self.settings, f"agent:{self.instance}", service=True)
         spec = self.agent.spec
@@ -249,6 +254,8 @@ class AgentHost:
     async def _run(self, message: Task | HelpRequest) -> bytes:
         """Run one handler under the concurrency limit; failures become ChorusErrors."""
         ctx = Context(self, run_id=message.run_id, instructions=self.agent.spec.instructions)
+        if isinstance(message, Task):
+            ctx.task_id, ctx.attempt = message.task_id, message.attempt
         async with self._slot() as started:
             try:
                 if isinstance(message, Task):
@@ -275,6 +282,7 @@ class AgentHost:
                     usage=ctx.usage,
                     duration_ms=duration_ms,
                     events=ctx.events,
+                    tool_calls=ctx.tool_calls,
                 )
             )
         return encode(
@@ -324,8 +332,15 @@ class AgentHost:
         return duration_ms
 
     async def _respond_error(self, request: Request, exc: ChorusError, task_id: str = "") -> None:
+        trace = exc.tool_calls if isinstance(exc, MaxTurnsExceeded) else []
         body = encode(
-            ErrorReply(code=exc.code, reason=exc.reason, task_id=task_id, instance=self.instance)
+            ErrorReply(
+                code=exc.code,
+                reason=exc.reason,
+                task_id=task_id,
+                instance=self.instance,
+                tool_calls=trace,
+            )
         )
         await wire.respond(request, body, headers.for_error(exc.code, exc.reason))
 
@@ -446,6 +461,7 @@ class AgentHost:
         await asyncio.gather(*self._loops, return_exceptions=True)
         await self._claims.stop()
         await self._publish_heartbeat("stopped")
+        await self.toolbox.close()
         await self.model.close()
         if self._state is not None:
             await self._state.close()

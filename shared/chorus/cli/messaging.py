@@ -183,6 +183,9 @@ class Printer:
             if agent:
                 parts.append(f"agent={escape(agent)}")
             parts.append(escape(wire.short(message)))
+            tools = wire.tools_line(message)
+            if tools:
+                parts.append(f"[magenta]{escape(tools)}[/]")
             self.console.print(" ".join(parts))
         self.printed += 1
         if self.args.count and self.printed >= self.args.count:

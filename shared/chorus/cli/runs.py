@@ -385,6 +385,25 @@ def run_view(record: RunRecord) -> list[RenderableType]:
                 result,
             )
         parts.append(steps)
+    calls = [(step.name, call) for step in record.steps for call in step.tool_calls]
+    if calls:
+        tools = Table(title="tool calls", title_justify="left")
+        for column in ("step", "turn", "tool", "arguments", "duration", "by", "result"):
+            tools.add_column(column, justify="right" if column == "turn" else "left")
+        for step_name, call in calls:
+            outcome = (
+                f"[red]{escape(short(call.error))}[/]" if call.error else escape(short(call.output))
+            )
+            tools.add_row(
+                escape(step_name),
+                str(call.turn),
+                escape(call.name),
+                escape(short(call.arguments, 60)),
+                seconds_text(call.duration_ms / 1000),
+                escape(call.instance or "local"),
+                outcome,
+            )
+        parts.append(tools)
     if record.plan is not None:
         plan = Table(title="plan", title_justify="left")
         for column in ("subtask", "capabilities", "depends on", "description"):

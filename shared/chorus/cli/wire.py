@@ -112,6 +112,22 @@ def to_builtins(message: Any) -> Any:
     return msgspec.to_builtins(message) if isinstance(message, msgspec.Struct) else message
 
 
+def tools_line(message: Any) -> str:
+    """The tool calls of a task's reply (or outcome), condensed: `tools: lookup x2, fetch (1
+    failed)`; empty when there were none."""
+    calls = getattr(message, "tool_calls", None) or getattr(
+        getattr(message, "result", None), "tool_calls", None
+    )
+    if not calls:
+        return ""
+    counts: dict[str, int] = {}
+    for call in calls:
+        counts[call.name] = counts.get(call.name, 0) + 1
+    names = ", ".join(name + (f" x{n}" if n > 1 else "") for name, n in counts.items())
+    failed = sum(1 for call in calls if call.error)
+    return f"tools: {names}" + (f" ({failed} failed)" if failed else "")
+
+
 def short(message: Any, width: int = 100) -> str:
     """A one-line summary of the interesting part of a message."""
     for field in ("output", "input", "question", "answer", "reason"):

@@ -1,4 +1,12 @@
-"""The one interface every model provider implements."""
+"""The one interface every model provider implements.
+
+A request is the agent's instructions, the task's input (the first user message) and the
+conversation since (`items`: assistant messages, function calls and their outputs), with the
+function tools the model may call and hosted tools (`{"type": "web_search", ...}`) passed to
+the provider as they are. A reply is text and/or tool calls, the items it adds to the
+conversation, and token usage. `complete(ModelRequest(model, instructions, input))` with no
+items nor tools is the single prompt it always was.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +17,78 @@ import msgspec
 from chorus.messages import Usage
 
 
+class ConversationItem(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of what a conversation is made of after the task's input."""
+
+
+class UserMessage(ConversationItem, frozen=True, tag="user_message"):
+    text: str
+
+
+class AssistantMessage(ConversationItem, frozen=True, tag="assistant_message"):
+    text: str
+
+
+class FunctionCall(ConversationItem, frozen=True, tag="function_call"):
+    """The model asks for one tool call; `arguments` is JSON text, as the model wrote it."""
+
+    call_id: str
+    name: str
+    arguments: str = "{}"
+
+
+class FunctionCallOutput(ConversationItem, frozen=True, tag="function_call_output"):
+    """What a tool call gave back (text; errors as `{"error": "..."}`)."""
+
+    call_id: str
+    output: str
+
+
+class ProviderItem(ConversationItem, frozen=True, tag="provider_item"):
+    """An item only its provider understands (an OpenAI reasoning item): sent back to that
+    provider as it came, dropped by any other."""
+
+    provider: str
+    data: dict[str, Any]
+
+
+Item = UserMessage | AssistantMessage | FunctionCall | FunctionCallOutput | ProviderItem
+
+
+class FunctionTool(msgspec.Struct, frozen=True, kw_only=True):
+    """A tool the model may call, as the model is told about it."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = msgspec.field(
+        default_factory=lambda: {"type": "object", "properties": {}}
+    )
+
+
 class ModelRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """One model call: the agent's instructions, the task's input, optionally a JSON schema."""
+    """One model call: the agent's instructions, the task's input, optionally a JSON schema,
+    the conversation so far and the tools on offer."""
 
     model: str
     instructions: str
     input: str
     json_schema: dict[str, Any] | None = None
     schema_name: str = "output"
+    items: tuple[Item, ...] = ()
+    tools: tuple[FunctionTool, ...] = ()
+    hosted_tools: tuple[dict[str, Any], ...] = ()  # provider tools, passed through as given
 
 
 class ModelReply(msgspec.Struct, frozen=True, kw_only=True):
-    """The model's answer. `data` is the parsed JSON when a schema was asked for."""
+    """The model's answer. `data` is the parsed JSON when a schema was asked for and the model
+    answered (no tool calls). `items` is what this reply adds to the conversation."""
 
     text: str
     data: Any = None
     usage: Usage = Usage()
     model: str = ""
+    tool_calls: tuple[FunctionCall, ...] = ()
+    items: tuple[Item, ...] = ()
 
 
 class Model(Protocol):
@@ -36,3 +99,14 @@ class Model(Protocol):
     async def complete(self, request: ModelRequest) -> ModelReply: ...
 
     async def close(self) -> None: ...
+
+
+def runs_hosted_tools(model: Model) -> bool:
+    """Whether `model` can run hosted tools: providers say so with `hosted_tools = True`."""
+    return bool(getattr(model, "hosted_tools", False))
+
+
+def reply_items(text: str, calls: tuple[FunctionCall, ...]) -> tuple[Item, ...]:
+    """The conversation items of a reply with this text and these calls."""
+    message: tuple[Item, ...] = (AssistantMessage(text=text),) if text else ()
+    return message + calls

@@ -1,8 +1,13 @@
 """A deterministic model with no network: for the demo, the tests and CI.
 
 Without a script it answers `[<model>] <first line of instructions>: <input>`. When a JSON
-schema is asked for it returns a value valid for that schema. Tests script it with
-`OfflineModel(script=...)`: a callable from request to text or data.
+schema is asked for it returns a value valid for that schema. Offered tools and no tool
+output yet, it calls the first tool with arguments valid for its schema (the input in the
+first string property); once outputs are in, it answers citing them:
+`[<model>] <headline>: <input> (tool <name>: <output>)`.
+
+Tests script it with `OfflineModel(script=...)`: a callable from the full request (items
+included) to text, data, a `FunctionCall`, a list of them, or a whole `ModelReply`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,15 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from chorus.llm.base import ModelReply, ModelRequest
+from chorus.errors import ConfigError
+from chorus.llm.base import (
+    FunctionCall,
+    FunctionCallOutput,
+    FunctionTool,
+    ModelReply,
+    ModelRequest,
+    reply_items,
+)
 from chorus.messages import Usage
 
 Script = Callable[[ModelRequest], Any | Awaitable[Any]]
@@ -55,8 +68,23 @@ def sample_for_schema(schema: dict[str, Any], defs: dict[str, Any] | None = None
     return None
 
 
+def sample_arguments(tool: FunctionTool, text: str) -> dict[str, Any]:
+    """Arguments valid for `tool`'s schema, with `text` in the first string property."""
+    arguments = sample_for_schema(tool.parameters)
+    if not isinstance(arguments, dict):
+        return {}
+    properties: dict[str, Any] = tool.parameters.get("properties", {})
+    for name, schema in properties.items():
+        if schema.get("type") == "string" and "enum" not in schema and "const" not in schema:
+            arguments[name] = text
+            break
+    return arguments
+
+
 class OfflineModel:
     """Deterministic, instant (or `delay` seconds), scriptable."""
+
+    hosted_tools = False  # nothing to run a provider's web search with
 
     def __init__(self, name: str = "offline", *, script: Script | None = None, delay: float = 0.0):
         self.name = name
@@ -66,27 +94,64 @@ class OfflineModel:
 
     async def complete(self, request: ModelRequest) -> ModelReply:
         self.calls.append(request)
+        if request.hosted_tools:
+            kinds = ", ".join(str(t.get("type")) for t in request.hosted_tools)
+            raise ConfigError(f"the offline model cannot run hosted tools ({kinds})")
         if self.delay:
             await asyncio.sleep(self.delay)  # simulated model latency
         if self.script is not None:
             answer = self.script(request)
             if isinstance(answer, Awaitable):
                 answer = await answer
-        elif request.json_schema is not None:
-            answer = sample_for_schema(request.json_schema)
         else:
-            headline = request.instructions.strip().splitlines()[0] if request.instructions else ""
-            answer = f"[{request.model}] {headline}: {request.input}".strip()
-        if isinstance(answer, str):
+            answer = self._default(request)
+        if isinstance(answer, ModelReply):
+            return answer
+        calls: tuple[FunctionCall, ...] = ()
+        if isinstance(answer, FunctionCall):
+            calls, text, data = (answer,), "", None
+        elif (
+            isinstance(answer, list) and answer and all(isinstance(a, FunctionCall) for a in answer)
+        ):
+            calls, text, data = tuple(answer), "", None
+        elif isinstance(answer, str):
             text, data = answer, None
             if request.json_schema is not None:
                 data = json.loads(answer)
         else:
             text, data = json.dumps(answer), answer
-        prompt_tokens = _count_tokens(request.instructions) + _count_tokens(request.input)
-        completion_tokens = _count_tokens(text)
+        prompt = [request.instructions, request.input]
+        prompt += [getattr(i, "text", "") or getattr(i, "output", "") for i in request.items]
+        prompt_tokens = sum(_count_tokens(part) for part in prompt)
+        completion_tokens = _count_tokens(text) + sum(_count_tokens(c.arguments) for c in calls)
         usage = Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
-        return ModelReply(text=text, data=data, usage=usage, model=request.model)
+        return ModelReply(
+            text=text,
+            data=data,
+            usage=usage,
+            model=request.model,
+            tool_calls=calls,
+            items=reply_items(text, calls),
+        )
+
+    @staticmethod
+    def _default(request: ModelRequest) -> Any:
+        outputs = [item for item in request.items if isinstance(item, FunctionCallOutput)]
+        if request.tools and not outputs:
+            tool = request.tools[0]
+            arguments = json.dumps(sample_arguments(tool, request.input))
+            return FunctionCall(call_id="call_1", name=tool.name, arguments=arguments)
+        if request.json_schema is not None:
+            return sample_for_schema(request.json_schema)
+        headline = request.instructions.strip().splitlines()[0] if request.instructions else ""
+        answer = f"[{request.model}] {headline}: {request.input}".strip()
+        if outputs:
+            names = {
+                item.call_id: item.name for item in request.items if isinstance(item, FunctionCall)
+            }
+            cited = "; ".join(f"tool {names.get(o.call_id, '?')}: {o.output}" for o in outputs)
+            answer += f" ({cited})"
+        return answer
 
     async def close(self) -> None:
         return None

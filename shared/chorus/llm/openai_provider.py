@@ -4,6 +4,12 @@ The client's own retries are off (`max_retries=0`): this module retries 429, 5xx
 errors and timeouts itself, with exponential backoff, jitter and `retry-after`, so the number
 of attempts and the final error message are ours. Concurrency per model is bounded by a
 semaphore that is not held while waiting to retry.
+
+Tools: the Responses API gets `tools=[{"type": "function", ...}]` plus hosted tools as
+given, and the conversation as input items (stateless: `store=False`, the prior output items
+sent back, never `previous_response_id`). Chat Completions gets `tools=[{"type": "function",
+"function": {...}}]`, the calls as the assistant message's `tool_calls` and the outputs as
+`role: tool` messages; it cannot run hosted tools.
 """
 
 from __future__ import annotations
@@ -14,10 +20,21 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
+import msgspec
 import openai
 
 from chorus.errors import ConfigError, MissingApiKey, ModelError
-from chorus.llm.base import ModelReply, ModelRequest
+from chorus.llm.base import (
+    AssistantMessage,
+    FunctionCall,
+    FunctionCallOutput,
+    Item,
+    ModelReply,
+    ModelRequest,
+    ProviderItem,
+    UserMessage,
+    reply_items,
+)
 from chorus.messages import Usage
 
 Api = Literal["responses", "chat"]
@@ -103,6 +120,69 @@ def _retry_after(exc: openai.APIStatusError) -> float | None:
     return None  # absent, or an HTTP date: use the backoff
 
 
+class _Answer(msgspec.Struct, frozen=True):
+    text: str
+    usage: Usage
+    model: str
+    calls: tuple[FunctionCall, ...] = ()
+    items: tuple[Item, ...] = ()
+
+
+def responses_input(request: ModelRequest) -> str | list[dict[str, Any]]:
+    """The Responses API `input`: the task's text alone, or it and the conversation's items."""
+    if not request.items:
+        return request.input
+    out: list[dict[str, Any]] = [{"role": "user", "content": request.input}]
+    for item in request.items:
+        if isinstance(item, UserMessage):
+            out.append({"role": "user", "content": item.text})
+        elif isinstance(item, AssistantMessage):
+            out.append({"role": "assistant", "content": item.text})
+        elif isinstance(item, FunctionCall):
+            out.append(
+                {
+                    "type": "function_call",
+                    "call_id": item.call_id,
+                    "name": item.name,
+                    "arguments": item.arguments,
+                }
+            )
+        elif isinstance(item, FunctionCallOutput):
+            out.append(
+                {"type": "function_call_output", "call_id": item.call_id, "output": item.output}
+            )
+        elif item.provider == "openai":
+            out.append(item.data)
+    return out
+
+
+def chat_messages(request: ModelRequest) -> list[dict[str, Any]]:
+    """Chat Completions `messages`; an assistant text and the calls after it are one message."""
+    out: list[dict[str, Any]] = [
+        {"role": "system", "content": request.instructions},
+        {"role": "user", "content": request.input},
+    ]
+    for item in request.items:
+        if isinstance(item, UserMessage):
+            out.append({"role": "user", "content": item.text})
+        elif isinstance(item, AssistantMessage):
+            out.append({"role": "assistant", "content": item.text})
+        elif isinstance(item, FunctionCall):
+            call = {
+                "id": item.call_id,
+                "type": "function",
+                "function": {"name": item.name, "arguments": item.arguments},
+            }
+            last = out[-1]
+            if last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif isinstance(item, FunctionCallOutput):
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+    return out
+
+
 class OpenAIModel:
     """One OpenAI (or OpenAI-compatible) model; safe to call from many tasks at once."""
 
@@ -123,6 +203,7 @@ class OpenAIModel:
     ) -> None:
         self.name = name
         self.api: Api = api
+        self.hosted_tools = api == "responses"  # chat completions has no hosted tools
         self.max_retries = max_retries
         self.retry_base, self.retry_cap = retry_base, retry_cap
         self.retry_after_cap = retry_after_cap
@@ -156,11 +237,16 @@ class OpenAIModel:
 
     async def complete(self, request: ModelRequest) -> ModelReply:
         schema = strict_schema(request.json_schema) if request.json_schema is not None else None
+        if request.hosted_tools and not self.hosted_tools:
+            raise ConfigError(
+                f"openai model {self.name}: hosted tools need the Responses API "
+                "(CHORUS_OPENAI_API=responses), not chat completions"
+            )
         attempts = max(0, self.max_retries) + 1
         for attempt in range(1, attempts + 1):
             try:
                 async with self._limit:
-                    text, usage, model = await self._call(request, schema)
+                    answer = await self._call(request, schema)
                 break
             except openai.APIStatusError as exc:
                 status, message = exc.status_code, _error_message(exc)
@@ -191,8 +277,8 @@ class OpenAIModel:
                 backoff = min(self.retry_cap, self.retry_base * 2 ** (attempt - 1))
                 delay = random.uniform(backoff / 2, backoff)
             await self._sleep(min(delay, self.retry_after_cap))
-        data: Any = None
-        if request.json_schema is not None:
+        text, data = answer.text, None
+        if request.json_schema is not None and not answer.calls:
             try:
                 data = json.loads(text)
             except ValueError as exc:
@@ -200,17 +286,34 @@ class OpenAIModel:
                     f"model returned invalid JSON for schema {request.schema_name}: {exc}: "
                     f"{text[:200]!r}"
                 ) from exc
-        return ModelReply(text=text, data=data, usage=usage, model=model)
+        return ModelReply(
+            text=text,
+            data=data,
+            usage=answer.usage,
+            model=answer.model,
+            tool_calls=answer.calls,
+            items=answer.items,
+        )
 
-    async def _call(
-        self, request: ModelRequest, schema: dict[str, Any] | None
-    ) -> tuple[str, Usage, str]:
+    async def _call(self, request: ModelRequest, schema: dict[str, Any] | None) -> _Answer:
         if self.api == "chat":
             return await self._chat(request, schema)
+        tools: list[dict[str, Any]] = [
+            {
+                "type": "function",
+                "name": t.name,
+                "description": t.description,
+                "parameters": t.parameters,
+                "strict": False,  # tool schemas are the tools' own, not rewritten for strict
+            }
+            for t in request.tools
+        ]
+        tools += [dict(t) for t in request.hosted_tools]
         response = await self._client.responses.create(
             model=self.name,
             instructions=request.instructions,
-            input=request.input,
+            input=responses_input(request),  # type: ignore[arg-type]
+            tools=tools or openai.omit,  # type: ignore[arg-type]
             store=False,
             text=openai.omit
             if schema is None
@@ -225,17 +328,44 @@ class OpenAIModel:
         )
         u = response.usage
         usage = Usage(u.input_tokens, u.output_tokens, u.total_tokens) if u else Usage()
-        return response.output_text, usage, response.model or self.name
+        calls: list[FunctionCall] = []
+        items: list[Item] = []
+        for output in response.output:
+            if output.type == "message":
+                text = "".join(part.text for part in output.content if part.type == "output_text")
+                if text:
+                    items.append(AssistantMessage(text=text))
+            elif output.type == "function_call":
+                call = FunctionCall(
+                    call_id=output.call_id, name=output.name, arguments=output.arguments
+                )
+                calls.append(call)
+                items.append(call)
+            elif output.type == "reasoning" and output.encrypted_content:
+                # Without `store`, only a reasoning item that carries its content can be sent
+                # back; hosted tool calls ran server-side and need no round trip.
+                items.append(
+                    ProviderItem(provider="openai", data=output.model_dump(exclude_none=True))
+                )
+        model = response.model or self.name
+        return _Answer(response.output_text, usage, model, tuple(calls), tuple(items))
 
-    async def _chat(
-        self, request: ModelRequest, schema: dict[str, Any] | None
-    ) -> tuple[str, Usage, str]:
+    async def _chat(self, request: ModelRequest, schema: dict[str, Any] | None) -> _Answer:
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                },
+            }
+            for t in request.tools
+        ]
         completion = await self._client.chat.completions.create(
             model=self.name,
-            messages=[
-                {"role": "system", "content": request.instructions},
-                {"role": "user", "content": request.input},
-            ],
+            messages=chat_messages(request),  # type: ignore[arg-type]
+            tools=tools or openai.omit,  # type: ignore[arg-type]
             response_format=openai.omit
             if schema is None
             else {
@@ -245,10 +375,17 @@ class OpenAIModel:
         )
         if not completion.choices:
             raise ModelError(f"openai model {self.name}: the reply has no choices")
-        text = completion.choices[0].message.content or ""
+        message = completion.choices[0].message
+        text = message.content or ""
         u = completion.usage
         usage = Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens) if u else Usage()
-        return text, usage, completion.model or self.name
+        calls = tuple(
+            FunctionCall(call_id=c.id, name=c.function.name, arguments=c.function.arguments)
+            for c in message.tool_calls or ()
+            if c.type == "function"
+        )
+        model = completion.model or self.name
+        return _Answer(text, usage, model, calls, reply_items(text, calls))
 
     async def close(self) -> None:
         await self._client.close()

@@ -18,6 +18,7 @@ from chorus.messages.agents import (
     InstanceState,
     Result,
     Task,
+    ToolCallRecord,
     decode_help,
     decode_result,
 )
@@ -120,6 +121,7 @@ __all__ = [
     "SubtaskResult",
     "Task",
     "TaskOutcome",
+    "ToolCallRecord",
     "Usage",
     "decode",
     "decode_any",

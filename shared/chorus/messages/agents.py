@@ -41,6 +41,29 @@ class Task(Message, tag="task"):
     attempt: int = 1
 
 
+MAX_RECORDED_CHARS = 2000  # of a tool call's arguments and output kept on the record
+
+
+def truncated(text: str, limit: int = MAX_RECORDED_CHARS) -> str:
+    """`text`, cut to `limit` characters with a marker saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [truncated, {len(text)} chars]"
+
+
+class ToolCallRecord(msgspec.Struct, kw_only=True):
+    """One tool call an agent's model made while it worked on a task, as done."""
+
+    name: str
+    call_id: str
+    arguments: str = "{}"  # JSON text, as the model wrote it (truncated)
+    output: str = ""  # what the model was given back (truncated); empty when it failed
+    error: str = ""  # why the call failed (the model saw `{"error": ...}`)
+    duration_ms: float = 0.0
+    instance: str = ""  # the instance that served a peer call; empty for a local tool
+    turn: int = 1  # the loop's model turn that asked for it
+
+
 class Result(Message, tag="result"):
     """A finished task."""
 
@@ -52,6 +75,7 @@ class Result(Message, tag="result"):
     usage: Usage = Usage()
     duration_ms: float = 0.0
     events: list[Event] = []
+    tool_calls: list[ToolCallRecord] = []
 
 
 class ErrorReply(Message, tag="error"):
@@ -61,6 +85,7 @@ class ErrorReply(Message, tag="error"):
     reason: str
     task_id: str = ""
     instance: str = ""
+    tool_calls: list[ToolCallRecord] = []  # what the agent's loop did before it failed
 
 
 class HelpRequest(Message, tag="help_request"):

@@ -7,7 +7,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from chorus.messages.agents import Event
+from chorus.messages.agents import Event, ToolCallRecord
 from chorus.messages.codec import Message, Usage, new_id, now
 from chorus.specs.workflow import WorkflowKind, WorkflowSpec, expected_steps
 
@@ -80,6 +80,7 @@ class StepRecord(msgspec.Struct, kw_only=True):
     ended_at: float = 0.0
     duration_ms: float = 0.0
     usage: Usage = Usage()
+    tool_calls: list[ToolCallRecord] = []  # of the attempt that answered
 
     @property
     def succeeded(self) -> bool:

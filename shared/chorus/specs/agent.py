@@ -9,6 +9,7 @@ import msgspec
 
 from chorus.errors import ConfigError
 from chorus.specs.loading import load_yaml
+from chorus.specs.tools import ToolEntry
 from chorus.subjects import check_token, check_topic
 
 
@@ -17,6 +18,9 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
     `handler` names a Python function or Agent (`package.module:attribute`) that replaces the
     default behaviour (ask the model with `instructions` and the task's input).
+
+    `tools` (see `chorus.specs.tools`) are what the model may call; the loop asks it at most
+    `max_turns` times per task and runs at most `max_tool_calls_per_turn` calls at once.
 
     `publishes` (event topics) and `state` (key prefixes in the shared state) say what the
     agent's generated NATS credentials may write (`chorus auth init`); `emits` is always
@@ -31,11 +35,13 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_concurrency: int = 4
     subscribes: list[str] = []
     emits: str | None = None
-    tools: list[str] = []
+    tools: list[ToolEntry] = []
     handler: str | None = None
     description: str = ""
     publishes: list[str] = []
     state: list[str] = []
+    max_turns: int = 8
+    max_tool_calls_per_turn: int = 4
 
     def __post_init__(self) -> None:
         check_token(self.name, "agent name")
@@ -51,11 +57,15 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             check_state_prefix(prefix)
         if self.max_concurrency < 1:
             raise ConfigError(f"agent {self.name}: max_concurrency must be at least 1")
-        unknown = set(self.tools) - KNOWN_TOOLS
-        if unknown:
+        unknown = {t for t in self.tools if isinstance(t, str)} - KNOWN_TOOLS
+        if unknown:  # reached when built in Python; a spec file is checked as it is decoded
             raise ConfigError(
                 f"agent {self.name}: unknown tools {sorted(unknown)}; known: {sorted(KNOWN_TOOLS)}"
             )
+        if self.max_turns < 1:
+            raise ConfigError(f"agent {self.name}: max_turns must be at least 1")
+        if self.max_tool_calls_per_turn < 1:
+            raise ConfigError(f"agent {self.name}: max_tool_calls_per_turn must be at least 1")
 
 
 def check_state_prefix(prefix: str) -> str:
@@ -70,7 +80,7 @@ def check_state_prefix(prefix: str) -> str:
 
 _KEY_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
-# Tools a YAML agent can enable; the default handler offers them to the model.
+# Tools a YAML agent can enable by name; the default handler offers them to the model.
 KNOWN_TOOLS = frozenset({"ask_help"})
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from chorus.errors import ToolFailed
+from chorus.messages import Usage
 
 if TYPE_CHECKING:
     from chorus.client import ChorusClient, TaskQueue
@@ -53,6 +54,10 @@ class ToolCallContext:
     client: ChorusClient | None = None  # request-reply to peers, events
     queue: TaskQueue | None = None  # durable tasks to peers
     extra: dict[str, Any] = field(default_factory=dict)
+    # Set by a tool that had another instance serve the call (a peer): who answered, and the
+    # tokens it spent, which the loop adds to the task's usage and the call's record.
+    answered_by: str = ""
+    usage: Usage = field(default_factory=Usage)
 
 
 class Tool(Protocol):

@@ -240,6 +240,7 @@ class Run:
                     await saving  # a Conflict here wins: another process owns the run
                 step.agent, step.instance = result.agent, result.instance
                 step.output, step.data, step.usage = result.output, result.data, result.usage
+                step.tool_calls = result.tool_calls
                 if finish is not None:
                     await finish(step, result)
             except ChorusError as exc:

@@ -1,0 +1,187 @@
+"""The agent loop: model → tool calls → their outputs → model, until a final answer.
+
+The calls of one turn run concurrently, at most `max_parallel` at once. A tool that fails in
+any way (ToolFailed, another error, its `timeout_s`, a value that cannot be encoded) gives
+the model `{"error": "..."}` as its output and the loop goes on: a tool never ends a task.
+`max_turns` model calls without a final answer raise MaxTurnsExceeded carrying the records of
+the calls made. Each turn's own cost (the time outside the model's and the tools' awaits) is
+measured, so a bench can report what the loop adds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from chorus.agent.toolbox import Toolbox
+from chorus.errors import ChorusError, MaxTurnsExceeded, ToolFailed
+from chorus.llm.base import FunctionCall, FunctionCallOutput, Item, Model, ModelRequest
+from chorus.messages import ToolCallRecord, Usage
+from chorus.messages.agents import truncated
+from chorus.tools.base import ToolCallContext
+
+log = logging.getLogger("chorus.agent.loop")
+
+DEFAULT_MAX_TURNS = 8
+DEFAULT_MAX_PARALLEL = 4
+_encoder = msgspec.json.Encoder()
+
+
+class LoopResult(msgspec.Struct, kw_only=True):
+    """What the loop ends with: the final answer, and what it took to get there."""
+
+    text: str
+    data: Any = None
+    usage: Usage = Usage()
+    tool_calls: list[ToolCallRecord] = []
+    turns: int = 0
+    overhead_ms: list[float] = []  # per turn: time outside the model and tool awaits
+
+
+class _Done(msgspec.Struct):
+    output: str  # what the model reads
+    record: ToolCallRecord
+    usage: Usage
+    started: float
+    ended: float
+
+
+def encode_output(value: Any) -> str:
+    """A tool's return value as the text the model reads."""
+    if isinstance(value, str):
+        return value
+    try:
+        return _encoder.encode(value).decode()
+    except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+        raise ToolFailed(
+            f"the tool returned a {type(value).__name__} that cannot be encoded: {exc}"
+        ) from None
+
+
+def _error_output(reason: str) -> str:
+    return json.dumps({"error": reason})
+
+
+async def run_tool(toolbox: Toolbox, call: FunctionCall, ctx: ToolCallContext, turn: int) -> _Done:
+    """One call, never raising (but for cancellation): failures become an error output."""
+    started = time.perf_counter()
+    record = ToolCallRecord(
+        name=call.name, call_id=call.call_id, arguments=truncated(call.arguments), turn=turn
+    )
+    tool = toolbox.tools.get(call.name)
+    ended = started
+    try:
+        if tool is None:
+            known = ", ".join(sorted(toolbox.tools)) or "none"
+            raise ToolFailed(f"there is no tool {call.name!r}; the tools are: {known}")
+        try:
+            arguments = json.loads(call.arguments or "{}")
+        except ValueError as exc:
+            raise ToolFailed(f"arguments of {call.name} are not valid JSON: {exc}") from None
+        if not isinstance(arguments, dict):
+            raise ToolFailed(f"arguments of {call.name} must be a JSON object")
+        timeout = tool.definition.timeout_s
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                value = await tool.call(arguments, ctx)
+        except TimeoutError:
+            raise ToolFailed(f"{call.name} timed out after {timeout:g} s") from None
+        finally:
+            ended = time.perf_counter()
+        output = encode_output(value)
+        record.output = truncated(output)
+    except ToolFailed as exc:
+        output, record.error = _error_output(exc.reason), exc.reason
+        log.warning("tool call failed", extra={"tool": call.name, "error": exc.reason})
+    except ChorusError as exc:
+        output, record.error = _error_output(exc.reason), f"{exc.code}: {exc.reason}"
+        log.warning("tool call failed", extra={"tool": call.name, "error": exc.reason})
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        output, record.error = _error_output(reason), reason
+        log.exception("tool raised", extra={"tool": call.name})
+    record.duration_ms = round((ended - started) * 1000, 3)
+    record.instance = ctx.answered_by
+    return _Done(output, record, ctx.usage, started, ended)
+
+
+def _trace(records: list[ToolCallRecord], limit: int = 20) -> str:
+    lines = []
+    for r in records[:limit]:
+        outcome = f"error: {r.error}" if r.error else r.output
+        call = f"{r.name}({truncated(r.arguments, 80)})"
+        lines.append(f"turn {r.turn} {call} -> {truncated(outcome, 80)}")
+    if len(records) > limit:
+        lines.append(f"... and {len(records) - limit} more")
+    return "; ".join(lines) or "none"
+
+
+async def run_loop(
+    model: Model,
+    request: ModelRequest,
+    toolbox: Toolbox,
+    call_context: Callable[[FunctionCall], ToolCallContext],
+    *,
+    max_turns: int = DEFAULT_MAX_TURNS,
+    max_parallel: int = DEFAULT_MAX_PARALLEL,
+) -> LoopResult:
+    """Ask `model` until it answers without tool calls; `call_context` makes each call's
+    context. The request's own items and tools are kept; the toolbox's are added."""
+    request = msgspec.structs.replace(
+        request,
+        tools=request.tools + toolbox.definitions,
+        hosted_tools=request.hosted_tools + toolbox.hosted,
+    )
+    items: list[Item] = list(request.items)
+    records: list[ToolCallRecord] = []
+    overhead: list[float] = []
+    usage = Usage()
+    limit = asyncio.Semaphore(max_parallel)
+
+    async def bounded(call: FunctionCall, turn: int) -> _Done:
+        async with limit:
+            return await run_tool(toolbox, call, call_context(call), turn)
+
+    for turn in range(1, max_turns + 1):
+        began = time.perf_counter()
+        if turn > 1:
+            request = msgspec.structs.replace(request, items=tuple(items))
+        asked = time.perf_counter()
+        reply = await model.complete(request)
+        model_s = time.perf_counter() - asked
+        usage = usage + reply.usage
+        if not reply.tool_calls:
+            overhead.append(round((time.perf_counter() - began - model_s) * 1000, 4))
+            return LoopResult(
+                text=reply.text,
+                data=reply.data,
+                usage=usage,
+                tool_calls=records,
+                turns=turn,
+                overhead_ms=overhead,
+            )
+        if turn == max_turns:
+            break
+        items.extend(reply.items or reply.tool_calls)
+        async with asyncio.TaskGroup() as group:
+            running = [group.create_task(bounded(c, turn)) for c in reply.tool_calls]
+        done = [task.result() for task in running]
+        for call, result in zip(reply.tool_calls, done, strict=True):
+            items.append(FunctionCallOutput(call_id=call.call_id, output=result.output))
+            records.append(result.record)
+            usage = usage + result.usage
+        tools_s = max(d.ended for d in done) - min(d.started for d in done)
+        overhead.append(round((time.perf_counter() - began - model_s - tools_s) * 1000, 4))
+    pending = ", ".join(c.name for c in reply.tool_calls)
+    raise MaxTurnsExceeded(
+        f"no final answer after {max_turns} model turns (max_turns); the model still asked "
+        f"for: {pending}; tool calls made: {_trace(records)}",
+        records,
+    )

@@ -1,0 +1,146 @@
+"""An agent's tools, built from its spec's `tools:` entries, started and closed with the host.
+
+Each entry kind maps to a builder in `BUILDERS` (one line per kind): a builder returns tools,
+or a `ToolSource` that gives its tools when started. Hosted tools are not built: they go to
+the model as they are, and a model that cannot run them is a ConfigError at start.
+Peer tools (`capability`, `agent`) come from `chorus.tools.peers` and MCP servers from
+`chorus.tools.mcp` when those modules are part of the build.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from chorus.errors import ConfigError
+from chorus.llm.base import FunctionTool, Model, runs_hosted_tools
+from chorus.specs.agent import AgentSpec
+from chorus.specs.tools import ToolEntry, ToolKind, ToolSpec, kind_of
+from chorus.tools.ask_help import AskHelpTool
+from chorus.tools.base import Tool, ToolSource
+from chorus.tools.python import load_python_tool
+
+if TYPE_CHECKING:
+    from chorus.agent.host import AgentHost
+
+Built = Sequence[Tool] | ToolSource
+Builder = Callable[[ToolEntry, "AgentHost | None"], Built]
+
+
+def _ask_help(entry: ToolEntry, host: AgentHost | None) -> Built:
+    return [AskHelpTool()]
+
+
+def _python(entry: ToolEntry, host: AgentHost | None) -> Built:
+    assert isinstance(entry, ToolSpec) and entry.python is not None
+    return [load_python_tool(entry.python)]
+
+
+def _optional_module(name: str, kind: str) -> Any:
+    if importlib.util.find_spec(name) is None:
+        raise ConfigError(f"{kind} tools are not available in this build (no module {name})")
+    return importlib.import_module(name)
+
+
+def _peer(entry: ToolEntry, host: AgentHost | None) -> Built:
+    peers = _optional_module("chorus.tools.peers", "capability and agent")
+    return [peers.peer_tool(entry, host)]
+
+
+def _mcp(entry: ToolEntry, host: AgentHost | None) -> Built:
+    mcp = _optional_module("chorus.tools.mcp", "mcp")
+    source: ToolSource = mcp.McpSource(entry)
+    return source
+
+
+BUILDERS: dict[ToolKind, Builder] = {
+    "ask_help": _ask_help,
+    "python": _python,
+    "capability": _peer,
+    "agent": _peer,
+    "mcp": _mcp,
+}
+
+
+class Toolbox:
+    """The tools an agent's loop may call, by name, and the hosted tools for its model."""
+
+    def __init__(
+        self,
+        tools: Sequence[Tool] = (),
+        *,
+        sources: Sequence[ToolSource] = (),
+        hosted: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        self._given = list(tools)
+        self._sources = list(sources)
+        self.hosted: tuple[dict[str, Any], ...] = tuple(hosted)
+        self.tools: dict[str, Tool] = {}
+        self.definitions: tuple[FunctionTool, ...] = ()
+        self._started = not self._sources
+        self._index(self._given)
+
+    def _index(self, tools: Sequence[Tool]) -> None:
+        by_name: dict[str, Tool] = {}
+        for tool in tools:
+            name = tool.definition.name
+            if name in by_name:
+                raise ConfigError(
+                    f"two tools are named {name!r}: rename one (an mcp `prefix`, `@tool(name=...)`)"
+                )
+            by_name[name] = tool
+        self.tools = by_name
+        self.definitions = tuple(
+            FunctionTool(
+                name=t.definition.name,
+                description=t.definition.description,
+                parameters=t.definition.parameters,
+            )
+            for t in tools
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.tools or self.hosted)
+
+    async def start(self, model: Model | None = None) -> None:
+        """Start the sources and check that `model` can run the hosted tools."""
+        if self.hosted and model is not None and not runs_hosted_tools(model):
+            kinds = ", ".join(str(t.get("type")) for t in self.hosted)
+            raise ConfigError(
+                f"hosted tools ({kinds}) need a provider that runs them (openai with the "
+                f"Responses API); model {model.name!r} cannot"
+            )
+        if self._started:
+            return
+        found = list(self._given)
+        for source in self._sources:
+            found.extend(await source.start())
+        self._started = True
+        self._index(found)
+
+    async def close(self) -> None:
+        for source in self._sources:
+            await source.close()
+
+
+def build_toolbox(
+    spec: AgentSpec, host: AgentHost | None = None, extra: Sequence[Tool] = ()
+) -> Toolbox:
+    """The toolbox of `spec`'s `tools:` entries, plus `extra` tools given in Python."""
+    tools: list[Tool] = list(extra)
+    sources: list[ToolSource] = []
+    hosted: list[dict[str, Any]] = []
+    for entry in spec.tools:
+        kind = kind_of(entry)
+        if kind == "hosted":
+            assert isinstance(entry, ToolSpec)
+            hosted.append(entry.hosted_tool)
+            continue
+        built = BUILDERS[kind](entry, host)
+        if isinstance(built, Sequence):
+            tools.extend(built)
+        else:
+            sources.append(built)
+    return Toolbox(tools, sources=sources, hosted=hosted)
