@@ -10,15 +10,19 @@ from chorus.messages import Event, HelpReply, Usage
 
 if TYPE_CHECKING:
     from chorus.agent.host import AgentHost
+    from chorus.client import ChorusClient, TaskQueue
     from chorus.state import SharedState
 
 
 class Context:
     """Per task (or event, or help request). Handlers receive one; it is not shared."""
 
-    def __init__(self, host: AgentHost, *, run_id: str = "", instructions: str = "") -> None:
+    def __init__(
+        self, host: AgentHost, *, run_id: str = "", instructions: str = "", depth: int = 0
+    ) -> None:
         self._host = host
         self.run_id = run_id
+        self.depth = depth  # agents-as-tools hops that led to this task
         self.instructions = instructions
         self.usage = Usage()
         self.events: list[Event] = []
@@ -35,6 +39,16 @@ class Context:
     @property
     def model(self) -> Model:
         return self._host.model
+
+    @property
+    def client(self) -> ChorusClient:
+        """Request-reply to peers on this instance's connection (peer tools, direct)."""
+        return self._host.client
+
+    @property
+    def queue(self) -> TaskQueue:
+        """Durable tasks to peers on this instance's connection (peer tools, durable)."""
+        return self._host.queue
 
     async def ask_model(
         self,

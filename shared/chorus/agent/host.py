@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -28,11 +29,12 @@ from nats.micro.service import EndpointConfig, Service
 from chorus import __version__
 from chorus.agent.api import Agent
 from chorus.agent.context import Context
-from chorus.client import ChorusClient
+from chorus.client import ChorusClient, TaskQueue
 from chorus.config import Settings
 from chorus.errors import (
     ChorusError,
     ConfigError,
+    DepthExceeded,
     Draining,
     InvalidMessage,
     PayloadTooLarge,
@@ -102,6 +104,14 @@ def check_instance_id(instance: str, name: str) -> str:
     return instance
 
 
+def peer_metadata(description: str, input_schema: dict[str, Any] | None) -> dict[str, str]:
+    """What the `$SRV.INFO` metadata tells agents that call this one as a tool."""
+    metadata = {"description": description}
+    if input_schema is not None:
+        metadata["input_schema"] = json.dumps(input_schema, separators=(",", ":"))
+    return metadata
+
+
 class AgentHost:
     """One running instance of `agent`."""
 
@@ -135,6 +145,7 @@ class AgentHost:
         self._draining = False
         self._stopped = asyncio.Event()
         self._state: SharedState | None = None
+        self._queue: TaskQueue | None = None
         self._events: DurableConsumer | None = None
         self._claims = ClaimKeeper(EVENT_ACK_WAIT_S / 3)
 
@@ -155,6 +166,13 @@ class AgentHost:
     def client(self) -> ChorusClient:
         return ChorusClient(self.nc, self.subjects, timeout=self.settings.request_timeout)
 
+    @property
+    def queue(self) -> TaskQueue:
+        """Durable tasks to peers (agents as tools), on this instance's connection."""
+        if self._queue is None:
+            self._queue = TaskQueue(self.nc, self.subjects)
+        return self._queue
+
     async def start(self) -> None:
         if self._nc is None:
             self._nc = await connect(self.settings, f"agent:{self.instance}", service=True)
@@ -170,6 +188,7 @@ class AgentHost:
                 "capabilities": ",".join(spec.capabilities),
                 "max_concurrency": str(spec.max_concurrency),
                 "model": spec.model,
+                **peer_metadata(spec.description, spec.input_schema),
             },
         )
         await self._add_endpoint("task", self.subjects.agent_task(self.instance), self.instance)
@@ -227,11 +246,25 @@ class AgentHost:
             message: Task | HelpRequest = (
                 decode(request.data, Task) if kind == "task" else decode(request.data, HelpRequest)
             )
+            if isinstance(message, Task):
+                message = self._check_depth(message, headers.depth_of(request.headers))
         except ChorusError as exc:
             await self._respond_error(request, exc)
             log.warning("rejected request", extra={"subject": request.subject, "error": str(exc)})
             return
         self._spawn(self._serve(message, request))
+
+    def _check_depth(self, task: Task, header_depth: int) -> Task:
+        """The task at the deeper of the depths its body and headers say; DepthExceeded when
+        that is past `max_depth` (agents calling each other as tools in a loop)."""
+        depth = max(task.depth, header_depth)
+        if depth > self.settings.max_depth:
+            raise DepthExceeded(
+                f"task {task.task_id} reached {self.agent.name} through {depth} agents-as-tools "
+                f"hops; the most is {self.settings.max_depth} (CHORUS_MAX_DEPTH): answer "
+                "without asking another agent"
+            )
+        return task if depth == task.depth else msgspec.structs.replace(task, depth=depth)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -248,7 +281,12 @@ class AgentHost:
 
     async def _run(self, message: Task | HelpRequest) -> bytes:
         """Run one handler under the concurrency limit; failures become ChorusErrors."""
-        ctx = Context(self, run_id=message.run_id, instructions=self.agent.spec.instructions)
+        ctx = Context(
+            self,
+            run_id=message.run_id,
+            instructions=self.agent.spec.instructions,
+            depth=message.depth if isinstance(message, Task) else 0,
+        )
         async with self._slot() as started:
             try:
                 if isinstance(message, Task):

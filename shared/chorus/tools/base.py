@@ -53,6 +53,9 @@ class ToolCallContext:
     client: ChorusClient | None = None  # request-reply to peers, events
     queue: TaskQueue | None = None  # durable tasks to peers
     extra: dict[str, Any] = field(default_factory=dict)
+    # The task identity that stays the same across its retries (a durable task's id; a
+    # workflow step's `<run>-<step>`): side-effect calls are keyed by it (chorus.tools.ledger).
+    effect_scope: str = ""
 
 
 class Tool(Protocol):
