@@ -238,3 +238,8 @@ async def test_peer_killed_mid_durable_call_answers_from_another_instance(
 
     assert out.output == "done: survive"
     assert out.instance != victim and out.instance in agents
+
+
+def test_input_schema_without_an_object_root_is_refused() -> None:
+    with pytest.raises(ConfigError, match="input_schema must be a JSON schema"):
+        Agent(name="bad", input_schema={"type": "string"})
