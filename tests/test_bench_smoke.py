@@ -42,6 +42,12 @@ KEY_LINES: dict[str, list[str]] = {
         "## Cost per request",
         "chorus durable `TaskQueue.run`: medians of",
     ],
+    "peer_tool": [
+        "peer tool, direct",
+        "peer tool, durable",
+        "| peer tool direct p50 vs raw request-reply p50 |",
+        "| peer tool durable p50 vs raw work-queue p50 |",
+    ],
     "orchestration": [
         "| cross-process core request-reply, sequential |",
         "per step / raw WQ p50",

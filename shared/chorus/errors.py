@@ -174,6 +174,20 @@ class InvalidSpec(ConfigError, ValueError):
     code = "invalid_spec"
 
 
+class DepthExceeded(ChorusError):
+    """A task came through more agents-as-tools than `max_depth` allows (A asks B asks A...);
+    refused before the handler runs, so a loop between agents ends."""
+
+    code = "depth_exceeded"
+
+
+class EffectInDoubt(ToolFailed):
+    """A side-effect tool call was started by an earlier attempt that never recorded its
+    result: it may or may not have happened, and is not run again (chorus.tools.ledger)."""
+
+    code = "effect_in_doubt"
+
+
 class InstanceLost(ChorusError):
     """A dispatched task's instance stopped heartbeating, or is not listening at all."""
 

@@ -298,8 +298,18 @@ class Subjects(msgspec.Struct, frozen=True):
         return f"{self.prefix}-tasks"
 
     @property
+    def effects_bucket(self) -> str:
+        """The effect ledger: one key per side-effect tool call (chorus.tools.ledger)."""
+        return f"{self.prefix}-effects"
+
+    @property
     def micro_service(self) -> str:
         return f"{self.prefix}-agent"
+
+    @property
+    def micro_info(self) -> str:
+        """Every agent instance answers with its service info (description, metadata) here."""
+        return f"$SRV.INFO.{self.micro_service}"
 
     @property
     def micro_ping(self) -> str:

@@ -16,6 +16,7 @@ from chorus.tools.base import Tool, ToolCallContext
 
 if TYPE_CHECKING:
     from chorus.agent.host import AgentHost
+    from chorus.client import ChorusClient, TaskQueue
     from chorus.state import SharedState
 
 
@@ -30,16 +31,19 @@ class Context:
         instructions: str = "",
         task_id: str = "",
         attempt: int = 1,
+        depth: int = 0,
     ) -> None:
         self._host = host
         self.run_id = run_id
+        self.depth = depth  # agents-as-tools hops that led to this task
         self.instructions = instructions
         self.task_id = task_id
         self.attempt = attempt
-        self.depth = 0  # agents-as-tools deep; set by whoever reads it off the task
         self.usage = Usage()
         self.events: list[Event] = []
         self.tool_calls: list[ToolCallRecord] = []  # every loop's, put on the Result
+        # The task's identity across its retries, for the effect ledger (see host._run).
+        self.effect_scope = task_id
         self.log = logging.getLogger(f"chorus.agent.{host.agent.name}")
 
     @property
@@ -53,6 +57,16 @@ class Context:
     @property
     def model(self) -> Model:
         return self._host.model
+
+    @property
+    def client(self) -> ChorusClient:
+        """Request-reply to peers on this instance's connection (peer tools, direct)."""
+        return self._host.client
+
+    @property
+    def queue(self) -> TaskQueue:
+        """Durable tasks to peers on this instance's connection (peer tools, durable)."""
+        return self._host.queue
 
     async def ask_model(
         self,
@@ -125,6 +139,8 @@ class Context:
             call_id=call.call_id,
             depth=self.depth,
             client=self._host.client,
+            queue=self._host.queue,
+            effect_scope=self.effect_scope,
         )
 
     async def ask_help(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -29,11 +30,12 @@ from chorus import __version__
 from chorus.agent.api import Agent
 from chorus.agent.context import Context
 from chorus.agent.toolbox import build_toolbox
-from chorus.client import ChorusClient
+from chorus.client import ChorusClient, TaskQueue
 from chorus.config import Settings
 from chorus.errors import (
     ChorusError,
     ConfigError,
+    DepthExceeded,
     Draining,
     InvalidMessage,
     MaxTurnsExceeded,
@@ -61,6 +63,7 @@ from chorus.nats.connection import connect
 from chorus.nats.jetstream import ClaimKeeper, DurableConsumer, backoff
 from chorus.nats.streams import ensure_events_stream, stream_exists
 from chorus.subjects import check_token
+from chorus.tools.ledger import EffectLedger
 
 if TYPE_CHECKING:
     from chorus.state import SharedState
@@ -104,6 +107,14 @@ def check_instance_id(instance: str, name: str) -> str:
     return instance
 
 
+def peer_metadata(description: str, input_schema: dict[str, Any] | None) -> dict[str, str]:
+    """What the `$SRV.INFO` metadata tells agents that call this one as a tool."""
+    metadata = {"description": description}
+    if input_schema is not None:
+        metadata["input_schema"] = json.dumps(input_schema, separators=(",", ":"))
+    return metadata
+
+
 class AgentHost:
     """One running instance of `agent`."""
 
@@ -138,6 +149,7 @@ class AgentHost:
         self._draining = False
         self._stopped = asyncio.Event()
         self._state: SharedState | None = None
+        self._queue: TaskQueue | None = None
         self._events: DurableConsumer | None = None
         self._claims = ClaimKeeper(EVENT_ACK_WAIT_S / 3)
 
@@ -158,11 +170,21 @@ class AgentHost:
     def client(self) -> ChorusClient:
         return ChorusClient(self.nc, self.subjects, timeout=self.settings.request_timeout)
 
+    @property
+    def queue(self) -> TaskQueue:
+        """Durable tasks to peers (agents as tools), on this instance's connection."""
+        if self._queue is None:
+            self._queue = TaskQueue(self.nc, self.subjects)
+        return self._queue
+
     async def start(self) -> None:
         # Before connecting: a model that cannot run the hosted tools fails here, cleanly.
-        await self.toolbox.start(self.model)
+        self.toolbox.check(self.model)
         if self._nc is None:
             self._nc = await connect(self.settings, f"agent:{self.instance}", service=True)
+        # Connected: MCP servers start, peers are described, side effects go through the
+        # effect ledger.
+        await self.toolbox.start(self.model, EffectLedger(self.nc, self.subjects))
         spec = self.agent.spec
         self._service = await add_service(
             self.nc,
@@ -175,6 +197,7 @@ class AgentHost:
                 "capabilities": ",".join(spec.capabilities),
                 "max_concurrency": str(spec.max_concurrency),
                 "model": spec.model,
+                **peer_metadata(spec.description, spec.input_schema),
             },
         )
         await self._add_endpoint("task", self.subjects.agent_task(self.instance), self.instance)
@@ -232,11 +255,25 @@ class AgentHost:
             message: Task | HelpRequest = (
                 decode(request.data, Task) if kind == "task" else decode(request.data, HelpRequest)
             )
+            if isinstance(message, Task):
+                message = self._check_depth(message, headers.depth_of(request.headers))
         except ChorusError as exc:
             await self._respond_error(request, exc)
             log.warning("rejected request", extra={"subject": request.subject, "error": str(exc)})
             return
         self._spawn(self._serve(message, request))
+
+    def _check_depth(self, task: Task, header_depth: int) -> Task:
+        """The task at the deeper of the depths its body and headers say; DepthExceeded when
+        that is past `max_depth` (agents calling each other as tools in a loop)."""
+        depth = max(task.depth, header_depth)
+        if depth > self.settings.max_depth:
+            raise DepthExceeded(
+                f"task {task.task_id} reached {self.agent.name} through {depth} agents-as-tools "
+                f"hops; the most is {self.settings.max_depth} (CHORUS_MAX_DEPTH): answer "
+                "without asking another agent"
+            )
+        return task if depth == task.depth else msgspec.structs.replace(task, depth=depth)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -253,9 +290,18 @@ class AgentHost:
 
     async def _run(self, message: Task | HelpRequest) -> bytes:
         """Run one handler under the concurrency limit; failures become ChorusErrors."""
-        ctx = Context(self, run_id=message.run_id, instructions=self.agent.spec.instructions)
+        ctx = Context(
+            self,
+            run_id=message.run_id,
+            instructions=self.agent.spec.instructions,
+            depth=message.depth if isinstance(message, Task) else 0,
+        )
         if isinstance(message, Task):
             ctx.task_id, ctx.attempt = message.task_id, message.attempt
+            # A workflow step's tasks are `<run>-<step>-<attempt>`; a durable task keeps its
+            # id across attempts: either way, the identity its retries share.
+            step_scope = f"{message.run_id}-{message.step}"
+            ctx.effect_scope = step_scope if message.step and message.run_id else message.task_id
         async with self._slot() as started:
             try:
                 if isinstance(message, Task):

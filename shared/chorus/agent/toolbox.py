@@ -20,6 +20,7 @@ from chorus.specs.agent import AgentSpec
 from chorus.specs.tools import ToolEntry, ToolKind, ToolSpec, kind_of
 from chorus.tools.ask_help import AskHelpTool
 from chorus.tools.base import Tool, ToolSource
+from chorus.tools.ledger import EffectLedger
 from chorus.tools.python import load_python_tool
 
 if TYPE_CHECKING:
@@ -45,8 +46,34 @@ def _optional_module(name: str, kind: str) -> Any:
 
 
 def _peer(entry: ToolEntry, host: AgentHost | None) -> Built:
+    assert isinstance(entry, ToolSpec)
     peers = _optional_module("chorus.tools.peers", "capability and agent")
-    return [peers.peer_tool(entry, host)]
+    item = {
+        "capability": entry.capability or "",
+        "agent": entry.agent or "",
+        "durable": entry.durable,
+        "description": entry.description,
+    }
+    peers.peer_tool(item)  # a wrong entry fails here, before anything starts
+    return _PeersOf(host, item)
+
+
+class _PeersOf:
+    """Peer tools described from `$SRV.INFO` once the host is connected."""
+
+    def __init__(self, host: AgentHost | None, item: dict[str, Any]) -> None:
+        self.host = host
+        self.item = item
+
+    async def start(self) -> Sequence[Tool]:
+        from chorus.tools.peers import PeerTools, peer_tool
+
+        if self.host is None:  # no connection to read descriptions on: the entry's own
+            return [peer_tool(self.item)]
+        return await PeerTools([self.item], self.host.nc, self.host.subjects).start()
+
+    async def close(self) -> None:
+        """Nothing to close: the tools send on the caller's connection."""
 
 
 def _mcp(entry: ToolEntry, host: AgentHost | None) -> Built:
@@ -104,21 +131,26 @@ class Toolbox:
     def __bool__(self) -> bool:
         return bool(self.tools or self.hosted)
 
-    async def start(self, model: Model | None = None) -> None:
-        """Start the sources and check that `model` can run the hosted tools."""
+    async def start(self, model: Model | None = None, ledger: EffectLedger | None = None) -> None:
+        """Start the sources and check that `model` can run the hosted tools; with a
+        `ledger`, tools with side effects go through it (never silently repeated)."""
+        self.check(model)
+        if self._started and ledger is None:
+            return
+        found = list(self._given)
+        for source in self._sources:
+            found.extend(await source.start())
+        self._started = True
+        self._index([ledger.wrap(t) for t in found] if ledger is not None else found)
+
+    def check(self, model: Model | None) -> None:
+        """ConfigError when `model` cannot run the hosted tools."""
         if self.hosted and model is not None and not runs_hosted_tools(model):
             kinds = ", ".join(str(t.get("type")) for t in self.hosted)
             raise ConfigError(
                 f"hosted tools ({kinds}) need a provider that runs them (openai with the "
                 f"Responses API); model {model.name!r} cannot"
             )
-        if self._started:
-            return
-        found = list(self._given)
-        for source in self._sources:
-            found.extend(await source.start())
-        self._started = True
-        self._index(found)
 
     async def close(self) -> None:
         for source in self._sources:

@@ -29,7 +29,7 @@ from nats.js.kv import KeyValue
 from chorus.config import Settings
 from chorus.coordinator.registry import InstanceView, Registry, targets_of
 from chorus.coordinator.routing import Router
-from chorus.errors import InstanceLost, InvalidMessage, TaskTimedOut
+from chorus.errors import DepthExceeded, InstanceLost, InvalidMessage, TaskTimedOut
 from chorus.messages import (
     AttemptError,
     AttemptLog,
@@ -51,6 +51,8 @@ log = logging.getLogger("chorus.coordinator.dispatch")
 
 MAX_BATCH = 64
 MAX_BACKOFF_S = 30.0
+# Refusals that every attempt would meet again, and that say nothing of the instance.
+PERMANENT = frozenset({DepthExceeded.code})
 
 
 class Lost(InstanceLost):
@@ -252,6 +254,13 @@ class Dispatcher:
         if reply.code == "draining":
             self.router.released(view)
             await msg.nak()  # not the task's fault: straight back to the queue
+            return
+        if reply.code in PERMANENT:
+            self.router.released(view)
+            error = AttemptError(
+                attempt=task.attempt, code=reply.code, reason=reply.reason, instance=view.instance
+            )
+            await self._bury(target, msg, task, [*attempts.errors, error])
             return
         self.router.failed(view)
         error = AttemptError(

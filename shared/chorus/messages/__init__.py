@@ -2,7 +2,8 @@
 
 `codec` (the base Struct, encode/decode), `headers` (every header), `agents` (the agent
 protocol), `coordination` (registry, outcomes, dead letters, metrics), `state` (shared-state
-entries), `runs` (run records, progress, requests), `schema` (JSON Schema of them all). This
+entries), `runs` (run records, progress, requests), `effects` (the effect ledger), `discovery`
+(`$SRV.INFO` replies), `schema` (JSON Schema of them all). This
 package imports only `chorus.errors`, `chorus.subjects` and `chorus.specs`; the names are
 re-exported here, so `from chorus.messages import Task` is the usual import.
 """
@@ -41,8 +42,11 @@ from chorus.messages.coordination import (
     Metrics,
     TaskOutcome,
 )
+from chorus.messages.discovery import ServiceInfo
+from chorus.messages.effects import EffectRecord, EffectStatus
 from chorus.messages.headers import (
     ATTEMPT_HEADER,
+    DEPTH_HEADER,
     MSG_ID_HEADER,
     RUN_ID_HEADER,
     SERVICE_ERROR_CODE_HEADER,
@@ -79,6 +83,7 @@ from chorus.messages.state import (
 
 __all__ = [
     "ATTEMPT_HEADER",
+    "DEPTH_HEADER",
     "ENDED_STEP",
     "FINISHED_RUN",
     "MSG_ID_HEADER",
@@ -95,6 +100,8 @@ __all__ = [
     "AttemptLog",
     "DeadLetter",
     "DelegationPlan",
+    "EffectRecord",
+    "EffectStatus",
     "ErrorReply",
     "Event",
     "Heartbeat",
@@ -114,6 +121,7 @@ __all__ = [
     "RunRecord",
     "RunRequest",
     "RunStatus",
+    "ServiceInfo",
     "StateEntry",
     "StepRecord",
     "StepStatus",

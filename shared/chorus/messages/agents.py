@@ -39,6 +39,7 @@ class Task(Message, tag="task"):
     run_id: str = ""
     step: str = ""
     attempt: int = 1
+    depth: int = 0  # agents-as-tools hops that led here (0: asked by a person or a workflow)
 
 
 MAX_RECORDED_CHARS = 2000  # of a tool call's arguments and output kept on the record

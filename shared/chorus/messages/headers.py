@@ -18,6 +18,7 @@ from chorus.messages.agents import Event, Task
 RUN_ID_HEADER: Final = "Chorus-Run-Id"
 TASK_ID_HEADER: Final = "Chorus-Task-Id"
 ATTEMPT_HEADER: Final = "Chorus-Attempt"
+DEPTH_HEADER: Final = "Chorus-Depth"  # agents-as-tools hops (chorus.tools.peers)
 TRACEPARENT_HEADER: Final = "traceparent"  # W3C trace context
 MSG_ID_HEADER: Final = "Nats-Msg-Id"  # JetStream de-duplication
 # JetStream and KV headers Chorus sets on shared-state writes (chorus.state.bucket).
@@ -41,6 +42,7 @@ class Received(msgspec.Struct, frozen=True, kw_only=True):
     task_id: str = ""
     run_id: str = ""
     attempt: int = 0
+    depth: int = 0
     msg_id: str = ""
     traceparent: str = ""
     error: str = ""
@@ -55,11 +57,18 @@ def read(headers: Mapping[str, str] | None) -> Received:
         task_id=headers.get(TASK_ID_HEADER, ""),
         run_id=headers.get(RUN_ID_HEADER, ""),
         attempt=int(attempt) if attempt.isdigit() else 0,
+        depth=depth_of(headers),
         msg_id=headers.get(MSG_ID_HEADER, ""),
         traceparent=headers.get(TRACEPARENT_HEADER, ""),
         error=headers.get(SERVICE_ERROR_HEADER, ""),
         error_code=headers.get(SERVICE_ERROR_CODE_HEADER, ""),
     )
+
+
+def depth_of(headers: Mapping[str, str] | None) -> int:
+    """The agents-as-tools depth a message says it is at (0 when absent or not a number)."""
+    value = (headers or {}).get(DEPTH_HEADER, "")
+    return int(value) if value.isdigit() and len(value) < 6 else 0
 
 
 def _with_run(headers: Headers, run_id: str) -> Headers:
@@ -69,8 +78,10 @@ def _with_run(headers: Headers, run_id: str) -> Headers:
 
 
 def for_task(task: Task) -> Headers:
-    """A task sent by request-reply (and its reply)."""
+    """A task sent by request-reply (and its reply); its depth when it came from a peer."""
     headers = {TASK_ID_HEADER: task.task_id, ATTEMPT_HEADER: str(task.attempt)}
+    if task.depth:
+        headers[DEPTH_HEADER] = str(task.depth)
     return _with_run(headers, task.run_id)
 
 

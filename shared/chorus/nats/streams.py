@@ -13,6 +13,7 @@ EVENTS_MAX_AGE_S = 7 * 24 * 3600
 DEDUPE_WINDOW_S = 120
 REGISTRY_TTL_S = 60  # an entry not refreshed for this long expires (its coordinator is gone)
 TASKS_MAX_AGE_S = 7 * 24 * 3600
+EFFECTS_MAX_AGE_S = 7 * 24 * 3600  # a retry later than this may repeat a side effect
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -118,5 +119,18 @@ async def ensure_runs_stream(js: JetStreamContext, subjects: Subjects) -> None:
             storage=StorageType.FILE,
             retention=RetentionPolicy.WORK_QUEUE,
             duplicate_window=DEDUPE_WINDOW_S,
+        ),
+    )
+
+
+async def ensure_effects_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+    """The effect ledger: intent, then result, of each side-effect tool call."""
+    return await ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=subjects.effects_bucket,
+            history=1,
+            ttl=EFFECTS_MAX_AGE_S,
+            storage=StorageType.FILE,
         ),
     )

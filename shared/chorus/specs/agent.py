@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -26,6 +27,9 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     agent's generated NATS credentials may write (`chorus auth init`); `emits` is always
     allowed. Both default to nothing: an agent that declares none may not publish events
     other than `emits` nor touch the shared state once the server enforces credentials.
+
+    `description` and `input_schema` (a JSON schema with an object root) are what another
+    agent's model is told when it may call this agent as a tool (chorus.tools.peers).
     """
 
     name: str
@@ -42,6 +46,7 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     state: list[str] = []
     max_turns: int = 8
     max_tool_calls_per_turn: int = 4
+    input_schema: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_token(self.name, "agent name")
@@ -57,6 +62,11 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             check_state_prefix(prefix)
         if self.max_concurrency < 1:
             raise ConfigError(f"agent {self.name}: max_concurrency must be at least 1")
+        if self.input_schema is not None and self.input_schema.get("type") != "object":
+            raise ConfigError(
+                f"agent {self.name}: input_schema must be a JSON schema with "
+                f'"type": "object" at its root (tool arguments are an object)'
+            )
         unknown = {t for t in self.tools if isinstance(t, str)} - KNOWN_TOOLS
         if unknown:  # reached when built in Python; a spec file is checked as it is decoded
             raise ConfigError(

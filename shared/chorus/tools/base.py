@@ -58,6 +58,9 @@ class ToolCallContext:
     # tokens it spent, which the loop adds to the task's usage and the call's record.
     answered_by: str = ""
     usage: Usage = field(default_factory=Usage)
+    # The task identity that stays the same across its retries (a durable task's id; a
+    # workflow step's `<run>-<step>`): side-effect calls are keyed by it (chorus.tools.ledger).
+    effect_scope: str = ""
 
 
 class Tool(Protocol):
