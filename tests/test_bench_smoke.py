@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 120
 
 KEY_LINES: dict[str, list[str]] = {
+    "mcp_tool": ["MCP stdio tool call (McpSource)", "same function in process", "MCP overhead"],
     "kv_contention": ["SharedState.update", "raw kv.update CAS", "SharedState / raw"],
     "agent_startup": [
         "| offline model |",
