@@ -51,6 +51,7 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_BREAKER_COOLDOWN": "breaker_cooldown",
     "CHORUS_TASK_TIMEOUT": "task_timeout",
     "CHORUS_CLAIM_TIMEOUT": "claim_timeout",
+    "CHORUS_SESSION_TTL": "session_ttl",
 }
 
 
@@ -94,6 +95,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     breaker_cooldown: float = 10.0
     task_timeout: float = 600.0
     claim_timeout: float = 30.0  # a dispatcher silent this long loses its task to another
+    session_ttl: float = 7 * 24 * 3600.0  # a conversation session untouched this long expires
 
     @property
     def subjects(self) -> Subjects:

@@ -2,7 +2,8 @@
 
 `codec` (the base Struct, encode/decode), `headers` (every header), `agents` (the agent
 protocol), `coordination` (registry, outcomes, dead letters, metrics), `state` (shared-state
-entries), `runs` (run records, progress, requests), `schema` (JSON Schema of them all). This
+entries), `sessions` (conversation sessions), `runs` (run records, progress, requests),
+`schema` (JSON Schema of them all). This
 package imports only `chorus.errors`, `chorus.subjects` and `chorus.specs`; the names are
 re-exported here, so `from chorus.messages import Task` is the usual import.
 """
@@ -68,6 +69,12 @@ from chorus.messages.schema import (
     schemas,
     wire_types,
 )
+from chorus.messages.sessions import (
+    Session,
+    SessionInterrupt,
+    SessionPolicy,
+    TurnTicket,
+)
 from chorus.messages.state import (
     LockEntry,
     StateEntry,
@@ -107,6 +114,9 @@ __all__ = [
     "RunRecord",
     "RunRequest",
     "RunStatus",
+    "Session",
+    "SessionInterrupt",
+    "SessionPolicy",
     "StateEntry",
     "StepRecord",
     "StepStatus",
@@ -114,6 +124,7 @@ __all__ = [
     "SubtaskResult",
     "Task",
     "TaskOutcome",
+    "TurnTicket",
     "Usage",
     "decode",
     "decode_any",

@@ -39,6 +39,8 @@ class Task(Message, tag="task"):
     run_id: str = ""
     step: str = ""
     attempt: int = 1
+    # A conversation session: the agent loads its history and appends this turn to it.
+    session_id: str = ""
 
 
 class Result(Message, tag="result"):
