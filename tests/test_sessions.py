@@ -291,3 +291,30 @@ async def test_cli_session_show_prints_the_items(open_store: OpenStore, settings
     assert "user: what is 2+3?" in text.stdout and "assistant: 5" in text.stdout
     assert json.loads(as_json.stdout)["items"][1] == said("assistant", "5")
     assert missing.returncode == 1 and "no session 'nobody'" in missing.stderr
+
+
+async def test_a_dead_holders_turn_passes_to_the_waiter_when_its_ticket_expires(
+    settings: Settings, open_store: OpenStore
+) -> None:
+    holder_nc = await connect(settings, "doomed")
+    holder = await SessionStore(
+        holder_nc, settings.subjects, ttl=settings.session_ttl, ticket_ttl_s=2
+    ).open()
+    waiter = await open_store()
+    entered = asyncio.Event()
+
+    async def hold_forever() -> None:
+        async with holder.turn("orphan", "enqueue"):
+            entered.set()
+            await asyncio.Event().wait()
+
+    stuck = asyncio.create_task(hold_forever())
+    await asyncio.wait_for(entered.wait(), 10)
+    await holder_nc.close()  # the holder's process is gone: no renewals, no removal
+    started = time.monotonic()
+    async with waiter.turn("orphan", "enqueue", timeout=20):
+        waited = time.monotonic() - started
+
+    assert 0.5 < waited < 10  # the ticket's 2 s TTL ran out, then the watch woke the waiter
+    stuck.cancel()
+    await asyncio.wait([stuck])
