@@ -22,6 +22,7 @@ KEY_LINES: dict[str, list[str]] = {
         "| raw cross-process request-reply, sequential |",
         "- loop overhead per tool turn p50",
     ],
+    "mcp_tool": ["MCP stdio tool call (McpSource)", "same function in process", "MCP overhead"],
     "kv_contention": ["SharedState.update", "raw kv.update CAS", "SharedState / raw"],
     "agent_startup": [
         "| offline model |",

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-from chorus.agent.toolbox import build_toolbox
 from chorus.errors import ConfigError
 from chorus.specs.agent import load_spec
 from chorus.specs.tools import McpServer, ToolSpec
@@ -94,21 +92,3 @@ def test_a_bad_tool_entry_names_the_field_and_the_line(
 def test_max_turns_below_one_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="max_turns must be at least 1"):
         load_spec(write_spec(tmp_path, "bad", "name: bad\nmax_turns: 0\n"))
-
-
-@pytest.mark.parametrize(
-    ("entry", "module", "kind"),
-    [
-        ("capability: research", "chorus.tools.peers", "capability and agent"),
-        ("mcp: {command: x}", "chorus.tools.mcp", "mcp"),
-    ],
-)
-def test_peer_and_mcp_tools_say_when_their_module_is_not_in_the_build(
-    tmp_path: Path, entry: str, module: str, kind: str
-) -> None:
-    if importlib.util.find_spec(module) is not None:
-        pytest.skip(f"{module} is part of this build")
-    spec = load_spec(write_spec(tmp_path, "peer", f"name: peer\ntools:\n  - {entry}\n"))
-
-    with pytest.raises(ConfigError, match=f"{kind} tools are not available in this build"):
-        build_toolbox(spec)

@@ -52,6 +52,7 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_TASK_TIMEOUT": "task_timeout",
     "CHORUS_CLAIM_TIMEOUT": "claim_timeout",
     "CHORUS_MAX_DEPTH": "max_depth",
+    "CHORUS_SESSION_TTL": "session_ttl",
 }
 
 
@@ -97,6 +98,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     claim_timeout: float = 30.0  # a dispatcher silent this long loses its task to another
     # agents as tools: an instance refuses a task that came through more hops than this
     max_depth: int = 4
+    session_ttl: float = 7 * 24 * 3600.0  # a conversation session untouched this long expires
 
     @property
     def subjects(self) -> Subjects:

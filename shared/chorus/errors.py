@@ -188,6 +188,20 @@ class EffectInDoubt(ToolFailed):
     code = "effect_in_doubt"
 
 
+class SessionBusy(ChorusError):
+    """A task came for a conversation session whose turn is running, and the agent's session
+    policy is `reject` (or the wait for the turn ran out)."""
+
+    code = "session_busy"
+
+
+class SessionInterrupted(ChorusError):
+    """A running (or waiting) turn of a session was cancelled by a newer task for the same
+    session, under the session policy `interrupt`."""
+
+    code = "session_interrupted"
+
+
 class InstanceLost(ChorusError):
     """A dispatched task's instance stopped heartbeating, or is not listening at all."""
 

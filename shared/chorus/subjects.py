@@ -222,6 +222,7 @@ class Subjects(msgspec.Struct, frozen=True):
             "dispatch": "dispatch",
             "dlq": "dead_letter",
             "run": "run_progress",
+            "session": "session_interrupt",
         }
         if head in kinds:
             return kinds[head]
@@ -296,6 +297,34 @@ class Subjects(msgspec.Struct, frozen=True):
     def tasks_bucket(self) -> str:
         """Durable task outcomes (`outcome.<id>`) and attempt logs (`attempts.<id>`)."""
         return f"{self.prefix}-tasks"
+
+    # conversation sessions (chorus.agent.sessions): records and turn tickets in one bucket
+    @property
+    def sessions_bucket(self) -> str:
+        return f"{self.prefix}-sessions"
+
+    @property
+    def sessions_stream(self) -> str:
+        return f"KV_{self.sessions_bucket}"
+
+    def session_key(self, session_id: str) -> str:
+        """The key of a session's record (its bounded conversation history)."""
+        return f"session.{check_token(session_id, 'session id')}"
+
+    def session_turns_key(self, session_id: str) -> str:
+        """The key pattern of a session's turn tickets (one per task holding or waiting)."""
+        return f"turn.{check_token(session_id, 'session id')}.*"
+
+    def session_turn_key(self, session_id: str, ticket_id: str) -> str:
+        sid = check_token(session_id, "session id")
+        return f"turn.{sid}.{check_token(ticket_id, 'ticket id')}"
+
+    def session_subject(self, key: str) -> str:
+        return f"$KV.{self.sessions_bucket}.{key}"
+
+    def session_interrupt(self, session_id: str) -> str:
+        """A newer turn asks the running turn of the session to stop (policy `interrupt`)."""
+        return f"{self.prefix}.session.{check_token(session_id, 'session id')}.interrupt"
 
     @property
     def effects_bucket(self) -> str:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from chorus.agent.loop import LoopResult, run_loop
 from chorus.agent.toolbox import Toolbox
 from chorus.errors import MaxTurnsExceeded
-from chorus.llm.base import FunctionCall, Model, ModelReply, ModelRequest
+from chorus.llm.base import FunctionCall, Item, Model, ModelReply, ModelRequest
 from chorus.messages import Event, HelpReply, ToolCallRecord, Usage
 from chorus.tools.base import Tool, ToolCallContext
 
@@ -44,6 +44,8 @@ class Context:
         self.tool_calls: list[ToolCallRecord] = []  # every loop's, put on the Result
         # The task's identity across its retries, for the effect ledger (see host._run).
         self.effect_scope = task_id
+        # A session's earlier turns, given to the model before this task's input.
+        self.history: tuple[Item, ...] = ()
         self.log = logging.getLogger(f"chorus.agent.{host.agent.name}")
 
     @property
@@ -112,6 +114,7 @@ class Context:
             input=input,
             json_schema=json_schema,
             schema_name=schema_name,
+            history=self.history,
         )
         try:
             result = await run_loop(

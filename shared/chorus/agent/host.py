@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +27,10 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 
 from chorus import __version__
-from chorus.agent.api import Agent
+from chorus.agent.api import Agent, Reply
 from chorus.agent.context import Context
+from chorus.agent.conversation import in_session
+from chorus.agent.sessions import SessionStore
 from chorus.agent.toolbox import build_toolbox
 from chorus.client import ChorusClient, TaskQueue
 from chorus.config import Settings
@@ -43,6 +45,7 @@ from chorus.errors import (
     TaskFailed,
 )
 from chorus.llm import Model, create_model
+from chorus.llm.base import Item
 from chorus.llm.factory import split_model
 from chorus.messages import (
     ErrorReply,
@@ -53,6 +56,7 @@ from chorus.messages import (
     InstanceState,
     Result,
     Task,
+    ToolCallRecord,
     Usage,
     decode,
     encode,
@@ -62,6 +66,7 @@ from chorus.nats import wire
 from chorus.nats.connection import connect
 from chorus.nats.jetstream import ClaimKeeper, DurableConsumer, backoff
 from chorus.nats.streams import ensure_events_stream, stream_exists
+from chorus.specs.agent import SessionSpec
 from chorus.subjects import check_token
 from chorus.tools.ledger import EffectLedger
 
@@ -151,6 +156,7 @@ class AgentHost:
         self._state: SharedState | None = None
         self._queue: TaskQueue | None = None
         self._events: DurableConsumer | None = None
+        self._sessions: SessionStore | None = None
         self._claims = ClaimKeeper(EVENT_ACK_WAIT_S / 3)
 
     @property
@@ -305,7 +311,7 @@ class AgentHost:
         async with self._slot() as started:
             try:
                 if isinstance(message, Task):
-                    reply = await self.agent.handle_task(message, ctx)
+                    reply = await self._handle_task(message, ctx)
                     await self._publish_events(ctx.events)
                 else:
                     reply = await self.agent.handle_help(message, ctx)
@@ -341,6 +347,29 @@ class AgentHost:
                 usage=ctx.usage,
             )
         )
+
+    async def _handle_task(self, task: Task, ctx: Context) -> Reply:
+        if not task.session_id:
+            return await self.agent.handle_task(task, ctx)
+        replies: list[Reply] = []
+
+        async def handle(history: Sequence[Item]) -> tuple[str, list[ToolCallRecord]]:
+            ctx.history = tuple(history)
+            replies.append(await self.agent.handle_task(task, ctx))
+            return replies[-1].output, ctx.tool_calls
+
+        spec = self.agent.spec.session or SessionSpec()
+        await in_session(await self.sessions(), spec, task, self.agent.name, handle)
+        return replies[-1]
+
+    async def sessions(self) -> SessionStore:
+        """The conversation sessions, opened on first use."""
+        if self._sessions is None:
+            store = SessionStore(
+                self.nc, self.subjects, self.settings.session_ttl, holder=self.instance
+            )
+            self._sessions = await store.open()
+        return self._sessions
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[float]:

@@ -77,8 +77,15 @@ class _PeersOf:
 
 
 def _mcp(entry: ToolEntry, host: AgentHost | None) -> Built:
+    assert isinstance(entry, ToolSpec) and entry.mcp is not None
     mcp = _optional_module("chorus.tools.mcp", "mcp")
-    source: ToolSource = mcp.McpSource(entry)
+    server = entry.mcp
+    config: dict[str, Any] = {"prefix": entry.prefix}
+    if server.command is not None:
+        config.update(command=server.command, args=server.args, env=server.env)
+    else:
+        config.update(url=server.url or "", headers=server.headers)
+    source: ToolSource = mcp.McpSource(config)
     return source
 
 

@@ -11,13 +11,14 @@ from chorus.config import Settings
 
 
 def register(sub: Any) -> None:
-    from chorus.cli import agents, auth, messaging, runs, state
+    from chorus.cli import agents, auth, messaging, runs, sessions, state
 
     messaging.register(sub)
     agents.register(sub)
     runs.register(sub)
     state.register(sub)
     auth.register(sub)
+    sessions.register(sub)
     agent = sub.add_parser("agent", help="run an agent instance")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
     run = agent_sub.add_parser(

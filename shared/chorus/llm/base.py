@@ -74,8 +74,10 @@ class ModelRequest(msgspec.Struct, frozen=True, kw_only=True):
     input: str
     json_schema: dict[str, Any] | None = None
     schema_name: str = "output"
-    items: tuple[Item, ...] = ()
+    items: tuple[Item, ...] = ()  # this loop's turns so far, after the input
     tools: tuple[FunctionTool, ...] = ()
+    # Earlier turns of the conversation (a session's history), before the input.
+    history: tuple[Item, ...] = ()
     hosted_tools: tuple[dict[str, Any], ...] = ()  # provider tools, passed through as given
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -129,11 +129,19 @@ class _Answer(msgspec.Struct, frozen=True):
 
 
 def responses_input(request: ModelRequest) -> str | list[dict[str, Any]]:
-    """The Responses API `input`: the task's text alone, or it and the conversation's items."""
-    if not request.items:
+    """The Responses API `input`: the task's text alone, or the session's earlier turns, the
+    task's text and this loop's items."""
+    if not request.items and not request.history:
         return request.input
-    out: list[dict[str, Any]] = [{"role": "user", "content": request.input}]
-    for item in request.items:
+    out = _responses_items(request.history)
+    out.append({"role": "user", "content": request.input})
+    out.extend(_responses_items(request.items))
+    return out
+
+
+def _responses_items(items: Sequence[Item]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for item in items:
         if isinstance(item, UserMessage):
             out.append({"role": "user", "content": item.text})
         elif isinstance(item, AssistantMessage):
@@ -158,11 +166,15 @@ def responses_input(request: ModelRequest) -> str | list[dict[str, Any]]:
 
 def chat_messages(request: ModelRequest) -> list[dict[str, Any]]:
     """Chat Completions `messages`; an assistant text and the calls after it are one message."""
-    out: list[dict[str, Any]] = [
-        {"role": "system", "content": request.instructions},
-        {"role": "user", "content": request.input},
-    ]
-    for item in request.items:
+    out: list[dict[str, Any]] = [{"role": "system", "content": request.instructions}]
+    _chat_items(out, request.history)
+    out.append({"role": "user", "content": request.input})
+    _chat_items(out, request.items)
+    return out
+
+
+def _chat_items(out: list[dict[str, Any]], items: Sequence[Item]) -> None:
+    for item in items:
         if isinstance(item, UserMessage):
             out.append({"role": "user", "content": item.text})
         elif isinstance(item, AssistantMessage):
@@ -180,7 +192,6 @@ def chat_messages(request: ModelRequest) -> list[dict[str, Any]]:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif isinstance(item, FunctionCallOutput):
             out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
-    return out
 
 
 class OpenAIModel:

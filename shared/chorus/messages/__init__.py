@@ -2,8 +2,9 @@
 
 `codec` (the base Struct, encode/decode), `headers` (every header), `agents` (the agent
 protocol), `coordination` (registry, outcomes, dead letters, metrics), `state` (shared-state
-entries), `runs` (run records, progress, requests), `effects` (the effect ledger), `discovery`
-(`$SRV.INFO` replies), `schema` (JSON Schema of them all). This
+entries), `sessions` (conversation sessions), `runs` (run records, progress, requests),
+`effects` (the effect ledger), `discovery` (`$SRV.INFO` replies), `schema` (JSON Schema of
+them all). This
 package imports only `chorus.errors`, `chorus.subjects` and `chorus.specs`; the names are
 re-exported here, so `from chorus.messages import Task` is the usual import.
 """
@@ -76,6 +77,12 @@ from chorus.messages.schema import (
     schemas,
     wire_types,
 )
+from chorus.messages.sessions import (
+    Session,
+    SessionInterrupt,
+    SessionPolicy,
+    TurnTicket,
+)
 from chorus.messages.state import (
     LockEntry,
     StateEntry,
@@ -122,6 +129,9 @@ __all__ = [
     "RunRequest",
     "RunStatus",
     "ServiceInfo",
+    "Session",
+    "SessionInterrupt",
+    "SessionPolicy",
     "StateEntry",
     "StepRecord",
     "StepStatus",
@@ -130,6 +140,7 @@ __all__ = [
     "Task",
     "TaskOutcome",
     "ToolCallRecord",
+    "TurnTicket",
     "Usage",
     "decode",
     "decode_any",

@@ -40,6 +40,8 @@ class Task(Message, tag="task"):
     step: str = ""
     attempt: int = 1
     depth: int = 0  # agents-as-tools hops that led here (0: asked by a person or a workflow)
+    # A conversation session: the agent loads its history and appends this turn to it.
+    session_id: str = ""
 
 
 MAX_RECORDED_CHARS = 2000  # of a tool call's arguments and output kept on the record

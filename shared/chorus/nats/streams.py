@@ -109,6 +109,31 @@ async def ensure_agents_bucket(js: JetStreamContext, subjects: Subjects) -> KeyV
     )
 
 
+SESSION_MARKER_TTL_S = 1  # expiry markers of turn tickets only need to reach the waiters
+
+
+async def ensure_sessions_bucket(
+    js: JetStreamContext, subjects: Subjects, ttl_s: float
+) -> KeyValue:
+    """Conversation sessions: one record per session (history 1) that expires `ttl_s` after
+    its last write, and turn tickets with a TTL of their own (so expiry markers wake waiters)."""
+    if not ttl_s >= 1:
+        from chorus.errors import ConfigError
+
+        raise ConfigError(f"CHORUS_SESSION_TTL must be at least 1 second, got {ttl_s!r}")
+    return await ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=subjects.sessions_bucket,
+            description="Chorus conversation sessions and their turn tickets",
+            history=1,
+            ttl=ttl_s,
+            storage=StorageType.FILE,
+            limit_marker_ttl=SESSION_MARKER_TTL_S,
+        ),
+    )
+
+
 async def ensure_runs_stream(js: JetStreamContext, subjects: Subjects) -> None:
     """Submitted runs wait here for an orchestrator; each is removed once its run finishes."""
     await ensure_stream(

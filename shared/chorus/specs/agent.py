@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -12,6 +12,26 @@ from chorus.errors import ConfigError
 from chorus.specs.loading import load_yaml
 from chorus.specs.tools import ToolEntry
 from chorus.subjects import check_token, check_topic
+
+
+class SessionSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`session:` in a spec: a task with a `session_id` continues that conversation.
+
+    The history kept is the newest `max_items` items within `max_bytes` of JSON. `policy`
+    says what a second task for a session whose turn is running does: `enqueue` (wait, in
+    arrival order), `reject` (fail with code session_busy) or `interrupt` (cancel the
+    running turn, then go).
+    """
+
+    max_items: int = 50
+    max_bytes: int = 65536
+    policy: Literal["enqueue", "reject", "interrupt"] = "enqueue"
+
+    def __post_init__(self) -> None:
+        if self.max_items < 1:
+            raise ConfigError(f"session.max_items must be at least 1, got {self.max_items}")
+        if self.max_bytes < 256:
+            raise ConfigError(f"session.max_bytes must be at least 256, got {self.max_bytes}")
 
 
 class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -47,6 +67,7 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_turns: int = 8
     max_tool_calls_per_turn: int = 4
     input_schema: dict[str, Any] | None = None
+    session: SessionSpec | None = None  # conversation sessions, off unless given
 
     def __post_init__(self) -> None:
         check_token(self.name, "agent name")

@@ -1,0 +1,65 @@
+"""`chorus session show ID`: a conversation session's history (KV <prefix>-sessions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import msgspec
+
+from chorus.agent.sessions import SessionStore
+from chorus.cli.runs import ExamplesFormatter
+from chorus.config import Settings
+from chorus.nats.connection import connect
+
+
+def register(sub: Any) -> None:
+    session = sub.add_parser(
+        "session",
+        help="look at conversation sessions",
+        description="Conversation sessions: the bounded history agents keep per session id "
+        "(a task's `session_id`) in the KV bucket <prefix>-sessions.",
+        epilog="examples:\n  chorus session show chat-42\n  chorus session show chat-42 --json",
+        formatter_class=ExamplesFormatter,
+    )
+    actions = session.add_subparsers(dest="session_command", required=True, metavar="ACTION")
+    show = actions.add_parser(
+        "show",
+        help="print a session's items, oldest first",
+        description="Print the session's items, oldest first: `role: content` for messages, "
+        "one JSON line for tool calls and outputs. Exit status 1 when there is no such "
+        "session (never written, or expired after CHORUS_SESSION_TTL).",
+        epilog="example: chorus session show chat-42 --json",
+        formatter_class=ExamplesFormatter,
+    )
+    show.add_argument("session_id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="print the whole record as JSON")
+    show.set_defaults(func=show_session)
+
+
+def item_line(item: dict[str, Any]) -> str:
+    content = item.get("content")
+    if "role" in item and isinstance(content, str):
+        return f"{item['role']}: {content}"
+    return json.dumps(item, ensure_ascii=False)
+
+
+async def show_session(args: argparse.Namespace, settings: Settings) -> int:
+    nc = await connect(settings, "chorus-session")
+    try:
+        store = await SessionStore(nc, settings.subjects, ttl=settings.session_ttl).open()
+        session = await store.load(args.session_id)
+    finally:
+        await nc.close()
+    if not session.turns:
+        print(f"chorus: no session {args.session_id!r}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(session), ensure_ascii=False))
+        return 0
+    print(f"# session {session.session_id}: {session.turns} turns, {len(session.items)} items")
+    for item in session.items:
+        print(item_line(item))
+    return 0
