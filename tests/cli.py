@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from chorus.config import Settings
-from tests.conftest import child_env
+from tests.helpers import child_env
 
 
 def chorus(

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import msgspec
@@ -29,8 +27,15 @@ from chorus.nats.server import NatsServer
 from chorus.orchestrator.service import Orchestrator
 from chorus.workflows.engine import Engine
 from tests.fake_openai import FakeOpenAI
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import (
+    AgentProcess,
+    Reap,
+    SpawnAgent,
+    StartCoordinator,
+    StartHost,
+    StartOrchestrator,
+    child_env,
+)
 
 
 @pytest.fixture(scope="session")
@@ -71,9 +76,6 @@ async def nc(settings: Settings) -> AsyncIterator[Client]:
     client = await connect(settings, "test")
     yield client
     await client.close()
-
-
-StartCoordinator = Callable[..., Awaitable[Coordinator]]
 
 
 @pytest.fixture
@@ -124,9 +126,6 @@ async def engine(client: ChorusClient) -> AsyncIterator[Engine]:
     await engine.shutdown()
 
 
-StartOrchestrator = Callable[..., Awaitable[Orchestrator]]
-
-
 @pytest.fixture
 async def start_orchestrator(settings: Settings) -> AsyncIterator[StartOrchestrator]:
     """Orchestrators in this process, each on its own connection; claims lapse after 2 s."""
@@ -146,9 +145,6 @@ async def start_orchestrator(settings: Settings) -> AsyncIterator[StartOrchestra
         await client.close()
 
 
-StartHost = Callable[..., Awaitable[AgentHost]]
-
-
 @pytest.fixture
 async def start_host(settings: Settings) -> AsyncIterator[StartHost]:
     """Start an agent instance in this process; all are drained at the end of the test."""
@@ -163,40 +159,6 @@ async def start_host(settings: Settings) -> AsyncIterator[StartHost]:
     yield start
     for host in hosts:
         await host.stop(timeout=5)
-
-
-class AgentProcess:
-    """`chorus agent run SPEC` as a real child process."""
-
-    def __init__(self, process: subprocess.Popen[bytes], instance: str, log: Path) -> None:
-        self.process = process
-        self.instance = instance
-        self.log = log
-
-    def signal(self, sig: signal.Signals) -> None:
-        self.process.send_signal(sig)
-
-    def wait(self, timeout: float = 30) -> int:
-        return self.process.wait(timeout)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-
-def child_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "NATS_URL": settings.nats_url,
-            "CHORUS_PREFIX": settings.prefix,
-            "CHORUS_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
-            "PYTHONPATH": str(ROOT),
-        }
-    )
-    return env
-
-
-SpawnAgent = Callable[..., Awaitable[AgentProcess]]
 
 
 @pytest.fixture
@@ -239,21 +201,6 @@ async def spawn_agent(settings: Settings, nc: Client, tmp_path: Path) -> AsyncIt
             child.process.wait()
 
 
-def stop_child(process: subprocess.Popen[bytes], timeout: float = 20) -> int | None:
-    """SIGTERM and wait; None (after a SIGKILL) when it did not exit in time."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        return None
-
-
-Reap = Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]]
-
-
 @pytest.fixture
 def reap() -> Iterator[Reap]:
     """Register child processes; any still running when the test ends is killed."""
@@ -268,9 +215,3 @@ def reap() -> Iterator[Reap]:
         if child.poll() is None:
             child.kill()
             child.wait()
-
-
-def write_spec(directory: Path, name: str, text: str) -> Path:
-    path = directory / f"{name}.yaml"
-    path.write_text(text)
-    return path

@@ -17,7 +17,7 @@ from chorus.config import Settings
 from chorus.errors import ChorusError, NoHelper, TaskFailed
 from chorus.llm.offline import OfflineModel
 from chorus.messages import ErrorReply, Heartbeat, Result, Task, decode, encode
-from tests.conftest import StartHost
+from tests.helpers import StartHost
 
 
 def researcher() -> Agent:

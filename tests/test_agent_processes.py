@@ -15,7 +15,7 @@ from chorus.config import Settings
 from chorus.errors import ChorusError
 from chorus.messages import Event, Heartbeat, Task, decode
 from chorus.nats.streams import ensure_events_stream
-from tests.conftest import SpawnAgent, write_spec
+from tests.helpers import SpawnAgent, write_spec
 
 RESEARCHER = """
 name: researcher

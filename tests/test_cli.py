@@ -15,8 +15,8 @@ from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
 from chorus.messages import Event, decode
 from tests.cli import achorus, chorus, one_line_error
-from tests.conftest import ROOT, StartHost, child_env, write_spec
 from tests.coordination import wait_for_record
+from tests.helpers import ROOT, StartHost, child_env, write_spec
 
 
 async def test_pub_then_tail_shows_the_decoded_event(settings: Settings) -> None:

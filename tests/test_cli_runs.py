@@ -20,7 +20,7 @@ from chorus.coordinator.service import Coordinator
 from chorus.messages import RunProgress, RunRecord, RunRequest, StepRecord, Task
 from chorus.specs.workflow import Pipeline, Step, decode_workflow
 from tests.cli import achorus, chorus, one_line_error
-from tests.conftest import StartHost, StartOrchestrator
+from tests.helpers import StartHost, StartOrchestrator
 
 PIPELINE = """\
 type: pipeline

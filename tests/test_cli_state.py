@@ -14,7 +14,7 @@ from chorus.config import Settings
 from chorus.state import SharedState
 from tests.cli import achorus as arun_chorus
 from tests.cli import chorus as run_chorus
-from tests.conftest import child_env
+from tests.helpers import child_env
 
 
 def chorus(

@@ -17,8 +17,8 @@ from chorus.errors import TaskFailed
 from chorus.llm.offline import OfflineModel
 from chorus.messages import AgentStatusChange, DeadLetter, Task, decode
 from chorus.nats.streams import ensure_dead_letter_stream
-from tests.conftest import StartCoordinator, StartHost
 from tests.coordination import metrics, wait_for_metrics, wait_for_record
+from tests.helpers import StartCoordinator, StartHost
 
 
 def worker(name: str = "worker", *, capability: str = "work", max_concurrency: int = 4) -> Agent:

@@ -16,8 +16,8 @@ from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
 from chorus.messages import Heartbeat, Task, decode
 from chorus.nats.streams import ensure_tasks_bucket
-from tests.conftest import Reap, SpawnAgent, child_env, stop_child, write_spec
 from tests.coordination import wait_for_record
+from tests.helpers import Reap, SpawnAgent, child_env, stop_child, write_spec
 
 SLOW = """
 name: slow

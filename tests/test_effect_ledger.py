@@ -18,8 +18,8 @@ from chorus.config import Settings
 from chorus.errors import EffectInDoubt, ToolFailed
 from chorus.tools.base import ToolCallContext, ToolDefinition
 from chorus.tools.ledger import RERUN, EffectLedger
-from tests.conftest import ROOT, Reap, child_env
 from tests.effects_child import ARGUMENTS, SendMail, executions
+from tests.helpers import ROOT, Reap, child_env
 
 
 class Charge:

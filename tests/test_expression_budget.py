@@ -24,7 +24,7 @@ from chorus.specs.expressions import (
 from chorus.specs.templates import MAX_RENDERED_CHARS, Template
 from chorus.workflows import Process, ProcessStep
 from chorus.workflows.engine import Engine, new_record
-from tests.conftest import StartHost
+from tests.helpers import StartHost
 
 QUADRATIC = "[['a']*100000]*100000 == [['a']*100000]*100000"
 

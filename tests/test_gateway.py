@@ -32,8 +32,8 @@ from chorus.messages import RunRecord, decode
 from chorus.nats.connection import connect, connect_options
 from chorus.nats.server import NatsServer
 from chorus.orchestrator.service import Orchestrator
-from tests.conftest import StartHost, child_env
 from tests.coordination import wait_for_metrics, wait_for_record
+from tests.helpers import StartHost, child_env
 
 PIPELINE = {
     "type": "pipeline",

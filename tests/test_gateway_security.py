@@ -33,8 +33,8 @@ from chorus.gateway.limits import MAX_JSON_DEPTH, too_deep
 from chorus.gateway.options import GatewayOptions
 from chorus.messages import RunRecord, encode
 from chorus.specs.workflow import Pipeline, Step
-from tests.conftest import StartHost
 from tests.coordination import wait_for_record
+from tests.helpers import StartHost
 from tests.test_gateway import PIPELINE, running
 
 ROUTES = [

@@ -20,7 +20,7 @@ from chorus.messages import Task
 from chorus.specs.agent import load_spec
 from chorus.tools.base import ToolCallContext
 from chorus.tools.mcp import McpSource, McpTool
-from tests.conftest import ROOT, StartHost, write_spec
+from tests.helpers import ROOT, StartHost, write_spec
 
 CTX = ToolCallContext(agent="tester", instance="tester-1")
 

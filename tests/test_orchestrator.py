@@ -19,7 +19,7 @@ from chorus.coordinator.service import Coordinator
 from chorus.llm.offline import OfflineModel
 from chorus.messages import RunProgress, RunRequest, Task, decode
 from chorus.specs.workflow import Parallel, ParallelTask, Pipeline, Step
-from tests.conftest import Reap, StartHost, StartOrchestrator, child_env, stop_child
+from tests.helpers import Reap, StartHost, StartOrchestrator, child_env, stop_child
 
 
 def counting(name: str, calls: Counter[str], *, capability: str = "", delay: float = 0) -> Agent:

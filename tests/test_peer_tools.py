@@ -21,7 +21,7 @@ from chorus.messages import Heartbeat, Task, decode
 from chorus.specs.agent import load_spec
 from chorus.tools.base import ToolCallContext
 from chorus.tools.peers import DEFAULT_INPUT_SCHEMA, PeerTools, PeerToolSpec, peer_tool
-from tests.conftest import SpawnAgent, StartHost, write_spec
+from tests.helpers import SpawnAgent, StartHost, write_spec
 
 SCHEMA = {
     "type": "object",

@@ -23,7 +23,7 @@ from chorus.messages import Result, RunRecord, RunRequest, StepRecord, Task
 from chorus.workflows import Pipeline, Step
 from chorus.workflows.engine import Engine, new_record, run_workflow
 from chorus.workflows.processors import load_processors
-from tests.conftest import Reap, StartHost, StartOrchestrator, child_env, stop_child
+from tests.helpers import Reap, StartHost, StartOrchestrator, child_env, stop_child
 from tests.test_gateway import running_gateway
 
 

@@ -20,7 +20,7 @@ from chorus.messages import Event, RunRequest, decode
 from chorus.nats.connection import connect
 from chorus.nats.server import NatsServer
 from chorus.specs.workflow import Pipeline, Step
-from tests.conftest import child_env, stop_child, write_spec
+from tests.helpers import child_env, stop_child, write_spec
 
 REACTOR = """
 name: reactor

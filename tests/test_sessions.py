@@ -24,7 +24,7 @@ from chorus.messages import Task, decode
 from chorus.nats.connection import connect
 from chorus.specs.agent import load_spec
 from tests.cli import achorus
-from tests.conftest import StartHost, write_spec
+from tests.helpers import StartHost, write_spec
 
 OpenStore = Callable[..., Awaitable[SessionStore]]
 

@@ -16,7 +16,7 @@ from chorus.config import Settings
 from chorus.errors import InvalidKey, LeaseLost, LockTimeout
 from chorus.nats.connection import connect
 from chorus.state import SharedState, StateValue
-from tests.conftest import child_env
+from tests.helpers import child_env
 
 WAIT = 10.0  # upper bound for anything awaited; tests finish far sooner
 

@@ -21,7 +21,7 @@ from chorus.messages import ErrorReply, Task, decode_result, encode
 from chorus.specs.agent import AgentSpec
 from chorus.specs.tools import ToolSpec
 from chorus.tools import ToolCallContext, tool
-from tests.conftest import StartHost
+from tests.helpers import StartHost
 
 WAIT_S = 5.0
 

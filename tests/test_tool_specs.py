@@ -9,7 +9,7 @@ import pytest
 from chorus.errors import ConfigError
 from chorus.specs.agent import load_spec
 from chorus.specs.tools import McpServer, ToolSpec
-from tests.conftest import write_spec
+from tests.helpers import write_spec
 
 EVERY_KIND = """\
 name: toolful

@@ -14,7 +14,7 @@ from chorus.config import Settings
 from chorus.messages import RunRecord, Task
 from chorus.specs.workflow import Parallel, ParallelTask
 from chorus.workflows.engine import run_workflow
-from tests.conftest import StartHost
+from tests.helpers import StartHost
 
 
 async def test_a_run_whose_output_outgrows_max_payload_completes_with_every_step_kept(

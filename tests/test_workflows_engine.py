@@ -20,7 +20,7 @@ from chorus.workflows import Pipeline, Step, load_workflow
 from chorus.workflows.engine import Engine, new_record, run_workflow
 from chorus.workflows.progress import NatsProgress, ProgressWatch
 from chorus.workflows.runner import DirectRunner
-from tests.conftest import ROOT, SpawnAgent, StartHost
+from tests.helpers import ROOT, SpawnAgent, StartHost
 
 EXAMPLES = ROOT / "shared" / "chorus" / "examples"
 

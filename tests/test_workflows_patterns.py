@@ -27,7 +27,7 @@ from chorus.workflows import (
     load_workflow,
 )
 from chorus.workflows.engine import Engine, new_record
-from tests.conftest import ROOT, StartHost
+from tests.helpers import ROOT, StartHost
 
 EXAMPLES = ROOT / "shared" / "chorus" / "examples"
 

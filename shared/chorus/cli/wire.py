@@ -25,10 +25,10 @@ PAYLOAD_TYPES: dict[str, type[msgspec.Struct]] = {
     "dead_letter": messages.DeadLetter,
     "outcome": messages.TaskOutcome,
     "metrics": messages.Metrics,
+    "run_progress": messages.RunProgress,
+    "run_submit": messages.RunRequest,
+    "run_cancel": messages.RunCancel,
 }
-for _kind, _name in (("run_progress", "RunProgress"), ("run_submit", "RunRequest")):
-    if hasattr(messages, _name):
-        PAYLOAD_TYPES[_kind] = getattr(messages, _name)
 
 
 def read_payload(argument: str | None) -> bytes:

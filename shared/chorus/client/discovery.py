@@ -7,7 +7,6 @@ they stay out of the heartbeats every instance sends every interval.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
-from nats.errors import TimeoutError as NatsTimeout
+from nats.aio.msg import Msg
 
 from chorus.errors import InvalidMessage
 from chorus.messages import ServiceInfo, decode
@@ -43,25 +42,15 @@ async def describe_agents(
 ) -> list[AgentCard]:
     """Every agent instance that answers `$SRV.INFO` within `timeout`, or fewer: the wait
     ends as soon as `enough(cards so far)` holds (nobody knows how many will answer)."""
-    inbox = nc.new_inbox()
     cards: list[AgentCard] = []
-    sub = await nc.subscribe(inbox)
-    try:
-        await wire.publish(nc, subjects.micro_info, b"", reply=inbox)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (left := deadline - loop.time()) > 0:
-            try:
-                msg = await sub.next_msg(timeout=left)
-            except NatsTimeout:
-                break
-            card = card_of(msg.data)
-            if card is not None:
-                cards.append(card)
-                if enough is not None and enough(cards):
-                    break
-    finally:
-        await sub.unsubscribe()
+
+    def take(msg: Msg) -> bool:
+        card = card_of(msg.data)
+        if card is not None:
+            cards.append(card)
+        return enough is not None and enough(cards)
+
+    await wire.gather(nc, subjects.micro_info, timeout=timeout, until=take)
     return cards
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -129,19 +128,6 @@ class ChorusClient:
 
     async def discover(self, timeout: float = 0.5) -> list[dict[str, Any]]:
         """Every agent instance that answers `$SRV.PING.<service>` within `timeout`."""
-        inbox = self.nc.new_inbox()
-        found: list[dict[str, Any]] = []
-        sub = await self.nc.subscribe(inbox)
-        try:
-            await wire.publish(self.nc, self.subjects.micro_ping, b"", reply=inbox)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            while (left := deadline - loop.time()) > 0:
-                try:
-                    msg = await sub.next_msg(timeout=left)
-                except NatsTimeout:
-                    break
-                found.append(json.loads(msg.data))
-        finally:
-            await sub.unsubscribe()
+        replies = await wire.gather(self.nc, self.subjects.micro_ping, timeout=timeout)
+        found = [json.loads(msg.data) for msg in replies]
         return found

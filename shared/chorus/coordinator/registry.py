@@ -18,21 +18,22 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Final, Literal
 
 import msgspec
 
 from chorus.coordinator.pulse import Pulse
 from chorus.errors import ConfigError
-from chorus.messages import AgentRecord, Heartbeat
+from chorus.messages import AgentRecord, BreakerState, Health, Heartbeat, StatusChange
 from chorus.subjects import check_token
 
 log = logging.getLogger("chorus.coordinator")
 
 Clock = Callable[[], float]
 
-HEALTHY = "healthy"
-UNHEALTHY = "unhealthy"
-DEAD = "dead"
+HEALTHY: Final = "healthy"
+UNHEALTHY: Final = "unhealthy"
+DEAD: Final = "dead"
 
 MIN_INTERVAL_S = 0.05
 MAX_INTERVAL_S = 60.0
@@ -47,12 +48,12 @@ class InstanceView:
     heartbeat: Heartbeat
     last_seen: float  # coordinator clock
     last_seen_wall: float
-    health: str = HEALTHY
+    health: Health = HEALTHY
     reserved: int = 0  # tasks this coordinator sent and is waiting on
     latency_ms: float | None = None  # EWMA of round trips measured by the dispatcher
     success: float | None = None  # EWMA of outcomes measured by the dispatcher
     consecutive_failures: int = 0
-    breaker: str = "closed"
+    breaker: BreakerState = "closed"
     breaker_until: float = 0.0
     breaker_cooldown: float = 0.0
     trial_in_flight: bool = False
@@ -166,8 +167,8 @@ class Change:
     """A health transition, published as an AgentStatusChange."""
 
     view: InstanceView
-    previous: str
-    health: str
+    previous: StatusChange | Literal[""]  # "" when the instance just came up
+    health: StatusChange
 
 
 class Registry:
@@ -291,7 +292,7 @@ class Registry:
         for view in list(self._views.values()):
             interval = clamp_interval(view.heartbeat.interval_s)
             silent = (now - view.last_seen) / interval
-            health = (
+            health: Health = (
                 DEAD
                 if silent > self.dead_after or view.gone_after is not None
                 else UNHEALTHY

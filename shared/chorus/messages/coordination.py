@@ -7,8 +7,14 @@ from typing import Literal
 
 import msgspec
 
-from chorus.messages.agents import Result, Task
+from chorus.messages.agents import InstanceState, Result, Task
 from chorus.messages.codec import Message, Usage, now
+
+Health = Literal["healthy", "unhealthy", "dead"]
+BreakerState = Literal["closed", "open", "half_open"]
+# What an agent status notice says: a health, or that the instance came up, left (it said it
+# stopped), or was forgotten (dead long enough to be dropped from the registry).
+StatusChange = Literal["up", "healthy", "unhealthy", "dead", "left", "forgotten"]
 
 
 class AgentRecord(Message, tag="agent_record"):
@@ -17,8 +23,8 @@ class AgentRecord(Message, tag="agent_record"):
     instance: str
     name: str
     capabilities: list[str]
-    health: str  # healthy | unhealthy | dead
-    state: str  # ready | draining | stopped, as the instance last said
+    health: Health
+    state: InstanceState  # as the instance last said
     in_flight: int
     max_concurrency: int
     processed: int
@@ -27,7 +33,7 @@ class AgentRecord(Message, tag="agent_record"):
     mean_latency_ms: float
     last_seen: float
     started_at: float
-    breaker: str = "closed"  # closed | open | half_open
+    breaker: BreakerState = "closed"
     usage: Usage = Usage()
 
 
@@ -36,8 +42,8 @@ class AgentStatusChange(Message, tag="agent_status"):
 
     instance: str
     name: str
-    health: str
-    previous: str
+    health: StatusChange
+    previous: StatusChange | Literal[""]  # "" when the instance just came up
     time: float = msgspec.field(default_factory=now)
 
 
@@ -77,12 +83,12 @@ class DeadLetter(Message, tag="dead_letter"):
 class AgentMetrics(msgspec.Struct, frozen=True, kw_only=True):
     instance: str
     name: str
-    health: str
+    health: Health
     load: int
     max_concurrency: int
     success_rate: float
     mean_latency_ms: float
-    breaker: str
+    breaker: BreakerState
 
 
 class Metrics(Message, tag="metrics"):

@@ -11,7 +11,7 @@ sender, never a process cut off from NATS.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import nats.errors
 from nats.aio.client import Client
@@ -92,6 +92,36 @@ async def respond(
     check_size(msg._client, msg.reply, payload, sent)
     await msg._client.publish(msg.reply, payload, headers=sent)
     return True
+
+
+async def gather(
+    nc: Client,
+    subject: str,
+    *,
+    timeout: float,
+    until: Callable[[Msg], bool] | None = None,
+) -> list[Msg]:
+    """Scatter-gather: publish an empty request to `subject` and collect every reply within
+    `timeout` (NATS micro discovery, where nobody knows how many will answer), or fewer:
+    `until(reply)` is called with each and ends the wait when it returns True."""
+    inbox = nc.new_inbox()
+    replies: list[Msg] = []
+    subscription = await nc.subscribe(inbox)
+    try:
+        await publish(nc, subject, b"", reply=inbox)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (left := deadline - loop.time()) > 0:
+            try:
+                reply = await subscription.next_msg(timeout=left)
+            except nats.errors.TimeoutError:
+                break
+            replies.append(reply)
+            if until is not None and until(reply):
+                break
+    finally:
+        await subscription.unsubscribe()
+    return replies
 
 
 async def js_publish(

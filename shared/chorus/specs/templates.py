@@ -78,7 +78,3 @@ class Template:
 
 def _short(text: str) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def render(source: str, context: Mapping[str, Any]) -> str:
-    return Template(source).render(context)
