@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -62,15 +63,16 @@ async def run_demo(
                 await asyncio.to_thread(system.stop)
 
 
-async def _show_tools(client: ChorusClient, question: str) -> None:
-    """A task for the glossary agent, whose model calls a Python tool before it answers."""
-    result = await client.run_task(Task(input=question), capability="glossary")
-    console.print("[bold]task[/] → capability [cyan]glossary[/] (an agent with a Python tool)")
+async def _show_tools(client: ChorusClient, question: str, capability: str, what: str) -> None:
+    """A task for an agent whose model calls a tool before it answers; its tool calls."""
+    result = await client.run_task(Task(input=question), capability=capability)
+    console.print(f"[bold]task[/] → capability [cyan]{capability}[/] ({what})")
     for call in result.tool_calls:
         outcome = f"[red]{escape(call.error)}[/]" if call.error else escape(call.output[:120])
+        where = f" on {call.instance}" if call.instance else ""
         console.print(
             f"  [magenta]tool call[/] turn {call.turn}: {escape(call.name)}"
-            f"({escape(call.arguments[:80])}) in {call.duration_ms:.1f} ms → {outcome}"
+            f"({escape(call.arguments[:80])}){where} in {call.duration_ms:.1f} ms → {outcome}"
         )
     console.print(f"[bold]output[/]: {escape(result.output)}\n")
 
@@ -88,16 +90,20 @@ async def _show(
         console.print(f"[green]{name}[/]: {', '.join(sorted(instances))}")
 
     client = ChorusClient(nc, settings.subjects, timeout=30)
+    sent = time.perf_counter()
     result = await client.run_task(Task(input=question), capability="research")
+    round_trip_ms = (time.perf_counter() - sent) * 1000
     console.print(f"\n[bold]task[/] → capability [cyan]research[/]: {escape(question)}")
     console.print(
-        f"[bold]answered by[/] {result.agent} ({result.instance}) in "
-        f"{result.duration_ms:.1f} ms, {result.usage.total_tokens} tokens"
+        f"[bold]answered by[/] {result.agent} ({result.instance}): {round_trip_ms:.1f} ms round "
+        f"trip, {result.duration_ms:.1f} ms in the handler, {result.usage.total_tokens} tokens"
     )
     console.print(f"[bold]output[/]: {escape(result.output)}\n")
 
     if "glossary" in wanted:
-        await _show_tools(client, question)
+        await _show_tools(client, question, "glossary", "an agent with a Python tool")
+    if "editor" in wanted:
+        await _show_tools(client, question, "editing", "an agent with another agent as a tool")
 
     runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
     table = Table(title="one workflow of each pattern", title_justify="left")

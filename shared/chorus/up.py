@@ -30,6 +30,7 @@ DEFAULT_AGENTS: tuple[tuple[str, int], ...] = (
     ("writer", 1),
     ("planner", 1),
     ("glossary", 1),
+    ("editor", 1),
 )
 
 
