@@ -73,3 +73,19 @@ async def test_a_parallel_run_writes_bytes_in_proportion_to_its_tasks(
     # 8x the tasks: O(n) writes 8x the bytes (plus the workflow, 8x longer too); a record
     # saved whole at every step would write ~64x.
     assert large / small < 12, (small, large)
+
+
+async def test_a_large_run_loads_with_every_step_every_time(
+    start_host: StartHost, nc: Client, settings: Settings
+) -> None:
+    await start_host(Agent(name="quick", capabilities=["quick"], max_concurrency=32))
+    tasks = [ParallelTask(name=f"t{i}", agent="quick") for i in range(300)]
+    workflow = Parallel(name="wide", tasks=tasks, max_concurrency=32)
+    record = await run_workflow(ChorusClient(nc, settings.subjects), workflow, "go")
+    store = await KvRunStore.open(nc.jetstream(), settings.subjects)
+
+    # nats-py's KV watch sometimes reports a snapshot of many keys as empty (it trusts a
+    # push consumer's pending count): the store must never.
+    counts = [len((await store.fresh().load(record.run_id)).steps) for _ in range(20)]  # type: ignore[union-attr]
+
+    assert counts == [300] * 20

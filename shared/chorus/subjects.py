@@ -294,6 +294,18 @@ class Subjects(msgspec.Struct, frozen=True):
         return f"{self.prefix}-runs"
 
     @property
+    def runs_kv_stream(self) -> str:
+        """The stream behind the runs bucket."""
+        return f"KV_{self.runs_bucket}"
+
+    def runs_key_subject(self, key: str) -> str:
+        """The subject of a key (or key pattern) in the runs bucket."""
+        return f"$KV.{self.runs_bucket}.{key}"
+
+    def runs_key(self, subject: str) -> str:
+        return subject[len(f"$KV.{self.runs_bucket}.") :]
+
+    @property
     def tasks_bucket(self) -> str:
         """Durable task outcomes (`outcome.<id>`) and attempt logs (`attempts.<id>`)."""
         return f"{self.prefix}-tasks"

@@ -97,6 +97,18 @@ def ephemeral_consumers(stream: str) -> list[str]:
     ]
 
 
+def snapshot_reads(stream: str) -> list[str]:
+    """Read the latest value of many keys at once (`chorus.nats.jetstream.last_values`): a
+    named ephemeral pull consumer. Only for streams with no durable consumer to steal from
+    (KV buckets): fetching needs `MSG.NEXT` on any consumer name. No delete: they expire."""
+    return [
+        _api("CONSUMER.CREATE", stream, "*"),
+        _api("CONSUMER.CREATE", stream, "*", ">"),
+        _api("CONSUMER.INFO", stream, "*"),
+        _api("CONSUMER.MSG.NEXT", stream, "*"),
+    ]
+
+
 def one_consumer(stream: str, consumer: str) -> list[str]:
     """Bind, create or update one named consumer and fetch and ack its messages only."""
     return [
@@ -249,6 +261,7 @@ def gateway(subjects: Subjects, *, principal: str) -> Permissions:
         *stream_ensure(runs_kv),
         *stream_read(runs_kv),
         *ephemeral_consumers(runs_kv),
+        *snapshot_reads(runs_kv),
         *stream_ensure(agents_kv),
         *stream_read(agents_kv),
         *ephemeral_consumers(agents_kv),
@@ -303,6 +316,7 @@ def observer(subjects: Subjects, *, principal: str) -> Permissions:
         s.state_stream,
     ):
         publish += [*stream_read(stream), *ephemeral_consumers(stream)]
+    publish += snapshot_reads(f"KV_{s.runs_bucket}")
     return Permissions(
         publish=_unique(publish),
         publish_deny=DESTRUCTIVE,

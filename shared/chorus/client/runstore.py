@@ -36,6 +36,7 @@ from chorus.messages import (
     decode_any,
     encode,
 )
+from chorus.nats.jetstream import last_values
 from chorus.nats.streams import ensure_bucket
 from chorus.specs.workflow import WorkflowSpec
 from chorus.subjects import Subjects
@@ -50,8 +51,10 @@ class KvRunStore:
     """Key `<run>` = the RunHead, `<run>.workflow` = its WorkflowSpec, `<run>.step.<n>` = the
     n-th StepRecord, `<run>.event.<n>` = the n-th Event of an event-driven run."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, subjects: Subjects) -> None:
+        self.js = js
         self.kv = kv
+        self.subjects = subjects
         self._revisions: dict[str, int] = {}
         self._with_workflow: set[str] = set()  # runs whose workflow key is known to exist
 
@@ -64,12 +67,12 @@ class KvRunStore:
                 bucket=subjects.runs_bucket, history=RUN_HISTORY, storage=StorageType.FILE
             ),
         )
-        return cls(kv)
+        return cls(js, kv, subjects)
 
     def fresh(self) -> KvRunStore:
         """A store on the same bucket that remembers no revisions: its saves check the
         revisions of its own reads."""
-        return KvRunStore(self.kv)
+        return KvRunStore(self.js, self.kv, self.subjects)
 
     # reading
 
@@ -128,39 +131,27 @@ class KvRunStore:
         return workflow
 
     async def _children(self, run_id: str) -> AsyncIterator[tuple[str, int, bytes]]:
-        """The latest value of every `<run>.*.*` key: one ordered consumer, not a get each."""
-        watcher = await self.kv.watch(f"{run_id}.*.*", ignore_deletes=True)
-        try:
-            while True:
-                entry = await watcher.updates(timeout=_WATCH_WAIT_S)  # type: ignore[no-untyped-call]
-                if entry is None:  # caught up with what is stored
-                    return
-                if entry.value and entry.revision is not None:
-                    yield entry.key, entry.revision, entry.value
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        """The latest value of every `<run>.*.*` key (steps and events), in one read."""
+        subject = self.subjects.runs_key_subject(f"{run_id}.*.*")
+        for msg in await last_values(self.js, self.subjects.runs_kv_stream, subject):
+            if msg.data:
+                key = self.subjects.runs_key(msg.subject)
+                yield key, msg.metadata.sequence.stream, msg.data
 
     async def heads(self) -> list[RunHead]:
-        """The head of every run (one ordered consumer over the single-token keys); an
-        unreadable head is logged and skipped, so one bad value cannot hide every run."""
-        watcher = await self.kv.watch("*", ignore_deletes=True)
+        """The head of every run (the single-token keys), in one read; an unreadable head is
+        logged and skipped, so one bad value cannot hide every run."""
+        subject = self.subjects.runs_key_subject("*")
         records: list[RunHead] = []
-        try:
-            while True:
-                entry = await watcher.updates(timeout=_WATCH_WAIT_S)  # type: ignore[no-untyped-call]
-                if entry is None:
-                    break
-                if not entry.value:
-                    continue
-                try:
-                    stored = decode_any(entry.value, RunHead | RunRecord)
-                    records.append(stored.head() if isinstance(stored, RunRecord) else stored)
-                except InvalidMessage as exc:
-                    log.warning(
-                        "skipping an unreadable run", extra={"key": entry.key, "why": exc.reason}
-                    )
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        for msg in await last_values(self.js, self.subjects.runs_kv_stream, subject):
+            if not msg.data:
+                continue
+            try:
+                stored = decode_any(msg.data, RunHead | RunRecord)
+                records.append(stored.head() if isinstance(stored, RunRecord) else stored)
+            except InvalidMessage as exc:
+                why = {"key": self.subjects.runs_key(msg.subject), "why": exc.reason}
+                log.warning("skipping an unreadable run", extra=why)
         return records
 
     # writing
