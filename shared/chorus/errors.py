@@ -39,6 +39,13 @@ class NatsAuthRefused(ChorusError):
     code = "nats_auth_refused"
 
 
+class NatsTlsFailed(ChorusError):
+    """The TLS handshake with the server failed: an unknown CA, or a client certificate
+    the server requires and did not get."""
+
+    code = "nats_tls_failed"
+
+
 class NoResponders(ChorusError):
     """Nobody listens on the subject: no agent has that name or capability."""
 

@@ -55,7 +55,7 @@ from chorus.messages import (
     headers,
 )
 from chorus.nats import wire
-from chorus.nats.connection import connect
+from chorus.nats.connection import ClosedHandler, connect
 from chorus.nats.jetstream import ClaimKeeper, DurableConsumer, backoff
 from chorus.nats.streams import ensure_events_stream, stream_exists
 from chorus.subjects import check_token
@@ -113,7 +113,9 @@ class AgentHost:
         model: Model | None = None,
         instance: str | None = None,
         nc: Client | None = None,
+        on_closed: ClosedHandler | None = None,
     ) -> None:
+        """`on_closed`: told when the connection this host opens is closed for good."""
         self.agent = agent
         self.settings = settings
         self.subjects = settings.subjects
@@ -125,6 +127,7 @@ class AgentHost:
         self.stats = InstanceStats()
         self.started_at = time.time()
         self._nc = nc
+        self._on_closed = on_closed
         self._owns_connection = nc is None
         self._slots = asyncio.Semaphore(agent.spec.max_concurrency)
         self._room = asyncio.Event()
@@ -157,7 +160,12 @@ class AgentHost:
 
     async def start(self) -> None:
         if self._nc is None:
-            self._nc = await connect(self.settings, f"agent:{self.instance}", service=True)
+            self._nc = await connect(
+                self.settings,
+                f"agent:{self.instance}",
+                service=True,
+                on_closed=self._on_closed,
+            )
         spec = self.agent.spec
         self._service = await add_service(
             self.nc,
