@@ -145,6 +145,11 @@ class Subjects(msgspec.Struct, frozen=True):
         return f"{self.prefix}.dlq.{target}"
 
     @property
+    def runs_dead_letter(self) -> str:
+        """Run requests the orchestrator gave up on (dispatch targets are `cap.`/`agent.`)."""
+        return self.dead_letter("runs")
+
+    @property
     def all_dead_letters(self) -> str:
         return f"{self.prefix}.dlq.>"
 

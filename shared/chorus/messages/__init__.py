@@ -49,6 +49,7 @@ from chorus.messages.headers import (
     TASK_ID_HEADER,
     TRACEPARENT_HEADER,
 )
+from chorus.messages.rejected import RejectedMessage, rejected
 from chorus.messages.runs import (
     FINISHED_RUN,
     DelegationPlan,
@@ -101,6 +102,7 @@ __all__ = [
     "Metrics",
     "PlanResults",
     "ProgressKind",
+    "RejectedMessage",
     "Result",
     "RunCancel",
     "RunProgress",
@@ -123,6 +125,7 @@ __all__ = [
     "headers",
     "new_id",
     "now",
+    "rejected",
     "schemas",
     "wire_types",
 ]
