@@ -19,6 +19,13 @@ class InvalidMessage(ChorusError):
     code = "invalid_message"
 
 
+class UnreadableRecord(ChorusError):
+    """A stored record (a run) exists but does not decode: written by something else or
+    another version, or nested too deep. Not the caller's fault, unlike InvalidMessage."""
+
+    code = "unreadable_record"
+
+
 class PayloadTooLarge(ChorusError):
     code = "payload_too_large"
 

@@ -18,7 +18,14 @@ from nats.js.errors import KeyNotFoundError, NoKeysError
 
 from chorus.client.runstore import KvRunStore
 from chorus.config import EXAMPLE_WORKFLOWS
-from chorus.errors import ConfigError, Conflict, InvalidMessage, NotFound, RequestTimeout
+from chorus.errors import (
+    ConfigError,
+    Conflict,
+    InvalidMessage,
+    NotFound,
+    RequestTimeout,
+    UnreadableRecord,
+)
 from chorus.messages import (
     FINISHED_RUN,
     RunCancel,
@@ -90,7 +97,16 @@ class RunClient:
         return existing or record
 
     async def get(self, run_id: str) -> RunRecord:
-        record = await (await self.store()).load(run_id)
+        """The run's record; NotFound, or UnreadableRecord when it is stored but undecodable."""
+        store = await self.store()
+        try:
+            record = await store.load(run_id)
+        except InvalidMessage as exc:
+            raise UnreadableRecord(
+                f"run {run_id!r} is stored but cannot be read ({exc.reason}): it was written "
+                f"by something else or another version; key {run_id!r} in bucket "
+                f"{self.subjects.runs_bucket!r}"
+            ) from None
         if record is None:
             raise NotFound(f"no run {run_id!r}")
         return record
