@@ -170,13 +170,14 @@ async def connect(
 
 
 async def _connect_unless_refused(options: dict[str, Any], settings: Settings) -> Client:
-    """nats-py retries a refused login for ever when reconnects are unlimited: stop that."""
-    refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    """nats-py retries a refused login for ever when reconnects are unlimited, and waits
+    for ever after a failed TLS handshake: stop both."""
+    refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
     report = options["error_cb"]
 
     async def on_error(exc: Exception) -> None:
-        if _is_auth_violation(exc) and not refused.done():
-            refused.set_result(str(exc))
+        if (_is_auth_violation(exc) or isinstance(exc, ssl.SSLError)) and not refused.done():
+            refused.set_result(exc)
         await report(exc)
 
     connecting = asyncio.ensure_future(nats.connect(**{**options, "error_cb": on_error}))
@@ -187,6 +188,8 @@ async def _connect_unless_refused(options: dict[str, Any], settings: Settings) -
     connecting.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await connecting
+    if isinstance(refused.result(), ssl.SSLError):
+        raise refused.result()
     who = settings.nats_user or (
         "the credentials in NATS_CREDS"
         if settings.nats_creds
@@ -206,7 +209,8 @@ def _is_auth_violation(exc: Exception) -> bool:
 
 def _tls_failed(settings: Settings, exc: ssl.SSLError) -> NatsTlsFailed:
     """One line that says what to set: the CA for the server's certificate, our own cert."""
-    why = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+    verify = getattr(exc, "verify_message", None)
+    why = f"certificate verify failed: {verify}" if verify else exc.reason or str(exc)
     return NatsTlsFailed(
         f"TLS with NATS at {redact_url(settings.nats_url)} failed ({why}): set NATS_TLS_CA to "
         "the CA that signed the server's certificate, and NATS_TLS_CERT and NATS_TLS_KEY when "
