@@ -212,6 +212,7 @@ def orchestrator(subjects: Subjects, *, principal: str) -> Permissions:
         s.named_task("*"),
         s.all_instance_tasks,
         s.all_events,
+        s.micro_ping,  # which agents run, for hierarchical workflows' plans
         s.runs_dead_letter,
         f"$KV.{s.runs_bucket}.>",
         _api("INFO"),
