@@ -26,6 +26,9 @@ PAYLOAD_TYPES: dict[str, type[msgspec.Struct]] = {
     "outcome": messages.TaskOutcome,
     "metrics": messages.Metrics,
 }
+# Subjects whose requests carry no message of their own: the type above is the reply's.
+REPLY_ONLY: frozenset[str] = frozenset({"metrics"})
+
 for _kind, _name in (("run_progress", "RunProgress"), ("run_submit", "RunRequest")):
     if hasattr(messages, _name):
         PAYLOAD_TYPES[_kind] = getattr(messages, _name)
@@ -52,7 +55,7 @@ def prepare(subjects: Subjects, subject: str, payload: bytes) -> bytes:
     On an event subject a payload that is not already an Event becomes the event's `data`.
     """
     kind = subjects.classify(subject)
-    if kind is None:
+    if kind is None or kind in REPLY_ONLY:
         return payload
     if kind == "event":
         topic = subjects.topic_of(subject)
