@@ -86,6 +86,7 @@ class Orchestrator:
         self._handles: dict[str, RunHandle] = {}
         self._cancels: Subscription | None = None
         self._stopping = False
+        self._dead_letters_ready = False
 
     @property
     def engine(self) -> Engine:
@@ -95,7 +96,6 @@ class Orchestrator:
     async def start(self) -> None:
         js = self.nc.jetstream()
         await ensure_runs_stream(js, self.subjects)
-        await ensure_dead_letter_stream(js, self.subjects)
         client = ChorusClient(self.nc, self.subjects, timeout=self.settings.request_timeout)
         runner: TaskRunner = (
             QueueRunner(TaskQueue(self.nc, self.subjects), self.settings.task_timeout)
@@ -223,6 +223,9 @@ class Orchestrator:
         self, msg: Msg, code: str, reason: str, *, run_id: str | None = None
     ) -> None:
         """Take the request off the queue onto `<prefix>.dlq.runs`, with the reason."""
+        if not self._dead_letters_ready:  # made on first use: start-up stays as quick as it was
+            await ensure_dead_letter_stream(self.nc.jetstream(), self.subjects)
+            self._dead_letters_ready = True
         await dead_letter(
             self.nc.jetstream(),
             msg,
