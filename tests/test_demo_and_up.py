@@ -6,11 +6,17 @@ import asyncio
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import msgspec
+import pytest
+
 from chorus.config import Settings
+from chorus.errors import NatsAuthRefused
 from chorus.local import wait_for_instances
 from chorus.nats.connection import connect
 
@@ -65,7 +71,8 @@ async def test_up_starts_every_part_and_ctrl_c_stops_them_keeping_data(tmp_path:
         text=True,
     )
     try:
-        settings = Settings(nats_url=f"nats://127.0.0.1:{port}", connect_wait=30)
+        anonymous = Settings(nats_url=f"nats://127.0.0.1:{port}", connect_wait=30)
+        settings = await asyncio.to_thread(operator_settings, data, anonymous)
         nc = await connect(settings, "test")
         try:
             seen = await wait_for_instances(
@@ -74,6 +81,8 @@ async def test_up_starts_every_part_and_ctrl_c_stops_them_keeping_data(tmp_path:
         finally:
             await nc.close()
         assert len(seen["researcher"]) == 2 and len(seen["writer"]) == 1
+        with pytest.raises(NatsAuthRefused):
+            await connect(anonymous, "test-without-credentials")
     finally:
         up.send_signal(signal.SIGINT)
         code = await asyncio.to_thread(up.wait, 60)
@@ -84,3 +93,24 @@ async def test_up_starts_every_part_and_ctrl_c_stops_them_keeping_data(tmp_path:
     assert code == 0, errors
     assert (data / "jetstream" / "jetstream").is_dir()  # kept for the next `chorus up`
     assert (data / "logs" / "coordinator.log").exists()
+    assert mode(data) == mode(data / "logs") == 0o700
+    assert mode(data / "logs" / "coordinator.log") == mode(data / "nats-server.log") == 0o600
+    assert mode(data / "auth" / "creds" / "operator.nk") == 0o600
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def operator_settings(data: Path, settings: Settings, timeout: float = 30) -> Settings:
+    """The operator's credentials from `.chorus/auth/creds/operator.env`, once written."""
+    env_file = data / "auth" / "creds" / "operator.env"
+    deadline = time.monotonic() + timeout
+    while not env_file.is_file():  # written before the server starts, by `chorus up`
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{env_file} was not written")
+        time.sleep(0.1)  # a file to appear: no event to wait on across processes
+    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+    return msgspec.structs.replace(
+        settings, nats_nkey_seed=env["NATS_NKEY_SEED"], nats_inbox_prefix=env["NATS_INBOX_PREFIX"]
+    )

@@ -45,12 +45,14 @@ async def run_demo(
     system: LocalSystem | None = None
     if not attach:
         root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="chorus-demo-"))
-        system = LocalSystem(root, prefix=settings.prefix)
+        # Authorization on, as with `chorus up`: the demo connects as the operator.
+        specs = [agent.load() for agent in default_agents()]
+        system = LocalSystem(root, prefix=settings.prefix, agents=specs)
         with console.status("starting nats-server"):
             await asyncio.to_thread(system.start_server)
         console.print(f"[green]nats-server[/] ready at {system.url} (data and logs in {root})")
         start_services(system, default_agents(), gateway_port=None)
-        settings = Settings.from_env(nats_url=system.url, prefix=settings.prefix)
+        settings = system.settings_for("operator", Settings.from_env(prefix=settings.prefix))
     try:
         nc = await connect(settings, "chorus-demo")
         try:

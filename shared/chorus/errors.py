@@ -21,6 +21,13 @@ class InvalidMessage(ChorusError):
     code = "invalid_message"
 
 
+class UnreadableRecord(ChorusError):
+    """A stored record (a run) exists but does not decode: written by something else or
+    another version, or nested too deep. Not the caller's fault, unlike InvalidMessage."""
+
+    code = "unreadable_record"
+
+
 class PayloadTooLarge(ChorusError):
     code = "payload_too_large"
 
@@ -39,6 +46,13 @@ class NatsAuthRefused(ChorusError):
     """The server refused the credentials (user/password, token or creds file)."""
 
     code = "nats_auth_refused"
+
+
+class NatsTlsFailed(ChorusError):
+    """The TLS handshake with the server failed: an unknown CA, or a client certificate
+    the server requires and did not get."""
+
+    code = "nats_tls_failed"
 
 
 class NoResponders(ChorusError):

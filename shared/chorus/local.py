@@ -1,7 +1,10 @@
 """A whole Chorus system on one machine: an embedded nats-server and services as child processes.
 
 Used by `chorus up` and `chorus demo`. Each service is a separate OS process started with the
-same Python, so what runs here is what runs in containers.
+same Python, so what runs here is what runs in containers. With `auth` (the default of both),
+the server runs the config `chorus.auth.init_auth` writes into DATA_DIR/auth and each child
+connects as its own principal, with only that principal's permissions. The data dir is the
+owner's alone (0700, files 0600): it holds the seeds and every process's log.
 """
 
 from __future__ import annotations
@@ -15,27 +18,77 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from chorus.auth import AuthLayout, init_auth
+from chorus.auth.principals import agent_principal_name
+from chorus.config import Settings
 from chorus.messages import Heartbeat, decode
 from chorus.nats.server import NatsServer
+from chorus.specs.agent import AgentSpec
 from chorus.subjects import Subjects
 
 log = logging.getLogger("chorus.local")
+
+AUTH_DIR = "auth"
+# Credentials in the caller's environment must not reach a child that has its own.
+CREDENTIAL_VARIABLES = (
+    "NATS_USER",
+    "NATS_PASSWORD",
+    "NATS_TOKEN",
+    "NATS_CREDS",
+    "NATS_NKEY_SEED",
+    "NATS_INBOX_PREFIX",
+)
+
+
+def private_dir(path: Path) -> Path:
+    """`path` and its parents made if missing; `path` itself only for its owner (0700)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """`path` created if missing, readable only by its owner (0600), for appending."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    os.chmod(path, 0o600)  # O_CREAT's mode applies only to a new file
+    return path
+
+
+def agent_principal(spec: AgentSpec) -> str:
+    return agent_principal_name(spec.name)
 
 
 class LocalSystem:
     """Starts and stops the pieces; `children` are the service processes by name."""
 
-    def __init__(self, data_dir: Path, *, port: int = 0, prefix: str = "chorus") -> None:
-        self.data_dir = data_dir
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int = 0,
+        prefix: str = "chorus",
+        agents: list[AgentSpec] | None = None,
+    ) -> None:
+        """`agents`: the specs whose instances will run, for their credentials; None runs
+        the system without NATS authorization (`--no-auth`)."""
+        self.data_dir = private_dir(data_dir)
         self.prefix = prefix
+        self.auth: AuthLayout | None = None
+        if agents is not None:
+            self.auth = init_auth(data_dir / AUTH_DIR, agents, prefix=prefix, monitor=None)
         self.server = NatsServer(
-            data_dir / "jetstream", port=port, log_file=data_dir / "nats-server.log"
+            data_dir / "jetstream",
+            port=port,
+            log_file=private_file(data_dir / "nats-server.log"),
+            config_file=str(self.auth.server_config) if self.auth else None,
         )
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.commands: dict[str, tuple[str, ...]] = {}
+        self.principals: dict[str, str] = {}
         self.restarts: dict[str, int] = {}
         self._next_start: dict[str, float] = {}
         self.stopping = False
@@ -47,25 +100,36 @@ class LocalSystem:
     def start_server(self) -> None:
         self.server.start()
 
-    def env(self) -> dict[str, str]:
+    def env(self, principal: str = "operator") -> dict[str, str]:
+        """The environment of a child that connects as `principal` (when auth is on)."""
         env = dict(os.environ)
         env.update({"NATS_URL": self.url, "CHORUS_PREFIX": self.prefix})
+        if self.auth is not None:
+            for variable in CREDENTIAL_VARIABLES:
+                env.pop(variable, None)
+            env.update(self.auth.environment(principal))
         return env
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        """Start `python -m chorus ARGS` as a child; its log goes to DATA_DIR/logs/NAME.log."""
-        logs = self.data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with (logs / f"{name}.log").open("ab") as sink:
+    def settings_for(self, principal: str, settings: Settings) -> Settings:
+        """`settings` that reach this system's server as `principal`."""
+        settings = msgspec.structs.replace(settings, nats_url=self.url, prefix=self.prefix)
+        return self.auth.settings_for(principal, settings) if self.auth else settings
+
+    def spawn(self, name: str, *args: str, principal: str = "operator") -> subprocess.Popen[bytes]:
+        """Start `python -m chorus ARGS` as a child connecting as `principal`; its log goes to
+        DATA_DIR/logs/NAME.log."""
+        logs = private_dir(self.data_dir / "logs")
+        with private_file(logs / f"{name}.log").open("ab") as sink:
             child = subprocess.Popen(
                 [sys.executable, "-m", "chorus", *args],
-                env=self.env(),
+                env=self.env(principal),
                 stdout=sink,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         self.children[name] = child
         self.commands[name] = args
+        self.principals[name] = principal
         return child
 
     def supervise(self) -> list[str]:
@@ -86,7 +150,7 @@ class LocalSystem:
             del self._next_start[name]
             self.restarts[name] = self.restarts.get(name, 0) + 1
             log.warning("restarting exited child", extra={"child": name, "code": child.returncode})
-            self.spawn(name, *self.commands[name])
+            self.spawn(name, *self.commands[name], principal=self.principals[name])
             restarted.append(name)
         return restarted
 

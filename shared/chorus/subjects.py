@@ -145,6 +145,11 @@ class Subjects(msgspec.Struct, frozen=True):
         return f"{self.prefix}.dlq.{target}"
 
     @property
+    def runs_dead_letter(self) -> str:
+        """Run requests the orchestrator gave up on (dispatch targets are `cap.`/`agent.`)."""
+        return self.dead_letter("runs")
+
+    @property
     def all_dead_letters(self) -> str:
         return f"{self.prefix}.dlq.>"
 
@@ -351,6 +356,10 @@ class Subjects(msgspec.Struct, frozen=True):
     def micro_info(self) -> str:
         """Every agent instance answers with its service info (description, metadata) here."""
         return f"$SRV.INFO.{self.micro_service}"
+
+    def micro_ping_one(self, service_id: str) -> str:
+        """One micro service instance's own PING subject."""
+        return f"$SRV.PING.{self.micro_service}.{service_id}"
 
     @property
     def micro_ping(self) -> str:

@@ -5,6 +5,11 @@ gateway and the example agents (or yours), supervised: a child that exits is res
 backoff. Ctrl-C (or SIGTERM) drains the agents, stops the services, then the server.
 The gateway requires an API key: an admin key is made on the first run and kept in the data
 dir (`gateway.key`, mode 0600; its hash in `gateway-keys.jsonl`).
+
+NATS authorization is on unless `--no-auth`: nkey credentials and least-privilege
+permissions are generated into DATA_DIR/auth (seeds kept across runs), and each child connects
+as its own principal. Commands in another terminal need the operator's credentials:
+`set -a; . DATA_DIR/auth/creds/operator.env; set +a`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import TYPE_CHECKING
 from chorus.errors import ConfigError
 from chorus.examples import AGENTS
 from chorus.gateway.keys import KEY_FILE, local_key
-from chorus.local import LocalSystem
+from chorus.local import LocalSystem, agent_principal
+from chorus.specs.agent import AgentSpec, load_spec
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -39,6 +45,9 @@ class AgentLaunch:
     name: str
     spec: Path
     replicas: int
+
+    def load(self) -> AgentSpec:
+        return load_spec(self.spec)
 
 
 def parse_agent(argument: str) -> AgentLaunch:
@@ -71,15 +80,36 @@ def start_services(
     *,
     gateway_port: int | None,
 ) -> None:
-    """Start the coordinator, orchestrator, gateway (unless None) and agents as children."""
-    system.spawn("coordinator", "coordinator")
-    system.spawn("orchestrator", "orchestrator")
+    """Start the coordinator, orchestrator, gateway (unless None) and agents as children,
+    each as its own principal."""
+    system.spawn("coordinator", "coordinator", principal="coordinator")
+    system.spawn("orchestrator", "orchestrator", principal="orchestrator")
     if gateway_port is not None:
         keys_file, _ = local_key(system.data_dir)
-        system.spawn("gateway", "gateway", "--port", str(gateway_port), "--keys", str(keys_file))
+        system.spawn(
+            "gateway",
+            "gateway",
+            "--port",
+            str(gateway_port),
+            "--keys",
+            str(keys_file),
+            principal="gateway",
+        )
     for agent in agents:
+        principal = agent_principal(agent.load())
         for replica in range(1, agent.replicas + 1):
-            system.spawn(f"{agent.name}-{replica}", "agent", "run", str(agent.spec))
+            system.spawn(
+                f"{agent.name}-{replica}", "agent", "run", str(agent.spec), principal=principal
+            )
+
+
+def operator_hint(system: LocalSystem) -> str:
+    """What a user types in another terminal to reach this system."""
+    url = f"export NATS_URL={system.url}"
+    if system.auth is None:
+        return f"NATS authorization is off (--no-auth); other terminals: {url}"
+    creds = system.auth.env_file("operator")
+    return f"other terminals, as the operator: set -a; . {creds}; set +a; {url}"
 
 
 def status_table(system: LocalSystem, gateway_port: int | None) -> Table:
@@ -118,12 +148,20 @@ def status_table(system: LocalSystem, gateway_port: int | None) -> Table:
 
 
 async def run_up(
-    data_dir: Path, port: int, gateway_port: int | None, agents: list[AgentLaunch], prefix: str
+    data_dir: Path,
+    port: int,
+    gateway_port: int | None,
+    agents: list[AgentLaunch],
+    prefix: str,
+    *,
+    auth: bool = True,
 ) -> int:
     from rich.console import Console
     from rich.live import Live
+    from rich.markup import escape
 
-    system = LocalSystem(data_dir, port=port, prefix=prefix)
+    specs = [agent.load() for agent in agents] if auth else None
+    system = LocalSystem(data_dir, port=port, prefix=prefix, agents=specs)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -132,6 +170,7 @@ async def run_up(
     await asyncio.to_thread(system.start_server)
     try:
         start_services(system, agents, gateway_port=gateway_port)
+        console.print(escape(operator_hint(system)))
         if gateway_port is not None:
             console.print(
                 f"gateway API key (admin): {data_dir / KEY_FILE}; send it as "

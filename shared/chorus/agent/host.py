@@ -63,7 +63,7 @@ from chorus.messages import (
     headers,
 )
 from chorus.nats import wire
-from chorus.nats.connection import connect
+from chorus.nats.connection import ClosedHandler, connect
 from chorus.nats.jetstream import ClaimKeeper, DurableConsumer, backoff
 from chorus.nats.streams import ensure_events_stream, stream_exists
 from chorus.specs.agent import SessionSpec
@@ -131,7 +131,9 @@ class AgentHost:
         model: Model | None = None,
         instance: str | None = None,
         nc: Client | None = None,
+        on_closed: ClosedHandler | None = None,
     ) -> None:
+        """`on_closed`: told when the connection this host opens is closed for good."""
         self.agent = agent
         self.settings = settings
         self.subjects = settings.subjects
@@ -144,6 +146,7 @@ class AgentHost:
         self.stats = InstanceStats()
         self.started_at = time.time()
         self._nc = nc
+        self._on_closed = on_closed
         self._owns_connection = nc is None
         self._slots = asyncio.Semaphore(agent.spec.max_concurrency)
         self._room = asyncio.Event()
@@ -187,7 +190,12 @@ class AgentHost:
         # Before connecting: a model that cannot run the hosted tools fails here, cleanly.
         self.toolbox.check(self.model)
         if self._nc is None:
-            self._nc = await connect(self.settings, f"agent:{self.instance}", service=True)
+            self._nc = await connect(
+                self.settings,
+                f"agent:{self.instance}",
+                service=True,
+                on_closed=self._on_closed,
+            )
         # Connected: MCP servers start, peers are described, side effects go through the
         # effect ledger.
         await self.toolbox.start(self.model, EffectLedger(self.nc, self.subjects))
@@ -229,11 +237,20 @@ class AgentHost:
                 asyncio.create_task(self._consume_events(self._events), name="events")
             )
         self._loops.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeats"))
-        await self.nc.flush(timeout=5)
+        await self._served()
         log.info(
             "agent ready",
             extra={"agent": spec.name, "instance": self.instance, "caps": spec.capabilities},
         )
+
+    async def _served(self) -> None:
+        """Return once the server routes to this instance's endpoints: its own `$SRV.PING`
+        answered through the server (subscribed after them, on the same connection) proves
+        every endpoint subscription is in place. A flush alone was seen to return before a
+        task sent at once found a listener (no responders, under load)."""
+        assert self._service is not None
+        ping = self.subjects.micro_ping_one(self._service.id)
+        await wire.request(self.nc, ping, b"", timeout=10)
 
     async def _add_endpoint(self, name: str, subject: str, queue: str) -> None:
         assert self._service is not None

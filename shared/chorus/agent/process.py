@@ -5,10 +5,13 @@ from __future__ import annotations
 from chorus.agent.host import AgentHost
 from chorus.agent.loader import load_agent
 from chorus.config import Settings
-from chorus.lifecycle import serve_until_signalled
+from chorus.lifecycle import Shutdown, serve_until_signalled
 
 
 async def serve(spec: str, settings: Settings, *, instance: str | None = None) -> int:
     """Run the agent `spec` (a YAML file or `package.module:agent`) until signalled."""
-    host = AgentHost(load_agent(spec), settings, instance=instance)
-    return await serve_until_signalled(host.start, host.stop)
+    shutdown = Shutdown()
+    host = AgentHost(
+        load_agent(spec), settings, instance=instance, on_closed=shutdown.connection_closed
+    )
+    return await serve_until_signalled(host.start, host.stop, shutdown=shutdown)

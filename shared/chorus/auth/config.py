@@ -13,6 +13,7 @@ from chorus.auth.credentials import load_or_create_seed, public_key, write_env
 from chorus.auth.permissions import Permissions
 from chorus.auth.principals import SERVICES, Principal, principals
 from chorus.config import Settings
+from chorus.nats.server import ServerTls
 from chorus.specs.agent import AgentSpec
 from chorus.subjects import Subjects
 
@@ -113,7 +114,12 @@ def render_auth(found: Sequence[Principal], keys: dict[str, str]) -> str:
     )
 
 
-def render_server(*, monitor: str | None = "127.0.0.1:8222", name: str = "chorus-nats") -> str:
+def render_server(
+    *,
+    monitor: str | None = "127.0.0.1:8222",
+    name: str = "chorus-nats",
+    tls: ServerTls | None = None,
+) -> str:
     """A server config that includes the authorization. Store dir and ports may come as flags
     (`-js -sd DIR -p PORT`); monitoring, when on, listens on `monitor` (loopback by default:
     its endpoints have no authentication)."""
@@ -128,7 +134,12 @@ def render_server(*, monitor: str | None = "127.0.0.1:8222", name: str = "chorus
         + f"server_name: {name}\n"
         + monitoring
         + "jetstream {\n  # sync_interval: always  # see deploy/nats-server.conf\n}\n"
-        + "# TLS (not generated): add a tls { cert_file, key_file, ca_file } block.\n"
+        + (
+            "# Clients connect over TLS only; set NATS_TLS_CA (and NATS_TLS_CERT/KEY for mTLS).\n"
+            + tls.config_block()
+            if tls
+            else "# TLS is off: `chorus auth init --tls-cert C --tls-key K` writes a tls block.\n"
+        )
         + f'include "{AUTH_FILE}"\n'
     )
 
@@ -142,10 +153,12 @@ def init_auth(
     monitor: str | None = "127.0.0.1:8222",
     task_timeout_s: float = 600.0,
     rotate: bool = False,
+    tls: ServerTls | None = None,
 ) -> AuthLayout:
     """Write `nats-server.conf`, `nats-auth.conf` and `creds/<principal>.{nk,env}` under
     `directory`. Existing seeds are kept unless `rotate`, so adding an agent and regenerating
-    changes nobody else's credentials."""
+    changes nobody else's credentials. With `tls`, the server serves clients over TLS only
+    and each env file names the CA (`tls.ca_file`) as NATS_TLS_CA."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     found = principals(agents, Subjects(prefix), services=services, task_timeout_s=task_timeout_s)
@@ -155,8 +168,10 @@ def init_auth(
         seed = load_or_create_seed(layout.seed_file(principal.name), rotate=rotate)
         keys[principal.name] = public_key(seed)
         env = {**layout.environment(principal.name), "CHORUS_PREFIX": prefix}
+        if tls is not None and tls.ca_file:
+            env["NATS_TLS_CA"] = str(Path(tls.ca_file).resolve())
         write_env(layout.env_file(principal.name), env)
     layout = msgspec.structs.replace(layout, keys=keys)
     layout.auth_include.write_text(render_auth(found, keys))
-    layout.server_config.write_text(render_server(monitor=monitor))
+    layout.server_config.write_text(render_server(monitor=monitor, tls=tls))
     return layout

@@ -154,6 +154,9 @@ def agent(
     for capability in grant.capabilities:
         subscribe.append(f"{s.capability_task(capability)} {s.capability_queue(capability)}")
         subscribe.append(f"{s.help(capability)} {s.help_queue(capability)}")
+    # Its own PING at start (proves its endpoints are routed), and the peers' INFO (what each
+    # peer tool's agent does): discovery only, no task subjects.
+    publish += [s.micro_ping_one("*"), s.micro_info]
     for verb in MICRO_VERBS:  # nats.micro discovery of the instance
         subscribe += [
             f"$SRV.{verb}",
@@ -224,9 +227,12 @@ def orchestrator(subjects: Subjects, *, principal: str) -> Permissions:
         s.named_task("*"),
         s.all_instance_tasks,
         s.all_events,
+        s.micro_ping,  # which agents run, for hierarchical workflows' plans
+        s.runs_dead_letter,
         f"$KV.{s.runs_bucket}.>",
         _api("INFO"),
         *stream_own(s.runs_stream),
+        *stream_ensure(s.dead_letter_stream),
         *one_consumer(s.runs_stream, s.runs_consumer),
         *stream_own(runs_kv),
         *stream_read(runs_kv),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from nats.aio.msg import Msg
 
+from chorus.cli.text import safe
 from chorus.client.system import SystemClient
 from chorus.config import Settings
 from chorus.errors import InvalidMessage, NotFound
@@ -62,14 +63,14 @@ def table(records: dict[str, AgentRecord]) -> Table:
     for record in sorted(records.values(), key=lambda r: (r.name, r.instance)):
         style = HEALTH_STYLE.get(record.health, "white")
         view.add_row(
-            record.instance,
-            record.name,
-            ",".join(record.capabilities),
-            f"[{style}]{record.health}[/]",
+            safe(record.instance),
+            safe(record.name),
+            safe(",".join(record.capabilities)),
+            f"[{style}]{safe(record.health)}[/]",
             f"{record.in_flight}/{record.max_concurrency}",
             f"{record.success_rate:.0%}",
             f"{record.mean_latency_ms:.1f}",
-            record.breaker,
+            safe(record.breaker),
             f"{now - record.last_seen:.1f}s ago",
         )
     return view

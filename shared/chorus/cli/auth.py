@@ -53,14 +53,39 @@ def register(sub: Any) -> None:
         help="monitoring listen address, or 'off' [default 127.0.0.1:8222: no auth there]",
     )
     init.add_argument("--rotate", action="store_true", help="new seeds for every principal")
+    init.add_argument("--tls-cert", metavar="PEM", help="the server's TLS certificate: TLS on")
+    init.add_argument("--tls-key", metavar="PEM", help="the server's TLS private key")
+    init.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="the CA clients trust (written to each env file as NATS_TLS_CA); with "
+        "--tls-verify also the CA that must have signed client certificates",
+    )
+    init.add_argument(
+        "--tls-verify", action="store_true", help="require client certificates (mTLS)"
+    )
     init.set_defaults(func=auth_init)
 
 
 async def auth_init(args: argparse.Namespace, settings: Settings) -> int:
     from chorus.agent.loader import load_agent
     from chorus.auth import init_auth
+    from chorus.errors import ConfigError
+    from chorus.nats.server import ServerTls
 
     specs = [load_agent(reference).spec for reference in (args.agents or example_specs())]
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        tls = ServerTls(
+            cert_file=args.tls_cert,
+            key_file=args.tls_key,
+            ca_file=args.tls_ca,
+            verify=args.tls_verify,
+        )
+    elif args.tls_ca or args.tls_verify:
+        raise ConfigError("--tls-ca and --tls-verify need --tls-cert and --tls-key")
     layout = init_auth(
         Path(args.dir),
         specs,
@@ -69,6 +94,7 @@ async def auth_init(args: argparse.Namespace, settings: Settings) -> int:
         monitor=None if args.monitor == "off" else args.monitor,
         task_timeout_s=settings.task_timeout,
         rotate=args.rotate,
+        tls=tls,
     )
     print(f"wrote {layout.server_config} (includes {layout.auth_include.name})")
     for principal in layout.principals:

@@ -148,13 +148,18 @@ def register(sub: Any) -> None:
         "orchestrator, the gateway and agents (the examples unless --agent is given), with a "
         "live status table. Children that exit are restarted. Ctrl-C stops everything.",
         epilog="examples:\n  chorus up\n  chorus up --agent researcher=3 --agent my-agent.yaml\n"
-        "  NATS_URL=nats://127.0.0.1:4222 chorus tail   # in another terminal",
+        "  set -a; . .chorus/auth/creds/operator.env; set +a; chorus tail   # another terminal",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     up.add_argument("--data-dir", default=".chorus", help="JetStream data and logs (.chorus)")
     up.add_argument("--port", type=int, default=4222, help="NATS client port (4222)")
     up.add_argument("--gateway-port", type=int, default=8080, help="HTTP port (8080)")
     up.add_argument("--no-gateway", action="store_true", help="do not start the gateway")
+    up.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="no NATS authorization (by default each process gets its own nkey credentials)",
+    )
     up.add_argument(
         "--agent",
         action="append",
@@ -280,4 +285,11 @@ async def run_up(args: argparse.Namespace, settings: Settings) -> int:
 
     agents = [parse_agent(a) for a in args.agent] or default_agents()
     gateway_port = None if args.no_gateway else args.gateway_port
-    return await up(Path(args.data_dir), args.port, gateway_port, agents, settings.prefix)
+    return await up(
+        Path(args.data_dir),
+        args.port,
+        gateway_port,
+        agents,
+        settings.prefix,
+        auth=not args.no_auth,
+    )

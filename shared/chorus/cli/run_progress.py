@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol, TextIO
 
+from chorus.cli.text import one_line
 from chorus.messages import RunFields, RunHead, RunProgress, RunRecord
 from chorus.specs.workflow import WorkflowSpec, expected_steps
 from chorus.workflows.progress import FINAL_KINDS
@@ -95,8 +96,9 @@ class PlainProgress:
         self.ended: set[str] = set()  # steps whose end was shown
 
     def line(self, at: float, kind: str, step: str, detail: str) -> None:
-        where = f"{step}: " if step else ""
-        print(f"{clock(at)} {kind:<14} {where}{short(detail, 200)}", file=self.stream, flush=True)
+        where = f"{one_line(step)}: " if step else ""
+        shown = one_line(short(detail, 200))
+        print(f"{clock(at)} {one_line(kind):<14} {where}{shown}", file=self.stream, flush=True)
 
     def show(self, progress: RunProgress) -> None:
         if progress.kind in STEP_ENDS or progress.kind in FINAL_KINDS:
@@ -187,11 +189,11 @@ class LiveProgress:
         head = Table.grid(padding=(0, 1))
         style = STATUS_STYLE.get(self.status, "white")
         head.add_row(
-            Text(self.workflow.name, style="bold"),
+            Text(one_line(self.workflow.name), style="bold"),
             ProgressBar(total=total or None, completed=done, width=30),
             Text(f"{done}/{total if self.total is not None else '?'} steps"),
             Text(self.status, style=style),
-            Text(f"run {self.run_id[:12]}", style="dim"),
+            Text(f"run {one_line(self.run_id[:12])}", style="dim"),
         )
         steps = Table.grid(padding=(0, 1))
         now = time.time()
@@ -207,9 +209,9 @@ class LiveProgress:
             clock_text = "" if view.status == "completed" else seconds_text(max(took, 0.0))
             steps.add_row(
                 mark,
-                Text(name, style="bold"),
-                Text(short(view.detail, 70)),
+                Text(one_line(name), style="bold"),
+                Text(one_line(short(view.detail, 70))),
                 Text(clock_text, style="dim"),
             )
-        notes = [Text(short(note, 100), style="dim") for note in self.notes[-4:]]
+        notes = [Text(one_line(short(note, 100)), style="dim") for note in self.notes[-4:]]
         return Group(head, steps, *notes)

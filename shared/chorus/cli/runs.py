@@ -28,6 +28,7 @@ from chorus.cli.run_progress import (
     steps_done,
     when,
 )
+from chorus.cli.text import for_stream, plain, safe
 from chorus.client.runs import RunClient
 from chorus.config import Settings
 from chorus.errors import ConfigError, InvalidMessage, NotFound, RequestTimeout
@@ -260,19 +261,18 @@ async def follow(
 
 def print_result(record: RunRecord) -> None:
     from rich.console import Console
-    from rich.markup import escape
 
     if record.output:
-        print(record.output)
+        print(for_stream(record.output, sys.stdout))
     console = Console(highlight=False, soft_wrap=True)
     style = STATUS_STYLE.get(record.status, "white")
     console.print(
-        f"[{style}]{record.status}[/] run {record.run_id} · {escape(record.workflow.name)} "
+        f"[{style}]{record.status}[/] run {safe(record.run_id)} · {safe(record.workflow.name)} "
         f"({record.kind}) · {steps_done(record)} steps · {record.usage.total_tokens} tokens · "
         f"{duration(record)}"
     )
     if record.error:
-        print(f"chorus: run {record.status}: {record.error}", file=sys.stderr)
+        print(f"chorus: run {record.status}: {plain(record.error)}", file=sys.stderr)
 
 
 # runs
@@ -305,7 +305,6 @@ def _console() -> Console:
 
 
 def runs_table(records: list[RunHead]) -> Table:
-    from rich.markup import escape
     from rich.table import Table
 
     view = Table(title="runs, most recent first", title_justify="left")
@@ -314,8 +313,8 @@ def runs_table(records: list[RunHead]) -> Table:
     for record in records:
         style = STATUS_STYLE.get(record.status, "white")
         view.add_row(
-            record.run_id[:12],
-            escape(record.workflow_name),
+            safe(record.run_id[:12]),
+            safe(record.workflow_name),
             record.kind,
             f"[{style}]{record.status}[/]",
             steps_done(record),
@@ -344,14 +343,13 @@ async def list_runs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_view(record: RunRecord) -> list[RenderableType]:
-    from rich.markup import escape
     from rich.table import Table
 
     style = STATUS_STYLE.get(record.status, "white")
     head = Table.grid(padding=(0, 2))
     for label, value in (
-        ("run", record.run_id),
-        ("workflow", f"{escape(record.workflow.name)} ({record.kind})"),
+        ("run", safe(record.run_id)),
+        ("workflow", f"{safe(record.workflow.name)} ({record.kind})"),
         ("status", f"[{style}]{record.status}[/]"),
         ("submitted", when(record.created_at)),
         ("started", when(record.started_at)),
@@ -362,7 +360,7 @@ def run_view(record: RunRecord) -> list[RenderableType]:
             f"{record.usage.total_tokens} ({record.usage.input_tokens} in, "
             f"{record.usage.output_tokens} out)",
         ),
-        ("input", escape(short(record.input, 120))),
+        ("input", safe(short(record.input, 120))),
     ):
         head.add_row(f"[bold]{label}[/]", value)
     parts: list[RenderableType] = [head]
@@ -374,12 +372,12 @@ def run_view(record: RunRecord) -> list[RenderableType]:
             step_style = STATUS_STYLE.get(step.status, "white")
             who = step.agent or (f"capability {step.capability}" if step.capability else "")
             result = (
-                f"[red]{escape(short(step.error))}[/]" if step.error else escape(short(step.output))
+                f"[red]{safe(short(step.error))}[/]" if step.error else safe(short(step.output))
             )
             steps.add_row(
-                escape(step.name),
+                safe(step.name),
                 f"[{step_style}]{step.status}[/]",
-                escape(f"{who} / {step.instance}" if step.instance else who),
+                safe(f"{who} / {step.instance}" if step.instance else who),
                 str(step.attempts),
                 seconds_text(step.duration_ms / 1000) if step.ended_at else "-",
                 result,
@@ -392,15 +390,15 @@ def run_view(record: RunRecord) -> list[RenderableType]:
             tools.add_column(column, justify="right" if column == "turn" else "left")
         for step_name, call in calls:
             outcome = (
-                f"[red]{escape(short(call.error))}[/]" if call.error else escape(short(call.output))
+                f"[red]{safe(short(call.error))}[/]" if call.error else safe(short(call.output))
             )
             tools.add_row(
-                escape(step_name),
+                safe(step_name),
                 str(call.turn),
-                escape(call.name),
-                escape(short(call.arguments, 60)),
+                safe(call.name),
+                safe(short(call.arguments, 60)),
                 seconds_text(call.duration_ms / 1000),
-                escape(call.instance or "local"),
+                safe(call.instance or "local"),
                 outcome,
             )
         parts.append(tools)
@@ -410,10 +408,10 @@ def run_view(record: RunRecord) -> list[RenderableType]:
             plan.add_column(column)
         for subtask in record.plan.subtasks:
             plan.add_row(
-                escape(subtask.id),
-                escape(", ".join(subtask.capabilities)),
-                escape(", ".join(subtask.depends_on)),
-                escape(short(subtask.description)),
+                safe(subtask.id),
+                safe(", ".join(subtask.capabilities)),
+                safe(", ".join(subtask.depends_on)),
+                safe(short(subtask.description)),
             )
         parts.append(plan)
     if record.events:
@@ -423,7 +421,7 @@ def run_view(record: RunRecord) -> list[RenderableType]:
         for event in record.events:
             data = event.data if isinstance(event.data, str) else json.dumps(event.data)
             chain.add_row(
-                clock(event.time), escape(event.topic), escape(event.source), escape(short(data))
+                clock(event.time), safe(event.topic), safe(event.source), safe(short(data))
             )
         parts.append(chain)
     return parts
@@ -440,16 +438,14 @@ async def show_run(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(record_json(record))
         return 0
-    from rich.markup import escape
-
     console = _console()
     for part in run_view(record):
         console.print(part)
     if record.output:
         console.rule("output", align="left")
-        print(record.output)
+        print(for_stream(record.output, sys.stdout))
     if record.error:
-        console.print(f"[red]error:[/] {escape(record.error)}")
+        console.print(f"[red]error:[/] {safe(record.error)}")
     return 0
 
 

@@ -29,6 +29,8 @@ PAYLOAD_TYPES: dict[str, type[msgspec.Struct]] = {
     "run_submit": messages.RunRequest,
     "run_cancel": messages.RunCancel,
 }
+# Subjects whose requests carry no message of their own: the type above is the reply's.
+REPLY_ONLY: frozenset[str] = frozenset({"metrics"})
 
 
 def read_payload(argument: str | None) -> bytes:
@@ -52,7 +54,7 @@ def prepare(subjects: Subjects, subject: str, payload: bytes) -> bytes:
     On an event subject a payload that is not already an Event becomes the event's `data`.
     """
     kind = subjects.classify(subject)
-    if kind is None:
+    if kind is None or kind in REPLY_ONLY:
         return payload
     if kind == "event":
         topic = subjects.topic_of(subject)

@@ -17,7 +17,14 @@ from nats.aio.client import Client
 
 from chorus.client.runstore import KvRunStore
 from chorus.config import EXAMPLE_WORKFLOWS
-from chorus.errors import ConfigError, Conflict, InvalidMessage, NotFound, RequestTimeout
+from chorus.errors import (
+    ConfigError,
+    Conflict,
+    InvalidMessage,
+    NotFound,
+    RequestTimeout,
+    UnreadableRecord,
+)
 from chorus.messages import (
     FINISHED_RUN,
     RunCancel,
@@ -90,13 +97,15 @@ class RunClient:
         return existing or record
 
     async def get(self, run_id: str) -> RunRecord:
-        """The whole run, steps included; NotFound when there is none, InvalidMessage naming
-        the run when what is stored cannot be read."""
+        """The run's record; NotFound, or UnreadableRecord when it is stored but undecodable."""
+        store = await self.store()
         try:
-            record = await (await self.store()).load(run_id)
+            record = await store.load(run_id)
         except InvalidMessage as exc:
-            raise InvalidMessage(
-                f"run {run_id} is stored but cannot be read: {exc.reason}"
+            raise UnreadableRecord(
+                f"run {run_id!r} is stored but cannot be read ({exc.reason}): it was written "
+                f"by something else or another version; key {run_id!r} in bucket "
+                f"{self.subjects.runs_bucket!r}"
             ) from None
         if record is None:
             raise NotFound(f"no run {run_id!r}")

@@ -44,6 +44,7 @@ from chorus.messages import (
     headers,
 )
 from chorus.nats import wire
+from chorus.nats.dead_letters import MAX_DELIVERIES, delivered_for_the_last_time
 from chorus.nats.jetstream import ClaimKeeper, DurableConsumer
 from chorus.nats.streams import ensure_dead_letter_stream, ensure_dispatch_stream
 
@@ -53,6 +54,9 @@ MAX_BATCH = 64
 MAX_BACKOFF_S = 30.0
 # Refusals that every attempt would meet again, and that say nothing of the instance.
 PERMANENT = frozenset({DepthExceeded.code})
+# Deliveries beyond the attempts: hand-backs that are not attempts (an instance gone or
+# draining) and coordinator crashes. A task delivered that often is dead-lettered.
+EXTRA_DELIVERIES = 5
 
 
 class Lost(InstanceLost):
@@ -152,8 +156,13 @@ class Dispatcher:
             ack_wait=self.settings.claim_timeout,
             deliver_policy=DeliverPolicy.ALL,
             max_ack_pending=-1,
+            max_deliver=self.max_deliver,
         )
         return DurableConsumer(self.js, self.subjects.dispatch_stream, config)
+
+    @property
+    def max_deliver(self) -> int:
+        return self.settings.max_attempts + EXTRA_DELIVERIES
 
     def _free_slots(self, target: str) -> int:
         return sum(v.free for v in self.router.candidates(self.registry.serving(target), target))
@@ -174,6 +183,9 @@ class Dispatcher:
 
     async def _assign(self, target: str, msg: Msg) -> None:
         """Give `msg` to the best instance, waiting (claim kept alive) while none is free."""
+        if delivered_for_the_last_time(msg, self.max_deliver):
+            await self._give_up(target, msg)
+            return
         with self._claims.holding(msg):
             while (view := self.router.choose(self.registry.serving(target), target)) is None:
                 await self.registry.changed.wait(timeout=1.0)
@@ -324,6 +336,23 @@ class Dispatcher:
         self.counters.retried += 1
         delay = min(MAX_BACKOFF_S, self.settings.retry_backoff * 2 ** (len(errors) - 1))
         await msg.nak(delay=delay)
+
+    async def _give_up(self, target: str, msg: Msg) -> None:
+        """The last delivery the consumer allows: dead-letter the task with its errors."""
+        reason = (
+            f"delivered {msg.metadata.num_delivered} times without an outcome "
+            "(handed back or its coordinator stopped each time)"
+        )
+        try:
+            task = decode(msg.data, Task)
+        except InvalidMessage as exc:
+            poison = Task(input="", task_id=f"invalid-{msg.metadata.sequence.stream}")
+            error = AttemptError(attempt=1, code=exc.code, reason=exc.reason)
+            await self._bury(target, msg, poison, [error])
+            return
+        attempts = await self._attempt_log(task.task_id)
+        error = AttemptError(attempt=len(attempts.errors) + 1, code=MAX_DELIVERIES, reason=reason)
+        await self._bury(target, msg, task, [*attempts.errors, error])
 
     async def _bury(self, target: str, msg: Msg, task: Task, errors: list[AttemptError]) -> None:
         """Dead-letter the task with every attempt's error and record it failed."""

@@ -13,7 +13,7 @@ from chorus.gateway.app import create_app
 from chorus.gateway.options import GatewayOptions
 from chorus.gateway.server import listen
 from chorus.gateway.server import serve as serve_http
-from chorus.lifecycle import serve_until_signalled
+from chorus.lifecycle import Shutdown, serve_until_signalled
 from chorus.nats.connection import connect
 
 log = logging.getLogger("chorus.gateway")
@@ -26,9 +26,12 @@ async def serve(settings: Settings, host: str, port: int, options: GatewayOption
     with listen(host, port) as sock:
         stopping = asyncio.Event()
         running: list[tuple[asyncio.Task[None], Client]] = []
+        shutdown = Shutdown()
 
         async def start() -> None:
-            nc = await connect(settings, "gateway", service=True)
+            nc = await connect(
+                settings, "gateway", service=True, on_closed=shutdown.connection_closed
+            )
             app = create_app(nc, settings, options, stopping=stopping)
             serving = asyncio.create_task(serve_http(app, sock, stopping, grace=GRACE_S))
             running.append((serving, nc))
@@ -51,4 +54,4 @@ async def serve(settings: Settings, host: str, port: int, options: GatewayOption
                 await nc.close()
             log.info("gateway stopped")
 
-        return await serve_until_signalled(start, stop)
+        return await serve_until_signalled(start, stop, shutdown=shutdown)

@@ -58,6 +58,7 @@ from chorus.messages.headers import (
     TASK_ID_HEADER,
     TRACEPARENT_HEADER,
 )
+from chorus.messages.rejected import RejectedMessage, rejected
 from chorus.messages.runs import (
     ENDED_STEP,
     FINISHED_RUN,
@@ -125,6 +126,7 @@ __all__ = [
     "Metrics",
     "PlanResults",
     "ProgressKind",
+    "RejectedMessage",
     "Result",
     "RunCancel",
     "RunFields",
@@ -156,6 +158,7 @@ __all__ = [
     "headers",
     "new_id",
     "now",
+    "rejected",
     "schemas",
     "wire_types",
 ]

