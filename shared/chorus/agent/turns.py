@@ -31,6 +31,7 @@ from nats.js.errors import APIError
 from chorus.errors import ConfigError, SessionBusy, SessionInterrupted
 from chorus.messages import SessionInterrupt, SessionPolicy, TurnTicket, encode, headers, new_id
 from chorus.nats import wire
+from chorus.nats.jetstream import ordered_watch
 from chorus.subjects import Subjects
 
 log = logging.getLogger("chorus.agent.turns")
@@ -156,13 +157,12 @@ class TurnContext:
                 live[key] = ticket.order or msg.metadata.sequence.stream
             changed.set()
 
-        watch = await turns.js.subscribe(
+        watch = await ordered_watch(
+            turns.js,
             turns.subjects.session_subject(turns.subjects.session_turns_key(self._session_id)),
             stream=turns.subjects.sessions_stream,
             cb=on_ticket,
-            ordered_consumer=True,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            inactive_threshold=30.0,
         )
         try:
             ticket = TurnTicket(

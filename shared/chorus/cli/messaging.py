@@ -24,6 +24,7 @@ from chorus.errors import NoResponders, RequestTimeout
 from chorus.messages import ErrorReply, Event, decode
 from chorus.nats import wire as outbound
 from chorus.nats.connection import connect
+from chorus.nats.jetstream import ordered_watch
 
 KIND_COLOURS = {
     "task": "cyan",
@@ -200,8 +201,8 @@ async def _subscribe(nc: Client, pattern: str, printer: Printer, history: bool) 
         except NotFoundError:
             pass
         else:
-            return await js.subscribe(
-                pattern, cb=printer.handle, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+            return await ordered_watch(
+                js, pattern, cb=printer.handle, deliver_policy=DeliverPolicy.ALL
             )
     return await nc.subscribe(pattern, cb=printer.handle)
 

@@ -14,6 +14,10 @@ Agent events, coordinator dispatch and orchestrator runs all use `DurableConsume
 `ClaimKeeper` keeps the claims of messages being worked on alive with in-progress acks, one
 ticker for all of them, so a long task is not redelivered while it runs.
 
+`ordered_watch` follows a stream in order from a point (events of a run, a KV key's
+changes, `chorus tail --history`): nats-py's ordered consumer, re-created after a gap or a
+reconnect, resuming after the last message it delivered.
+
 `last_values` reads the latest message of every subject matching a filter (a KV snapshot)
 with a pull consumer, whose pending count is exact: nats-py's KV `watch` signals "caught up"
 from the push consumer's pending count, which is already 0 once the server has pushed
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -199,3 +204,23 @@ async def last_values(
     finally:
         await subscription.unsubscribe()
     return found
+
+
+async def ordered_watch(
+    js: JetStreamContext,
+    subject: str,
+    *,
+    stream: str | None = None,
+    cb: Handler | None = None,
+    deliver_policy: DeliverPolicy = DeliverPolicy.NEW,
+    start_time: datetime.datetime | None = None,
+    inactive_threshold: float = 30.0,
+) -> Any:
+    """An ordered push consumer on `subject` (messages to `cb`, or read with `next_msg`):
+    from new messages, the last per subject, all, or `start_time` (BY_START_TIME)."""
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_TIME if start_time is not None else deliver_policy,
+        opt_start_time=start_time,
+        inactive_threshold=inactive_threshold,
+    )
+    return await js.subscribe(subject, stream=stream, cb=cb, ordered_consumer=True, config=config)

@@ -26,6 +26,7 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 from chorus.errors import Conflict, InvalidKey
 from chorus.messages import headers
 from chorus.nats import wire
+from chorus.nats.jetstream import ordered_watch
 from chorus.subjects import Subjects
 
 log = logging.getLogger("chorus.state")
@@ -275,11 +276,11 @@ class StateBucket:
         watch = BucketWatch(self.nc)
         # An ordered consumer re-creates itself after a gap or a reconnect, resuming after the
         # last revision it delivered, so no change is missed or repeated.
-        watch._sub = await self.js.subscribe(
+        watch._sub = await ordered_watch(
+            self.js,
             self.subjects.state_subject(pattern),
             stream=self.stream,
             cb=on_msg,
-            ordered_consumer=True,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT if include_current else DeliverPolicy.NEW,
             inactive_threshold=WATCH_INACTIVE_S,
         )

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator
 
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from chorus.client import ChorusClient
 from chorus.errors import InvalidMessage
 from chorus.messages import Event, decode, headers
+from chorus.nats.jetstream import ordered_watch
 from chorus.nats.streams import ensure_events_stream
 
 log = logging.getLogger("chorus.workflows")
@@ -78,11 +78,8 @@ class NatsEventBus:
         js = self.client.nc.jetstream()
         await ensure_events_stream(js, subjects)
         start = datetime.datetime.fromtimestamp(since, datetime.UTC)
-        subscription = await js.subscribe(
-            subjects.all_events,
-            stream=subjects.events_stream,
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start),
+        subscription = await ordered_watch(
+            js, subjects.all_events, stream=subjects.events_stream, start_time=start
         )
         try:
             yield RunEvents(subscription, run_id)
