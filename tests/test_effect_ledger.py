@@ -14,12 +14,16 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from chorus.agent import Agent
+from chorus.client import ChorusClient
 from chorus.config import Settings
 from chorus.errors import EffectInDoubt, ToolFailed
+from chorus.messages import Task
+from chorus.tools import tool
 from chorus.tools.base import ToolCallContext, ToolDefinition
 from chorus.tools.ledger import RERUN, EffectLedger
 from tests.effects_child import ARGUMENTS, SendMail, executions
-from tests.helpers import ROOT, Reap, child_env
+from tests.helpers import ROOT, Reap, StartHost, child_env
 
 
 class Charge:
@@ -251,3 +255,34 @@ async def test_result_recorded_by_one_process_is_returned_in_another(
     assert out == {"sent_to": ARGUMENTS["to"], "message_id": "m-1"}
     assert stdout.decode().strip() == '{"sent_to":"ada@example.com","message_id":"m-1"}'
     assert executions(count) == 1
+
+
+async def test_an_agent_retrying_a_task_reports_the_side_effect_call_in_doubt(
+    ledger: EffectLedger, start_host: StartHost, client: ChorusClient
+) -> None:
+    ran: list[int] = []
+    started = asyncio.Event()
+
+    @tool(side_effect=True)
+    async def pay(amount: int) -> str:
+        """Pay `amount`."""
+        ran.append(amount)
+        started.set()
+        await asyncio.Event().wait()  # the first attempt's instance dies here
+        return "paid"
+
+    # The first attempt: its call starts, then its process is gone (the call is cancelled).
+    first = asyncio.create_task(ledger.call(pay, {"amount": 0}, ctx("job-1", instance="x-1")))
+    await asyncio.wait_for(started.wait(), 10)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    # The retry, on an agent whose offline model calls `pay` with the same arguments.
+    await start_host(Agent(name="payer", capabilities=["pay"]).use(pay))
+
+    result = await client.run_task(Task(task_id="job-1", input="pay it"), capability="pay")
+
+    [call] = result.tool_calls
+    assert "may or may not have taken effect" in call.error
+    assert len(result.in_doubt) == 1 and ".pay." in result.in_doubt[0]
+    assert ran == [0]  # the body ran once, in the first attempt

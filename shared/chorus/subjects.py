@@ -298,6 +298,16 @@ class Subjects(msgspec.Struct, frozen=True):
     def runs_bucket(self) -> str:
         return f"{self.prefix}-runs"
 
+    @staticmethod
+    def kv_stream(bucket: str) -> str:
+        """The stream behind a KV bucket."""
+        return f"KV_{bucket}"
+
+    @staticmethod
+    def kv_subject(bucket: str, key: str) -> str:
+        """The subject of a key (or a key pattern) in a KV bucket."""
+        return f"$KV.{bucket}.{key}"
+
     @property
     def runs_kv_stream(self) -> str:
         """The stream behind the runs bucket."""

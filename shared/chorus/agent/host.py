@@ -160,6 +160,7 @@ class AgentHost:
         self._queue: TaskQueue | None = None
         self._events: DurableConsumer | None = None
         self._sessions: SessionStore | None = None
+        self._ledger: EffectLedger | None = None
         self._claims = ClaimKeeper(EVENT_ACK_WAIT_S / 3)
 
     @property
@@ -198,7 +199,8 @@ class AgentHost:
             )
         # Connected: MCP servers start, peers are described, side effects go through the
         # effect ledger.
-        await self.toolbox.start(self.model, EffectLedger(self.nc, self.subjects))
+        self._ledger = EffectLedger(self.nc, self.subjects)
+        await self.toolbox.start(self.model, self._ledger)
         spec = self.agent.spec
         self._service = await add_service(
             self.nc,
@@ -352,6 +354,7 @@ class AgentHost:
                     duration_ms=duration_ms,
                     events=ctx.events,
                     tool_calls=ctx.tool_calls,
+                    in_doubt=await self._in_doubt(ctx),
                 )
             )
         return encode(
@@ -378,6 +381,12 @@ class AgentHost:
         spec = self.agent.spec.session or SessionSpec()
         await in_session(await self.sessions(), spec, task, self.agent.name, handle)
         return replies[-1]
+
+    async def _in_doubt(self, ctx: Context) -> list[str]:
+        """The effect ledger's in-doubt calls of the task, when it called a side-effect tool."""
+        if not any(c.error for c in ctx.tool_calls) or self._ledger is None:
+            return []  # a call is in doubt only when the model was told so (a tool error)
+        return [r.key for r in await self._ledger.in_doubt(ctx.effect_scope)]
 
     async def sessions(self) -> SessionStore:
         """The conversation sessions, opened on first use."""

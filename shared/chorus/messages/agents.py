@@ -79,6 +79,9 @@ class Result(Message, tag="result"):
     duration_ms: float = 0.0
     events: list[Event] = []
     tool_calls: list[ToolCallRecord] = []
+    # Side-effect tool calls of this task that may or may not have happened (their instance
+    # died mid-call; nothing reconciled them): the effect ledger's keys.
+    in_doubt: list[str] = []
 
 
 class ErrorReply(Message, tag="error"):

@@ -36,6 +36,7 @@ from nats.js.kv import KeyValue
 
 from chorus.errors import EffectInDoubt, ToolFailed
 from chorus.messages import EffectRecord, EffectStatus, decode, encode
+from chorus.nats.jetstream import last_values
 from chorus.nats.streams import ensure_effects_bucket
 from chorus.subjects import Subjects
 from chorus.tools.base import Tool, ToolCallContext, ToolDefinition
@@ -121,17 +122,16 @@ class EffectLedger:
         return LedgeredTool(tool, self)
 
     async def records(self, scope: str) -> list[EffectRecord]:
-        """Every recorded call of a scope."""
-        kv = await self.bucket()
-        watcher = await kv.watch(f"{scope_key(scope)}.>")
-        found: list[EffectRecord] = []
-        try:
-            while (entry := await watcher.updates(timeout=READ_TIMEOUT_S)) is not None:  # type: ignore[no-untyped-call]
-                if entry.value and entry.operation not in ("DEL", "PURGE"):
-                    found.append(decode(entry.value, EffectRecord))
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        return found
+        """Every recorded call of a scope (a snapshot read: see jetstream.last_values)."""
+        await self.bucket()
+        bucket = self.subjects.effects_bucket
+        subjects = self.subjects
+        messages = await last_values(
+            self.nc.jetstream(),
+            subjects.kv_stream(bucket),
+            subjects.kv_subject(bucket, f"{scope_key(scope)}.>"),
+        )
+        return [decode(m.data, EffectRecord) for m in messages if m.data]
 
     async def in_doubt(self, scope: str) -> list[EffectRecord]:
         """The calls of a scope that may or may not have happened (nothing settled them)."""
