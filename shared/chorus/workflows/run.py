@@ -95,6 +95,7 @@ class Run:
         self._head_lock = asyncio.Lock()
         self._saved_head = b""  # the head as last saved: saved again only when it changed
         self._index = {id(step): n for n, step in enumerate(record.steps)}
+        self._by_name = {step.name: step for step in record.steps}  # not a scan per lookup
         # What each step adds to the head's summary (done, usage), kept so a checkpoint
         # updates the summary from the steps it saves instead of summing over every step.
         self._counted: dict[int, tuple[bool, Usage]] = {}
@@ -106,19 +107,24 @@ class Run:
     def run_id(self) -> str:
         return self.record.run_id
 
+    def find(self, name: str) -> StepRecord | None:
+        """The step's record, None when the run has none yet."""
+        return self._by_name.get(name)
+
     def step(self, name: str) -> StepRecord:
         """The step's record, added (pending) when the run has none yet."""
-        existing = self.record.step(name)
+        existing = self._by_name.get(name)
         if existing is not None:
             return existing
         step = StepRecord(name=name)
         self._index[id(step)] = len(self.record.steps)
+        self._by_name[name] = step
         self.record.steps.append(step)
         return step
 
     def done(self, name: str) -> StepRecord | None:
         """The step's record when it already completed (so a resumed run skips it)."""
-        step = self.record.step(name)
+        step = self._by_name.get(name)
         return step if step is not None and step.status in ("completed", "skipped") else None
 
     def context(self) -> dict[str, Any]:

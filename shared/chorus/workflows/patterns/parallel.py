@@ -17,7 +17,7 @@ async def execute(run: Run, spec: Parallel) -> None:
     limit = asyncio.Semaphore(spec.max_concurrency)
 
     async def one(task: ParallelTask) -> None:
-        step = run.record.step(task.key)
+        step = run.find(task.key)
         if step is not None and step.status in ("completed", "failed"):
             return  # finished before a resume, one way or the other
         task_input = (
