@@ -29,6 +29,7 @@ from nats.micro.service import EndpointConfig, Service
 from chorus import __version__
 from chorus.agent.api import Agent, Reply
 from chorus.agent.context import Context
+from chorus.agent.observed import ObservedModel, handling
 from chorus.agent.conversation import in_session
 from chorus.agent.sessions import SessionStore
 from chorus.agent.toolbox import build_toolbox
@@ -68,6 +69,8 @@ from chorus.nats.jetstream import ClaimKeeper, DurableConsumer, backoff
 from chorus.nats.streams import ensure_events_stream, stream_exists
 from chorus.specs.agent import SessionSpec
 from chorus.subjects import check_token
+from chorus.telemetry import tracing
+from chorus.telemetry.metrics import AgentInstruments
 from chorus.tools.ledger import EffectLedger
 
 if TYPE_CHECKING:
@@ -140,8 +143,11 @@ class AgentHost:
         self.model_name = split_model(agent.spec.model)[1]
         # Built here, not mid-task, so a missing API key fails at start-up.
         self.model: Model = model if model is not None else create_model(agent.spec.model)
+        self.metrics = AgentInstruments()  # a registry of its own: /metrics (agent.process)
+        self.model = ObservedModel(self.model, self.metrics, agent.name, agent.spec.model)
         self.toolbox = build_toolbox(agent.spec, self, agent.tools)
         self.stats = InstanceStats()
+        self.metrics.follow(lambda: self.stats.in_flight, lambda: self.stats.waiting)
         self.started_at = time.time()
         self._nc = nc
         self._owns_connection = nc is None
@@ -267,7 +273,7 @@ class AgentHost:
             await self._respond_error(request, exc)
             log.warning("rejected request", extra={"subject": request.subject, "error": str(exc)})
             return
-        self._spawn(self._serve(message, request))
+        self._spawn(handling(self._serve(message, request), request, self))
 
     def _check_depth(self, task: Task, header_depth: int) -> Task:
         """The task at the deeper of the depths its body and headers say; DepthExceeded when
@@ -335,6 +341,7 @@ class AgentHost:
                     duration_ms=duration_ms,
                     events=ctx.events,
                     tool_calls=ctx.tool_calls,
+                    model=self.agent.spec.model,
                 )
             )
         return encode(
@@ -398,6 +405,8 @@ class AgentHost:
 
     def _finish(self, started: float, *, ok: bool, usage: Usage) -> float:
         duration_ms = (time.monotonic() - started) * 1000
+        self.metrics.handle_done(self.agent.name, duration_ms / 1000, ok=ok)
+        tracing.record_usage(None, usage)  # on the invoke_agent span of this handler
         self.stats.total_latency_ms += duration_ms
         self.stats.usage = self.stats.usage + usage
         if ok:
@@ -408,6 +417,7 @@ class AgentHost:
 
     async def _respond_error(self, request: Request, exc: ChorusError, task_id: str = "") -> None:
         trace = exc.tool_calls if isinstance(exc, MaxTurnsExceeded) else []
+        tracing.mark_failed(exc.code, exc.reason)
         body = encode(
             ErrorReply(
                 code=exc.code,
@@ -448,7 +458,7 @@ class AgentHost:
             return 1
 
         async def handle(msg: Msg) -> None:
-            self._spawn(self._handle_event(msg))
+            self._spawn(handling(self._handle_event(msg), msg, self, event=True))
 
         await consumer.run(room, handle, stopping=lambda: self._draining)
 

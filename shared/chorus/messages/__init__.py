@@ -40,6 +40,8 @@ from chorus.messages.coordination import (
     AttemptError,
     AttemptLog,
     DeadLetter,
+    MetricFamily,
+    MetricSample,
     Metrics,
     TaskOutcome,
 )
@@ -117,6 +119,8 @@ __all__ = [
     "InstanceState",
     "LockEntry",
     "Message",
+    "MetricFamily",
+    "MetricSample",
     "Metrics",
     "PlanResults",
     "ProgressKind",

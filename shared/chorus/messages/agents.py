@@ -79,6 +79,7 @@ class Result(Message, tag="result"):
     duration_ms: float = 0.0
     events: list[Event] = []
     tool_calls: list[ToolCallRecord] = []
+    model: str = ""  # the agent's model (its spec's `model:`), for token metrics by model
 
 
 class ErrorReply(Message, tag="error"):
