@@ -29,8 +29,8 @@ from nats.micro.service import EndpointConfig, Service
 from chorus import __version__
 from chorus.agent.api import Agent, Reply
 from chorus.agent.context import Context
-from chorus.agent.observed import ObservedModel, handling
 from chorus.agent.conversation import in_session
+from chorus.agent.observed import ObservedModel, handling
 from chorus.agent.sessions import SessionStore
 from chorus.agent.toolbox import build_toolbox
 from chorus.client import ChorusClient, TaskQueue

@@ -6,9 +6,17 @@ from chorus.agent.host import AgentHost
 from chorus.agent.loader import load_agent
 from chorus.config import Settings
 from chorus.lifecycle import serve_until_signalled
+from chorus.telemetry.metrics import MetricsServer
 
 
 async def serve(spec: str, settings: Settings, *, instance: str | None = None) -> int:
-    """Run the agent `spec` (a YAML file or `package.module:agent`) until signalled."""
+    """Run the agent `spec` (a YAML file or `package.module:agent`) until signalled; its
+    /metrics on CHORUS_METRICS_PORT when set."""
     host = AgentHost(load_agent(spec), settings, instance=instance)
-    return await serve_until_signalled(host.start, host.stop)
+    metrics = MetricsServer(host.metrics.registry).start(
+        settings.metrics_port, settings.metrics_host
+    )
+    try:
+        return await serve_until_signalled(host.start, host.stop)
+    finally:
+        metrics.stop()

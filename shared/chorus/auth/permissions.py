@@ -124,6 +124,15 @@ def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def micro_discovery(service: str) -> list[str]:
+    """What a NATS micro service subscribes to: `$SRV.<verb>`, by name, and by name and id."""
+    return [
+        subject
+        for verb in MICRO_VERBS
+        for subject in (f"$SRV.{verb}", f"$SRV.{verb}.{service}", f"$SRV.{verb}.{service}.*")
+    ]
+
+
 # principals
 
 
@@ -142,12 +151,7 @@ def agent(
     for capability in grant.capabilities:
         subscribe.append(f"{s.capability_task(capability)} {s.capability_queue(capability)}")
         subscribe.append(f"{s.help(capability)} {s.help_queue(capability)}")
-    for verb in MICRO_VERBS:  # nats.micro discovery of the instance
-        subscribe += [
-            f"$SRV.{verb}",
-            f"$SRV.{verb}.{s.micro_service}",
-            f"$SRV.{verb}.{s.micro_service}.*",
-        ]
+    subscribe += micro_discovery(s.micro_service)  # nats.micro discovery of the instance
     if grant.publishes:
         publish += stream_info(s.events_stream)
     if grant.subscribes:
@@ -191,6 +195,7 @@ def coordinator(subjects: Subjects, *, principal: str) -> Permissions:
         f"{inbox(principal)}.>",
         s.all_heartbeats,
         f"{s.metrics} {s.coordinator_queue}",
+        *micro_discovery(s.role_service("coordinator")),
     ]
     return Permissions(
         publish=_unique(publish),
@@ -230,8 +235,14 @@ def orchestrator(subjects: Subjects, *, principal: str) -> Permissions:
         s.all_run_cancels,
         s.all_outcomes,
         s.all_runs,
+        *micro_discovery(s.role_service("orchestrator")),
     ]
-    return Permissions(publish=_unique(publish), publish_deny=DESTRUCTIVE, subscribe=subscribe)
+    return Permissions(
+        publish=_unique(publish),
+        publish_deny=DESTRUCTIVE,
+        subscribe=subscribe,
+        responses=Responses(expires_s=10),  # answers to $SRV requests
+    )
 
 
 def gateway(subjects: Subjects, *, principal: str) -> Permissions:
@@ -253,8 +264,17 @@ def gateway(subjects: Subjects, *, principal: str) -> Permissions:
         *stream_read(agents_kv),
         *ephemeral_consumers(agents_kv),
     ]
-    subscribe = [f"{inbox(principal)}.>", s.all_runs]
-    return Permissions(publish=_unique(publish), publish_deny=DESTRUCTIVE, subscribe=subscribe)
+    subscribe = [
+        f"{inbox(principal)}.>",
+        s.all_runs,
+        *micro_discovery(s.role_service("gateway")),
+    ]
+    return Permissions(
+        publish=_unique(publish),
+        publish_deny=DESTRUCTIVE,
+        subscribe=subscribe,
+        responses=Responses(expires_s=10),  # answers to $SRV requests
+    )
 
 
 def operator() -> Permissions:
@@ -283,7 +303,14 @@ def observer(subjects: Subjects, *, principal: str) -> Permissions:
     ]
     publish = [
         s.metrics,
-        *(f"$SRV.{verb}.{s.micro_service}" for verb in MICRO_VERBS),
+        *(
+            f"$SRV.{verb}.{service}"
+            for verb in MICRO_VERBS
+            for service in (
+                s.micro_service,
+                *(s.role_service(r) for r in ("coordinator", "orchestrator", "gateway")),
+            )
+        ),
         _api("INFO"),
         _api("STREAM.NAMES"),
         _api("STREAM.LIST"),

@@ -27,6 +27,7 @@ from chorus.messages import (
 from chorus.nats import wire
 from chorus.nats.streams import ensure_events_stream, stream_exists
 from chorus.subjects import Subjects
+from chorus.telemetry import tracing
 
 
 class ChorusClient:
@@ -122,9 +123,9 @@ class ChorusClient:
             if not await stream_exists(js, self.subjects.events_stream):
                 await ensure_events_stream(js, self.subjects)
             self._events_ready = True
-        ack = await wire.publish_durably(
-            js, self.subjects.event(event.topic), encode(event), headers.for_event(event)
-        )
+        subject = self.subjects.event(event.topic)
+        with tracing.sending(subject, message_id=event.event_id):
+            ack = await wire.publish_durably(js, subject, encode(event), headers.for_event(event))
         return not ack.duplicate
 
     async def discover(self, timeout: float = 0.5) -> list[dict[str, Any]]:

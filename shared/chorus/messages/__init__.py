@@ -41,8 +41,8 @@ from chorus.messages.coordination import (
     AttemptLog,
     DeadLetter,
     MetricFamily,
-    MetricSample,
     Metrics,
+    MetricSample,
     TaskOutcome,
 )
 from chorus.messages.discovery import ServiceInfo

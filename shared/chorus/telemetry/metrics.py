@@ -21,7 +21,6 @@ from typing import Final, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -38,7 +37,8 @@ log = logging.getLogger("chorus.telemetry.metrics")
 
 T = TypeVar("T")
 
-CONTENT_TYPE: Final = CONTENT_TYPE_LATEST  # text format 0.0.4
+# The text format every scraper reads; our names need none of 1.0.0's UTF-8 escaping.
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds, from a quick tool call to a long agent task.
 LATENCY_BUCKETS: Final = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,

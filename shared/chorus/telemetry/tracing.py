@@ -214,11 +214,3 @@ def link_to(traceparent: str) -> list[Link]:
     context = propagation.from_traceparent(traceparent)
     span_context = trace.get_current_span(context).get_span_context()
     return [Link(span_context)] if span_context.is_valid else []
-
-
-def current_ids() -> tuple[str, str]:
-    """The current span's (trace id, span id) in hex; ("", "") when none is current."""
-    context = trace.get_current_span().get_span_context()
-    if not context.is_valid:
-        return "", ""
-    return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
