@@ -18,11 +18,24 @@ from chorus.gateway.server import listen
 from chorus.gateway.server import serve as serve_http
 from chorus.lifecycle import serve_until_signalled
 from chorus.nats.connection import connect
+from chorus.subjects import Subjects
 from chorus.telemetry.metrics import GatewayInstruments, MetricsServer
 
 log = logging.getLogger("chorus.gateway")
 
 GRACE_S = 10  # for requests in flight at shutdown (waits for runs answer 202 at once)
+
+
+async def register_service(nc: Client, subjects: Subjects, *, port: int) -> Service:
+    """The gateway as a NATS micro service (no endpoints: it serves HTTP), so `$SRV.PING`,
+    INFO and STATS show it beside the other roles; `port` is its HTTP port."""
+    return await add_service(
+        nc,
+        name=subjects.role_service("gateway"),
+        version=__version__,
+        description="Chorus HTTP gateway",
+        metadata={"role": "gateway", "port": str(port)},
+    )
 
 
 async def serve(settings: Settings, host: str, port: int, options: GatewayOptions) -> int:
@@ -38,14 +51,7 @@ async def serve(settings: Settings, host: str, port: int, options: GatewayOption
             app = create_app(nc, settings, options, stopping=stopping, metrics=instruments)
             serving = asyncio.create_task(serve_http(app, sock, stopping, grace=GRACE_S))
             bound_host, bound_port = sock.getsockname()[:2]
-            # A NATS micro service, so `$SRV.PING`, INFO and STATS show the gateway too.
-            service = await add_service(
-                nc,
-                name=settings.subjects.role_service("gateway"),
-                version=__version__,
-                description="Chorus HTTP gateway",
-                metadata={"role": "gateway", "port": str(bound_port)},
-            )
+            service = await register_service(nc, settings.subjects, port=bound_port)
             running.append((serving, nc, service))
             metrics.start(settings.metrics_port, settings.metrics_host)
             log.info(
