@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeout
 from prometheus_client.parser import text_string_to_metric_families
@@ -158,3 +160,56 @@ async def test_srv_ping_finds_the_coordinator_orchestrator_and_gateway(
         await gateway.stop()
 
     assert roles | {subjects.micro_service} <= names
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def exported_names() -> set[str]:
+    """Every sample name the services' instrument sets can expose."""
+    from chorus.telemetry.metrics import (
+        AgentInstruments,
+        DispatchInstruments,
+        GatewayInstruments,
+        RunInstruments,
+    )
+
+    suffixes = {"histogram": ("_bucket", "_count", "_sum"), "counter": ("_total",)}
+    names = set()
+    for kind in (AgentInstruments, DispatchInstruments, RunInstruments, GatewayInstruments):
+        for family in kind().registry.collect():
+            names |= {family.name + s for s in suffixes.get(family.type, ("",))}
+    return names
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_one_chorus_exports() -> None:
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/chorus.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"chorus_\w+", target["expr"])
+    }
+
+    assert len(queried) >= 10
+    assert queried <= exported_names(), queried - exported_names()
+
+
+def test_prometheus_scrapes_each_compose_service_on_the_metrics_port() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    services = compose["services"]
+    chorus = {name for name, service in services.items() if "build" in service}
+    scraped: set[str] = set()
+    for job in config["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            scraped |= {t.removesuffix(":9464") for t in static["targets"] if t.endswith(":9464")}
+        for dns in job.get("dns_sd_configs", []):
+            assert dns["port"] == 9464
+            scraped |= set(dns["names"])
+    long_running = {name for name in chorus if "profiles" not in services[name]}
+
+    assert scraped == long_running
+    assert all(
+        services[name].get("profiles") == ["observability"] for name in ("prometheus", "grafana")
+    )
