@@ -54,6 +54,8 @@ class ObservedModel:
 
     def __getattr__(self, name: str) -> Any:
         # What providers add beyond the protocol (`hosted_tools`, ...) stays readable.
+        if name == "model":  # not set yet (a copy made without __init__): no recursion
+            raise AttributeError(name)
         return getattr(self.model, name)
 
 
