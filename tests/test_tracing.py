@@ -23,10 +23,9 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from chorus.config import Settings
 from chorus.logs import JsonFormatter
+from chorus.telemetry.setup import configure_tracing, wanted_exporters
 from tests.conftest import SpawnAgent, child_env, stop_child, write_spec
 from tests.fake_openai import FakeCall, FakeOpenAI
-
-pytestmark = pytest.mark.slow
 
 LEAD = """
 name: lead
@@ -205,6 +204,7 @@ def only(spans: list[Span], match: Callable[[Span], bool]) -> Span:
     return found[0]
 
 
+@pytest.mark.slow
 async def test_a_run_through_every_process_is_one_trace_from_submit_to_model_calls(
     system: TracedSystem, fake_openai: FakeOpenAI, settings: Settings
 ) -> None:
@@ -269,6 +269,7 @@ async def test_a_run_through_every_process_is_one_trace_from_submit_to_model_cal
     assert started["span_id"] == run.span_id[2:]
 
 
+@pytest.mark.slow
 async def test_a_retried_step_attempt_is_linked_to_the_attempt_it_retries(
     system: TracedSystem, fake_openai: FakeOpenAI
 ) -> None:
@@ -315,3 +316,23 @@ def test_json_log_lines_carry_the_current_trace_and_an_iso_utc_timestamp() -> No
     assert inside["trace_id"] == f"{context.trace_id:032x}"
     assert inside["span_id"] == f"{context.span_id:016x}"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", inside["ts"])
+
+
+@pytest.mark.parametrize(
+    ("env", "trace_file", "exporters"),
+    [
+        ({}, "", []),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, "", ["otlp"]),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}, "", ["otlp"]),
+        ({"OTEL_TRACES_EXPORTER": "console,otlp"}, "", ["console", "otlp"]),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c"}, "", []),
+        ({}, "spans.jsonl", ["file"]),
+        ({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "otlp"}, "spans.jsonl", []),
+    ],
+)
+def test_tracing_is_switched_on_only_by_the_standard_variables_or_a_trace_file(
+    env: dict[str, str], trace_file: str, exporters: list[str]
+) -> None:
+    assert wanted_exporters(env, trace_file) == exporters
+    if not exporters:
+        assert configure_tracing("chorus-test", trace_file=trace_file, env=env) is None
