@@ -17,8 +17,9 @@ RUN python -m venv --without-pip /opt/venv
 WORKDIR /src
 
 # Dependencies first, from pyproject.toml alone, so editing the code does not re-download them.
+# The `otel` extra too: the image exports traces once OTEL_EXPORTER_OTLP_ENDPOINT is set.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['otel']))" > /tmp/requirements.txt \
     && pip --python /opt/venv/bin/python install -r /tmp/requirements.txt
 
 COPY README.md ./

@@ -79,7 +79,8 @@ async def test_malformed_json_gets_an_error_reply_and_the_agent_keeps_serving(
     error = decode(reply.data, ErrorReply)
     assert error.code == "invalid_message"
     assert "invalid Task" in error.reason
-    assert reply.headers and reply.headers["Nats-Service-Error-Code"] == "invalid_message"
+    # The micro convention: a number in the header (HTTP-like), the text code in the body.
+    assert reply.headers and reply.headers["Nats-Service-Error-Code"] == "400"
 
     ok = await _raw_request(nc, subject, encode(Task(input="still there?")))
     assert decode(ok.data, Result).output.endswith("still there?")

@@ -19,7 +19,7 @@ from chorus.errors import NatsUnreachable
 from chorus.lifecycle import EXIT_NATS_CLOSED
 from chorus.nats.connection import connect, redact_url
 from chorus.nats.server import NatsServer
-from tests.conftest import Reap, child_env
+from tests.helpers import Reap, child_env
 
 USERS = """
 {limits}

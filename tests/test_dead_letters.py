@@ -16,7 +16,7 @@ from chorus.messages import DeadLetter, RejectedMessage, RunRequest, Task, decod
 from chorus.nats.streams import ensure_dispatch_stream, ensure_runs_stream
 from chorus.orchestrator.service import CONSUMER, RUN_MAX_DELIVER
 from chorus.specs.workflow import Pipeline, Step
-from tests.conftest import StartCoordinator, StartHost, StartOrchestrator
+from tests.helpers import StartCoordinator, StartHost, StartOrchestrator
 
 
 async def listen(nc: Client, subject: str) -> asyncio.Queue[Msg]:

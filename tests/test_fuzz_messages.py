@@ -31,7 +31,7 @@ from chorus.messages import (
 )
 from chorus.nats.streams import ensure_dispatch_stream, ensure_events_stream
 from chorus.specs.workflow import Pipeline, Step
-from tests.conftest import StartCoordinator, StartHost, StartOrchestrator
+from tests.helpers import StartCoordinator, StartHost, StartOrchestrator
 
 PER_FAMILY = 110  # x 11 families: over 1,000 messages
 HUGE = 200_000  # characters: under the 1 MB payload limit with room for the envelope

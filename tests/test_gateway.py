@@ -25,13 +25,14 @@ from chorus.agent import Agent
 from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
 from chorus.gateway import create_app, listen, serve
-from chorus.gateway.access import AccessLog, RequestCounts
+from chorus.gateway.access import AccessLog
 from chorus.gateway.options import GatewayOptions
-from chorus.gateway.prometheus import Family, render
-from chorus.messages import RunRecord, decode
+from chorus.gateway.prometheus import SystemCollector
+from chorus.messages import AgentMetrics, Metrics, RunRecord, decode
 from chorus.nats.connection import connect, connect_options
 from chorus.nats.server import NatsServer
 from chorus.orchestrator.service import Orchestrator
+from chorus.telemetry.metrics import GatewayInstruments, render
 from tests.coordination import wait_for_metrics, wait_for_record
 from tests.helpers import StartHost, child_env
 
@@ -410,9 +411,34 @@ async def test_prometheus_metrics_without_a_coordinator_say_so_and_keep_the_gate
 
 def test_prometheus_label_values_are_escaped() -> None:
     awkward = 'a "quoted" \\ back\nslash'
-    text = render([Family("chorus_agent_load", "gauge", "Load.", [((("agent", awkward),), 2.5)])])
+    agent = AgentMetrics(
+        instance="i-1",
+        name=awkward,
+        health="healthy",
+        load=2,
+        max_concurrency=4,
+        success_rate=1.0,
+        mean_latency_ms=1.5,
+        breaker="closed",
+    )
+    metrics = Metrics(
+        total_agents=1,
+        healthy_agents=1,
+        queue_length=0,
+        active_jobs=0,
+        total_tasks=0,
+        completed_tasks=0,
+        failed_tasks=0,
+        retried_tasks=0,
+        dead_lettered=0,
+        current_load=0.5,
+        agents=[agent],
+    )
+    text = render(SystemCollector(metrics)).decode()
 
-    assert parse_prometheus(text)["chorus_agent_load"] == [({"agent": awkward}, 2.5)]
+    assert parse_prometheus(text)["chorus_agent_load"] == [
+        ({"instance": "i-1", "agent": awkward}, 2.0)
+    ]
 
 
 # the document, errors, logs
@@ -465,7 +491,7 @@ async def test_an_unexpected_error_is_a_json_500_without_the_traceback() -> None
     async def broken(scope: Scope, receive: Receive, send: Send) -> None:
         raise RuntimeError("secret internals")
 
-    async with running(AccessLog(broken, RequestCounts()), asyncio.Event()) as http:
+    async with running(AccessLog(broken, GatewayInstruments()), asyncio.Event()) as http:
         response = await http.get("/anything")
 
     assert response.status_code == 500

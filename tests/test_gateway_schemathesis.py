@@ -25,7 +25,7 @@ from chorus.config import Settings
 from chorus.gateway.keys import local_key
 from chorus.gateway.openapi import document
 from chorus.nats.server import NatsServer
-from tests.conftest import child_env
+from tests.helpers import child_env
 
 READY_TIMEOUT_S = 30
 

@@ -53,6 +53,9 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_CLAIM_TIMEOUT": "claim_timeout",
     "CHORUS_MAX_DEPTH": "max_depth",
     "CHORUS_SESSION_TTL": "session_ttl",
+    "CHORUS_METRICS_PORT": "metrics_port",
+    "CHORUS_METRICS_HOST": "metrics_host",
+    "CHORUS_TRACE_FILE": "trace_file",
 }
 
 
@@ -99,6 +102,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # agents as tools: an instance refuses a task that came through more hops than this
     max_depth: int = 4
     session_ttl: float = 7 * 24 * 3600.0  # a conversation session untouched this long expires
+    # observability: a service's own /metrics (0: off), and a file to write every span to as
+    # a JSON line (tracing otherwise follows the standard OTEL_* variables)
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    trace_file: str = ""
 
     @property
     def subjects(self) -> Subjects:

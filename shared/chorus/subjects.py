@@ -362,6 +362,11 @@ class Subjects(msgspec.Struct, frozen=True):
     def micro_service(self) -> str:
         return f"{self.prefix}-agent"
 
+    def role_service(self, role: str) -> str:
+        """The NATS micro service name of a role: `<prefix>-coordinator`, `-orchestrator`,
+        `-gateway` (agents are `<prefix>-agent`). `$SRV.PING` finds them all."""
+        return f"{self.prefix}-{check_token(role, 'role')}"
+
     @property
     def micro_info(self) -> str:
         """Every agent instance answers with its service info (description, metadata) here."""

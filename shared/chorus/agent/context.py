@@ -127,9 +127,11 @@ class Context:
             )
         except MaxTurnsExceeded as exc:
             self.tool_calls.extend(exc.tool_calls)
+            self._host.metrics.tools_done(self.agent_name, exc.tool_calls)
             raise
         self.usage = self.usage + result.usage
         self.tool_calls.extend(result.tool_calls)
+        self._host.metrics.tools_done(self.agent_name, result.tool_calls)
         return result
 
     def _call_context(self, call: FunctionCall) -> ToolCallContext:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -30,6 +31,7 @@ from chorus import __version__
 from chorus.agent.api import Agent, Reply
 from chorus.agent.context import Context
 from chorus.agent.conversation import in_session
+from chorus.agent.observed import ObservedModel, handling
 from chorus.agent.sessions import SessionStore
 from chorus.agent.toolbox import build_toolbox
 from chorus.client import ChorusClient, TaskQueue
@@ -65,9 +67,11 @@ from chorus.messages import (
 from chorus.nats import wire
 from chorus.nats.connection import ClosedHandler, connect
 from chorus.nats.jetstream import ClaimKeeper, DurableConsumer, backoff
-from chorus.nats.streams import ensure_events_stream, stream_exists
+from chorus.nats.streams import ensure_events_stream, ensure_or_await
 from chorus.specs.agent import SessionSpec
 from chorus.subjects import check_token
+from chorus.telemetry import tracing
+from chorus.telemetry.metrics import AgentInstruments
 from chorus.tools.ledger import EffectLedger
 
 if TYPE_CHECKING:
@@ -142,8 +146,11 @@ class AgentHost:
         self.model_name = split_model(agent.spec.model)[1]
         # Built here, not mid-task, so a missing API key fails at start-up.
         self.model: Model = model if model is not None else create_model(agent.spec.model)
+        self.metrics = AgentInstruments()  # a registry of its own: /metrics (agent.process)
+        self.model = ObservedModel(self.model, self.metrics, agent.name, agent.spec.model)
         self.toolbox = build_toolbox(agent.spec, self, agent.tools)
         self.stats = InstanceStats()
+        self.metrics.follow(lambda: self.stats.in_flight, lambda: self.stats.waiting)
         self.started_at = time.time()
         self._nc = nc
         self._on_closed = on_closed
@@ -286,7 +293,7 @@ class AgentHost:
             await self._respond_error(request, exc)
             log.warning("rejected request", extra={"subject": request.subject, "error": str(exc)})
             return
-        self._spawn(self._serve(message, request))
+        self._spawn(handling(self._serve(message, request), request, self))
 
     def _check_depth(self, task: Task, header_depth: int) -> Task:
         """The task at the deeper of the depths its body and headers say; DepthExceeded when
@@ -355,6 +362,7 @@ class AgentHost:
                     events=ctx.events,
                     tool_calls=ctx.tool_calls,
                     in_doubt=await self._in_doubt(ctx),
+                    model=self.agent.spec.model,
                 )
             )
         return encode(
@@ -383,10 +391,22 @@ class AgentHost:
         return replies[-1]
 
     async def _in_doubt(self, ctx: Context) -> list[str]:
-        """The effect ledger's in-doubt calls of the task, when it called a side-effect tool."""
-        if not any(c.error for c in ctx.tool_calls) or self._ledger is None:
-            return []  # a call is in doubt only when the model was told so (a tool error)
-        return [r.key for r in await self._ledger.in_doubt(ctx.effect_scope)]
+        """The effect ledger's in-doubt calls of the task, when a side-effect tool of it failed
+        (a call in doubt reaches the model as a tool error). Never fails the task: a ledger
+        that cannot be read is logged."""
+        tools = self.toolbox.tools
+        failed = {c.name for c in ctx.tool_calls if c.error}
+        if self._ledger is None or not any(
+            name in tools and tools[name].definition.side_effect for name in failed
+        ):
+            return []
+        try:
+            return [r.key for r in await self._ledger.in_doubt(ctx.effect_scope)]
+        except (NatsError, TimeoutError, ChorusError) as exc:
+            log.warning(
+                "effect ledger not read", extra={"task_id": ctx.task_id, "error": repr(exc)}
+            )
+            return []
 
     async def sessions(self) -> SessionStore:
         """The conversation sessions, opened on first use."""
@@ -424,6 +444,8 @@ class AgentHost:
 
     def _finish(self, started: float, *, ok: bool, usage: Usage) -> float:
         duration_ms = (time.monotonic() - started) * 1000
+        self.metrics.handle_done(self.agent.name, duration_ms / 1000, ok=ok)
+        tracing.record_usage(None, usage)  # on the invoke_agent span of this handler
         self.stats.total_latency_ms += duration_ms
         self.stats.usage = self.stats.usage + usage
         if ok:
@@ -434,6 +456,7 @@ class AgentHost:
 
     async def _respond_error(self, request: Request, exc: ChorusError, task_id: str = "") -> None:
         trace = exc.tool_calls if isinstance(exc, MaxTurnsExceeded) else []
+        tracing.mark_failed(exc.code, exc.reason)
         body = encode(
             ErrorReply(
                 code=exc.code,
@@ -454,8 +477,9 @@ class AgentHost:
     async def _bind_events(self) -> DurableConsumer:
         js = self.nc.jetstream()
         # Agent credentials may read the events stream but not create it (the services do).
-        if not await stream_exists(js, self.subjects.events_stream):
-            await ensure_events_stream(js, self.subjects)
+        await ensure_or_await(
+            js, self.subjects.events_stream, lambda: ensure_events_stream(js, self.subjects)
+        )
         config = ConsumerConfig(
             durable_name=self.subjects.event_consumer(self.agent.name),
             filter_subjects=[self.subjects.event(t) for t in self.agent.spec.subscribes],
@@ -474,7 +498,7 @@ class AgentHost:
             return 1
 
         async def handle(msg: Msg) -> None:
-            self._spawn(self._handle_event(msg))
+            self._spawn(handling(self._handle_event(msg), msg, self, event=True))
 
         await consumer.run(room, handle, stopping=lambda: self._draining)
 

@@ -24,6 +24,7 @@ from chorus.errors import ChorusError, MaxTurnsExceeded, ToolFailed
 from chorus.llm.base import FunctionCall, FunctionCallOutput, Item, Model, ModelRequest
 from chorus.messages import ToolCallRecord, Usage
 from chorus.messages.agents import truncated
+from chorus.telemetry import tracing
 from chorus.tools.base import ToolCallContext
 
 log = logging.getLogger("chorus.agent.loop")
@@ -147,7 +148,11 @@ async def run_loop(
 
     async def bounded(call: FunctionCall, turn: int) -> _Done:
         async with limit:
-            return await run_tool(toolbox, call, call_context(call), turn)
+            with tracing.tool_call(call.name, call.call_id) as span:
+                done = await run_tool(toolbox, call, call_context(call), turn)
+                if done.record.error:
+                    tracing.mark_failed("tool_error", done.record.error, span)
+                return done
 
     for turn in range(1, max_turns + 1):
         began = time.perf_counter()

@@ -43,6 +43,10 @@ class AgentGrant(msgspec.Struct, frozen=True, kw_only=True):
     subscribes: list[str] = []
     publishes: list[str] = []  # event topics, `emits` included
     state: list[str] = []  # key prefixes in the state bucket
+    # Peers it calls directly as tools (`tools: - capability: x` / `- agent: y` with
+    # `durable: false`): it may send them tasks by request-reply, nothing else.
+    peer_capabilities: list[str] = []
+    peer_agents: list[str] = []
 
 
 # nats-server's JetStream API subjects for one stream
@@ -136,6 +140,15 @@ def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def micro_discovery(service: str) -> list[str]:
+    """What a NATS micro service subscribes to: `$SRV.<verb>`, by name, and by name and id."""
+    return [
+        subject
+        for verb in MICRO_VERBS
+        for subject in (f"$SRV.{verb}", f"$SRV.{verb}.{service}", f"$SRV.{verb}.{service}.*")
+    ]
+
+
 # principals
 
 
@@ -146,6 +159,8 @@ def agent(
     s = subjects
     publish = [s.agent_heartbeats(grant.name), s.help("*")]
     publish += [s.event(topic) for topic in grant.publishes]
+    publish += [s.capability_task(c) for c in grant.peer_capabilities]
+    publish += [s.named_task(a) for a in grant.peer_agents]
     subscribe = [
         f"{inbox(principal)}.>",
         s.instance_tasks(grant.name),
@@ -157,12 +172,7 @@ def agent(
     # Its own PING at start (proves its endpoints are routed), and the peers' INFO (what each
     # peer tool's agent does): discovery only, no task subjects.
     publish += [s.micro_ping_one("*"), s.micro_info]
-    for verb in MICRO_VERBS:  # nats.micro discovery of the instance
-        subscribe += [
-            f"$SRV.{verb}",
-            f"$SRV.{verb}.{s.micro_service}",
-            f"$SRV.{verb}.{s.micro_service}.*",
-        ]
+    subscribe += micro_discovery(s.micro_service)  # nats.micro discovery of the instance
     if grant.publishes:
         publish += stream_info(s.events_stream)
     if grant.subscribes:
@@ -206,6 +216,7 @@ def coordinator(subjects: Subjects, *, principal: str) -> Permissions:
         f"{inbox(principal)}.>",
         s.all_heartbeats,
         f"{s.metrics} {s.coordinator_queue}",
+        *micro_discovery(s.role_service("coordinator")),
     ]
     return Permissions(
         publish=_unique(publish),
@@ -248,8 +259,14 @@ def orchestrator(subjects: Subjects, *, principal: str) -> Permissions:
         s.all_run_cancels,
         s.all_outcomes,
         s.all_runs,
+        *micro_discovery(s.role_service("orchestrator")),
     ]
-    return Permissions(publish=_unique(publish), publish_deny=DESTRUCTIVE, subscribe=subscribe)
+    return Permissions(
+        publish=_unique(publish),
+        publish_deny=DESTRUCTIVE,
+        subscribe=subscribe,
+        responses=Responses(expires_s=10),  # answers to $SRV requests
+    )
 
 
 def gateway(subjects: Subjects, *, principal: str) -> Permissions:
@@ -272,8 +289,17 @@ def gateway(subjects: Subjects, *, principal: str) -> Permissions:
         *stream_read(agents_kv),
         *ephemeral_consumers(agents_kv),
     ]
-    subscribe = [f"{inbox(principal)}.>", s.all_runs]
-    return Permissions(publish=_unique(publish), publish_deny=DESTRUCTIVE, subscribe=subscribe)
+    subscribe = [
+        f"{inbox(principal)}.>",
+        s.all_runs,
+        *micro_discovery(s.role_service("gateway")),
+    ]
+    return Permissions(
+        publish=_unique(publish),
+        publish_deny=DESTRUCTIVE,
+        subscribe=subscribe,
+        responses=Responses(expires_s=10),  # answers to $SRV requests
+    )
 
 
 def operator() -> Permissions:
@@ -302,7 +328,14 @@ def observer(subjects: Subjects, *, principal: str) -> Permissions:
     ]
     publish = [
         s.metrics,
-        *(f"$SRV.{verb}.{s.micro_service}" for verb in MICRO_VERBS),
+        *(
+            f"$SRV.{verb}.{service}"
+            for verb in MICRO_VERBS
+            for service in (
+                s.micro_service,
+                *(s.role_service(r) for r in ("coordinator", "orchestrator", "gateway")),
+            )
+        ),
         _api("INFO"),
         _api("STREAM.NAMES"),
         _api("STREAM.LIST"),

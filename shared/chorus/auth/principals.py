@@ -10,6 +10,7 @@ from chorus.auth import permissions
 from chorus.auth.permissions import AgentGrant, Permissions
 from chorus.errors import ConfigError
 from chorus.specs.agent import AgentSpec
+from chorus.specs.tools import ToolSpec
 from chorus.subjects import Subjects
 
 SERVICES = ("coordinator", "orchestrator", "gateway", "operator", "observer")
@@ -36,12 +37,15 @@ def agent_principal_name(agent: str) -> str:
 
 def grant_of(spec: AgentSpec) -> AgentGrant:
     topics = list(spec.publishes) + ([spec.emits] if spec.emits else [])
+    direct = [t for t in spec.tools if isinstance(t, ToolSpec) and not t.durable]
     return AgentGrant(
         name=spec.name,
         capabilities=list(spec.capabilities),
         subscribes=list(spec.subscribes),
         publishes=list(dict.fromkeys(topics)),
         state=list(spec.state),
+        peer_capabilities=[t.capability for t in direct if t.capability],
+        peer_agents=[t.agent for t in direct if t.agent],
     )
 
 

@@ -14,6 +14,7 @@ from nats.errors import Error as NatsError
 from chorus.config import Settings
 from chorus.errors import ChorusError
 from chorus.logs import setup_logging
+from chorus.telemetry.setup import configure_tracing
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
@@ -56,7 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Services log what they do; interactive commands only warnings, unless asked.
         level = settings.log_level if service or "CHORUS_LOG_LEVEL" in os.environ else "WARNING"
         setup_logging(level, json_lines=log_format == "json")
-        return asyncio.run(command(args, settings))
+        # Spans are exported when OTEL_* (or CHORUS_TRACE_FILE) asks; flushed before exit.
+        stop_tracing = configure_tracing(f"chorus-{args.command}", trace_file=settings.trace_file)
+        try:
+            return asyncio.run(command(args, settings))
+        finally:
+            if stop_tracing is not None:
+                stop_tracing()
     except ChorusError as exc:
         print(f"chorus: error: {exc.reason}", file=sys.stderr)
         return 2

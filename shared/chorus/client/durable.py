@@ -24,6 +24,7 @@ from chorus.nats.connection import raise_if_cancelled, subscribe
 from chorus.nats.streams import ensure_dispatch_stream, ensure_tasks_bucket
 from chorus.nats.wire import publish_durably
 from chorus.subjects import Subjects, dispatch_target
+from chorus.telemetry import tracing
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9_=-]+$")
 
@@ -51,9 +52,12 @@ class TaskQueue:
             await ensure_dispatch_stream(self.js, self.subjects)
             self._stream_ready = True
         task = msgspec.structs.replace(task, capability=capability)
-        ack = await publish_durably(
-            self.js, self.subjects.dispatch(target), encode(task), headers.for_queued_task(task)
-        )
+        subject = self.subjects.dispatch(target)
+        # The coordinator's dispatch of this task continues the trace from this span.
+        with tracing.sending(subject, message_id=task.task_id):
+            ack = await publish_durably(
+                self.js, subject, encode(task), headers.for_queued_task(task)
+            )
         return not ack.duplicate
 
     async def outcome(self, task_id: str) -> TaskOutcome | None:

@@ -36,10 +36,11 @@ from chorus.messages import (
     headers,
     now,
 )
-from chorus.nats import wire
+from chorus.nats import propagation, wire
 from chorus.nats.streams import ensure_runs_stream
 from chorus.specs.workflow import find_workflow
 from chorus.subjects import Subjects, check_token
+from chorus.telemetry import tracing
 
 log = logging.getLogger("chorus.client.runs")
 
@@ -66,7 +67,16 @@ class RunClient:
         return self._store
 
     async def submit(self, request: RunRequest) -> RunRecord:
-        """Record the run as pending and queue it; returns the pending record."""
+        """Record the run as pending and queue it; returns the pending record.
+
+        Traced as `send <subject>`: the run's trace starts here (or under the caller's span),
+        and the pending record names it (`traceparent`), so every attempt at the run joins it.
+        """
+        subject = self.subjects.run_submit()
+        with tracing.sending(subject, message_id=request.run_id):
+            return await self._submit(request, subject)
+
+    async def _submit(self, request: RunRequest, subject: str) -> RunRecord:
         check_token(request.run_id, "run id")
         workflow = request.workflow
         if workflow is None:
@@ -80,6 +90,7 @@ class RunClient:
             kind=workflow.kind,
             input=request.input,
             data=request.data,
+            traceparent=propagation.current_traceparent(),
         )
         store = await self.store()
         existing = await store.load(request.run_id)
@@ -90,7 +101,7 @@ class RunClient:
             self._stream_ready = True
         await wire.publish_durably(
             self.js,
-            self.subjects.run_submit(),
+            subject,
             encode(request),
             headers.for_run_request(request.run_id),
         )

@@ -24,8 +24,9 @@ from chorus.messages import (
     headers,
 )
 from chorus.nats import wire
-from chorus.nats.streams import ensure_events_stream, stream_exists
+from chorus.nats.streams import ensure_events_stream, ensure_or_await
 from chorus.subjects import Subjects
+from chorus.telemetry import tracing
 
 
 class ChorusClient:
@@ -118,12 +119,13 @@ class ChorusClient:
         js = self.nc.jetstream()
         if not self._events_ready:
             # Agent credentials may read the events stream but not create it (the services do).
-            if not await stream_exists(js, self.subjects.events_stream):
-                await ensure_events_stream(js, self.subjects)
+            await ensure_or_await(
+                js, self.subjects.events_stream, lambda: ensure_events_stream(js, self.subjects)
+            )
             self._events_ready = True
-        ack = await wire.publish_durably(
-            js, self.subjects.event(event.topic), encode(event), headers.for_event(event)
-        )
+        subject = self.subjects.event(event.topic)
+        with tracing.sending(subject, message_id=event.event_id):
+            ack = await wire.publish_durably(js, subject, encode(event), headers.for_event(event))
         return not ack.duplicate
 
     async def discover(self, timeout: float = 0.5) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from chorus.config import Settings
+from chorus.coordinator.observed import dispatching
 from chorus.coordinator.registry import InstanceView, Registry, targets_of
 from chorus.coordinator.routing import Router
 from chorus.errors import DepthExceeded, InstanceLost, InvalidMessage, TaskTimedOut
@@ -47,6 +48,8 @@ from chorus.nats import wire
 from chorus.nats.dead_letters import MAX_DELIVERIES, delivered_for_the_last_time
 from chorus.nats.jetstream import ClaimKeeper, DurableConsumer
 from chorus.nats.streams import ensure_dead_letter_stream, ensure_dispatch_stream
+from chorus.telemetry import tracing
+from chorus.telemetry.metrics import DispatchInstruments
 
 log = logging.getLogger("chorus.coordinator.dispatch")
 
@@ -86,6 +89,7 @@ class Dispatcher:
         registry: Registry,
         router: Router,
         tasks: KeyValue,
+        metrics: DispatchInstruments | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -95,6 +99,7 @@ class Dispatcher:
         self.router = router
         self.tasks = tasks
         self.counters = Counters()
+        self.metrics = metrics if metrics is not None else DispatchInstruments()
         self._targets: dict[str, asyncio.Task[None]] = {}
         self._work: set[asyncio.Task[None]] = set()
         self._claims = ClaimKeeper(settings.claim_timeout / 3)  # tasks out with an instance
@@ -190,7 +195,9 @@ class Dispatcher:
             while (view := self.router.choose(self.registry.serving(target), target)) is None:
                 await self.registry.changed.wait(timeout=1.0)
         view.reserved += 1
-        work = asyncio.create_task(self._dispatch(target, msg, view))
+        work = asyncio.create_task(
+            dispatching(self._dispatch(target, msg, view), msg, target, self.metrics)
+        )
         self._work.add(work)
         work.add_done_callback(self._work.discard)
 
@@ -234,7 +241,7 @@ class Dispatcher:
         task = msgspec.structs.replace(task, attempt=len(attempts.errors) + 1)
         started = time.monotonic()
         try:
-            reply = await self._request(view, task)
+            reply = await self.metrics.timed(target, self._request(view, task))
         except Lost as lost:
             if lost.gone:
                 # Nobody listens on the instance's subject: it is gone, and the task never
@@ -322,6 +329,7 @@ class Dispatcher:
         self, target: str, msg: Msg, task: Task, attempts: AttemptLog, error: AttemptError
     ) -> None:
         errors = [*attempts.errors, error]
+        tracing.mark_failed(error.code, error.reason)  # this attempt's dispatch span
         log.warning(
             "task attempt failed",
             extra={"task_id": task.task_id, "attempt": task.attempt, "error": error.reason},
@@ -334,6 +342,7 @@ class Dispatcher:
             encode(AttemptLog(task_id=task.task_id, errors=errors)),
         )
         self.counters.retried += 1
+        self.metrics.retries.labels(target).inc()
         delay = min(MAX_BACKOFF_S, self.settings.retry_backoff * 2 ** (len(errors) - 1))
         await msg.nak(delay=delay)
 
@@ -369,6 +378,7 @@ class Dispatcher:
         await self._record(outcome)
         self.counters.failed += 1
         self.counters.dead_lettered += 1
+        self.metrics.dead_letters.labels(target).inc()
         log.error(
             "task dead-lettered",
             extra={"task_id": task.task_id, "target": target, "attempts": len(errors)},
@@ -397,6 +407,7 @@ class Dispatcher:
         try:
             # Storing it is announcing it: submitters listen on the key's subject.
             await self.tasks.create(key, encode(outcome))
+            self.metrics.recorded(outcome)  # once: a second recorder finds it there
         except KeyWrongLastSequenceError:
             # Submitted again after the de-duplication window: the first outcome stands, and
             # is written once more (same content) so the new submitter hears it.

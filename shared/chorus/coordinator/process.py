@@ -8,10 +8,12 @@ from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
 from chorus.lifecycle import Shutdown, serve_until_signalled
 from chorus.nats.connection import connect
+from chorus.telemetry.metrics import MetricsServer
 
 
 async def serve(settings: Settings) -> int:
-    running: list[tuple[Coordinator, Client]] = []
+    """Run the coordinator until signalled; its /metrics on CHORUS_METRICS_PORT when set."""
+    running: list[tuple[Coordinator, Client, MetricsServer]] = []
 
     shutdown = Shutdown()
 
@@ -20,12 +22,15 @@ async def serve(settings: Settings) -> int:
             settings, "coordinator", service=True, on_closed=shutdown.connection_closed
         )
         coordinator = Coordinator(nc, settings)
-        running.append((coordinator, nc))
+        metrics = MetricsServer(coordinator.dispatch_metrics.registry)
+        running.append((coordinator, nc, metrics))
+        metrics.start(settings.metrics_port, settings.metrics_host)
         await coordinator.start()
 
     async def stop() -> None:
-        for coordinator, nc in running:
+        for coordinator, nc, metrics in running:
             await coordinator.stop()
+            metrics.stop()
             # Subscriptions are gone already; drain() can hang on JetStream pull inboxes.
             await nc.flush(timeout=5)
             await nc.close()

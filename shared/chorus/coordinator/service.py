@@ -16,7 +16,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointConfig, Service
 
+from chorus import __version__
 from chorus.config import Settings
 from chorus.coordinator.dispatch import Dispatcher
 from chorus.coordinator.registry import DEAD, Change, Clock, InstanceView, Registry
@@ -33,6 +37,7 @@ from chorus.messages import (
 from chorus.nats import wire
 from chorus.nats.streams import ensure_agents_bucket, ensure_events_stream, ensure_tasks_bucket
 from chorus.state.bucket import StateBucket
+from chorus.telemetry.metrics import DispatchInstruments, snapshot
 
 log = logging.getLogger("chorus.coordinator")
 
@@ -65,6 +70,9 @@ class Coordinator:
         self._last_record: dict[str, tuple[object, ...]] = {}
         self._subscriptions: list[Subscription] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._service: Service | None = None
+        # Its own Prometheus registry: /metrics on CHORUS_METRICS_PORT, and in Metrics replies.
+        self.dispatch_metrics = DispatchInstruments()
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -78,14 +86,30 @@ class Coordinator:
         await StateBucket.ensure(self.nc, self.subjects)
         self._agents = await ensure_agents_bucket(js, self.subjects)
         tasks = await ensure_tasks_bucket(js, self.subjects)
-        self._dispatcher = Dispatcher(self.nc, self.settings, self.registry, self.router, tasks)
+        self._dispatcher = Dispatcher(
+            self.nc, self.settings, self.registry, self.router, tasks, self.dispatch_metrics
+        )
         await self._dispatcher.start()
         self._subscriptions = [
             await self.nc.subscribe(self.subjects.all_heartbeats, cb=self._on_heartbeat),
-            await self.nc.subscribe(
-                self.subjects.metrics, queue=self.subjects.coordinator_queue, cb=self._on_metrics
-            ),
         ]
+        # A NATS micro service, so `$SRV.PING/INFO/STATS` show the coordinator; its metrics
+        # requests are an endpoint (counted in STATS).
+        self._service = await add_service(
+            self.nc,
+            name=self.subjects.role_service("coordinator"),
+            version=__version__,
+            description="Chorus coordinator: agent registry, health, routing, durable dispatch",
+            metadata={"role": "coordinator"},
+        )
+        await self._service.add_endpoint(
+            EndpointConfig(
+                name="metrics",
+                subject=self.subjects.metrics,
+                queue_group=self.subjects.coordinator_queue,
+                handler=self._on_metrics,
+            )
+        )
         self._sweeper = asyncio.create_task(self._sweep_loop())
         await self.nc.flush(timeout=5)
         log.info("coordinator ready", extra={"targets": self._dispatcher.targets})
@@ -93,6 +117,8 @@ class Coordinator:
     async def stop(self) -> None:
         for sub in self._subscriptions:
             await sub.unsubscribe()
+        if self._service is not None:
+            await self._service.stop()
         if self._sweeper:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -207,11 +233,12 @@ class Coordinator:
                 for v in views
             ],
             queues=queues,
+            families=snapshot(self.dispatch_metrics.registry),
         )
 
-    async def _on_metrics(self, msg: Msg) -> None:
+    async def _on_metrics(self, request: Request) -> None:
         queues = await self.dispatcher.queue_lengths()
-        await wire.respond(msg, encode(self.metrics(queues)))
+        await wire.respond(request, encode(self.metrics(queues)))
 
 
 def _fingerprint(view: InstanceView) -> tuple[object, ...]:

@@ -1,53 +1,55 @@
-"""Access logs and request counts for every HTTP request, and a JSON 500 for the unexpected."""
+"""Access logs, request metrics and a span for every HTTP request, and a JSON 500 for the
+unexpected."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from typing import Final
 
+from opentelemetry.trace import Span, SpanKind
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chorus.gateway.responses import INTERNAL_ERROR, error_response
+from chorus.telemetry import tracing
+from chorus.telemetry.metrics import GatewayInstruments
 
 log = logging.getLogger("chorus.gateway")
 
 UNMATCHED: Final = "unmatched"  # the route label of requests no route took (404s)
 
 
-class RequestCounts:
-    """`chorus_http_requests_total`: requests by route template, method and status.
-
-    Labelled by the route's template (`/api/runs/{run_id}`), never the raw path, so the
-    number of series stays bounded whatever clients ask for.
-    """
-
-    def __init__(self) -> None:
-        self._counts: Counter[tuple[str, str, str]] = Counter()
-
-    def add(self, route: str, method: str, status: int) -> None:
-        self._counts[(route, method, str(status))] += 1
-
-    def items(self) -> list[tuple[tuple[str, str, str], int]]:
-        return sorted(self._counts.items())
+def _traceparent(scope: Scope) -> dict[str, str]:
+    """A caller's W3C trace context from the request headers, so its trace goes on here."""
+    wanted = {b"traceparent", b"tracestate"}
+    return {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in wanted}
 
 
 class AccessLog:
-    """ASGI middleware: one structured log line and one count per request.
+    """ASGI middleware: one structured log line, the request metrics and a SERVER span
+    (`<method> <route>`, a child of the caller's `traceparent`) per request.
 
     It sits inside Starlette's outermost error middleware, so an unexpected exception is
     answered here with a JSON 500 (the traceback goes to the log, never to the client).
     """
 
-    def __init__(self, app: ASGIApp, counts: RequestCounts) -> None:
+    def __init__(self, app: ASGIApp, metrics: GatewayInstruments) -> None:
         self.app = app
-        self.counts = counts
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        with tracing.span(
+            f"{scope['method']} {scope['path']}",
+            kind=SpanKind.SERVER,
+            parent=tracing.parent_of(_traceparent(scope)),
+            attributes={"http.request.method": scope["method"], "url.path": scope["path"]},
+        ) as span:
+            await self._serve(scope, receive, send, span)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, span: Span) -> None:
         started = time.perf_counter()
         status = 0
 
@@ -72,7 +74,14 @@ class AccessLog:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", UNMATCHED)
-            self.counts.add(template, scope["method"], status)
+            duration = time.perf_counter() - started
+            self.metrics.add(template, scope["method"], status, duration)
+            # The route template names the span (the path has run ids in it).
+            span.update_name(f"{scope['method']} {template}")
+            span.set_attribute("http.route", template)
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                tracing.mark_failed(str(status), f"HTTP {status}", span)
             client = scope.get("client")
             log.info(
                 "request",
@@ -81,7 +90,7 @@ class AccessLog:
                     "path": scope["path"],
                     "route": template,
                     "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                    "duration_ms": round(duration * 1000, 3),
                     "client": f"{client[0]}:{client[1]}" if client else "",
                     "api_key": scope.get("state", {}).get("api_key", ""),  # its name (auth.py)
                 },

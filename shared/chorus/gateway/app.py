@@ -31,7 +31,7 @@ from chorus.errors import (
     NotFound,
     RequestTimeout,
 )
-from chorus.gateway.access import AccessLog, RequestCounts
+from chorus.gateway.access import AccessLog
 from chorus.gateway.auth import Authenticator, Endpoint
 from chorus.gateway.bodies import ApiError, HealthReport, RunAccepted, RunLinks, RunList
 from chorus.gateway.guard import HostGuard
@@ -45,7 +45,7 @@ from chorus.gateway.limits import (
 )
 from chorus.gateway.openapi import document
 from chorus.gateway.options import GatewayOptions
-from chorus.gateway.prometheus import CONTENT_TYPE, gateway_families, render, system_families
+from chorus.gateway.prometheus import CONTENT_TYPE, exposition
 from chorus.gateway.responses import EXCEPTION_HANDLERS, JSONResponse
 from chorus.gateway.system import (
     SystemView,
@@ -62,6 +62,7 @@ from chorus.messages import (
     encode,
 )
 from chorus.subjects import check_token
+from chorus.telemetry.metrics import GatewayInstruments
 
 log = logging.getLogger("chorus.gateway")
 
@@ -136,6 +137,7 @@ class Gateway:
         *,
         stopping: asyncio.Event,
         status_timeout: float,
+        metrics: GatewayInstruments,
     ) -> None:
         self.nc = nc
         self.settings = settings
@@ -145,7 +147,7 @@ class Gateway:
         self.stopping = stopping
         self.runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
         self.system = SystemView(nc, settings.subjects, timeout=status_timeout)
-        self.counts = RequestCounts()
+        self.instruments = metrics
         self.openapi = document()
 
     async def execute(self, request: Request) -> Response:
@@ -257,14 +259,9 @@ class Gateway:
                 metrics = await self.system.metrics()
             except (NoResponders, NatsError) as exc:
                 log.debug("no coordinator metrics", extra={"error": str(exc)})
-        families = gateway_families(
-            self.counts,
-            coordinator_up=metrics is not None,
-            nats_connected=connection_state(self.nc) == "connected",
-        )
-        if metrics is not None:
-            families += system_families(metrics)
-        return Response(render(families), media_type=CONTENT_TYPE)
+        connected = connection_state(self.nc) == "connected"
+        text = exposition(self.instruments, metrics, nats_connected=connected)
+        return Response(text, media_type=CONTENT_TYPE)
 
     async def openapi_json(self, request: Request) -> Response:
         """`GET /openapi.json`."""
@@ -278,11 +275,18 @@ def create_app(
     *,
     stopping: asyncio.Event | None = None,
     status_timeout: float = STATUS_TIMEOUT_S,
+    metrics: GatewayInstruments | None = None,
 ) -> Starlette:
     """The gateway's ASGI app. Set `stopping` on shutdown: requests waiting for a run then
-    answer 202 at once instead of holding the server open."""
+    answer 202 at once instead of holding the server open. `metrics`: where its requests
+    are counted (a registry of its own by default)."""
     gateway = Gateway(
-        nc, settings, options, stopping=stopping or asyncio.Event(), status_timeout=status_timeout
+        nc,
+        settings,
+        options,
+        stopping=stopping or asyncio.Event(),
+        status_timeout=status_timeout,
+        metrics=metrics if metrics is not None else GatewayInstruments(),
     )
 
     def route(path: str, endpoint: Endpoint, scope: Scope | None, *, post: bool = False) -> Route:
@@ -303,7 +307,7 @@ def create_app(
         routes=routes,
         middleware=[
             # Outermost first: every request is logged and counted, refused ones too.
-            Middleware(AccessLog, counts=gateway.counts),
+            Middleware(AccessLog, metrics=gateway.instruments),
             Middleware(HostGuard, options.allowed_hosts, options.allowed_origins),
         ],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -1,63 +1,24 @@
-"""The Prometheus text exposition format (0.0.4) of the coordinator's metrics and the gateway's.
+"""The gateway's `/metrics`: its own instruments, and the whole system as the coordinator sees it.
 
-Written by hand: a handful of gauges and counters built from one `Metrics` reply per scrape
-need no client library and no process-global registry.
+Built with `prometheus_client`: the coordinator's `Metrics` reply becomes gauges and counters
+(`SystemCollector`, the same series as before this module used the library), and the families
+the reply relays (histograms of queue wait and dispatch, token, retry and dead-letter
+counters) are collected again as they came. What the gateway knows by itself (`GatewayState`,
+its HTTP requests) is there whether or not a coordinator answers.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Sequence
-from typing import Final, Literal
+from collections.abc import Callable, Iterable
+from typing import Final
 
-import msgspec
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from chorus.gateway.access import RequestCounts
 from chorus.messages import AgentMetrics, Metrics
+from chorus.telemetry.metrics import CONTENT_TYPE, GatewayInstruments, Relayed, render
 
-CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-
-Labels = tuple[tuple[str, str], ...]
-
-
-class Family(msgspec.Struct, frozen=True):
-    """One metric: its HELP and TYPE lines and its samples."""
-
-    name: str
-    kind: Literal["gauge", "counter"]
-    help: str
-    samples: Sequence[tuple[Labels, float]] = ()
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def format_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
-
-
-def render(families: Iterable[Family]) -> str:
-    lines: list[str] = []
-    for family in families:
-        lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
-        lines.append(f"# TYPE {family.name} {family.kind}")
-        for labels, value in family.samples:
-            pairs = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
-            series = f"{family.name}{{{pairs}}}" if pairs else family.name
-            lines.append(f"{series} {format_value(value)}")
-    return "\n".join(lines) + "\n"
-
+__all__ = ["CONTENT_TYPE", "GatewayState", "SystemCollector", "exposition"]
 
 # Gauges with one sample per agent instance, labelled `instance` and `agent`.
 PER_AGENT: Final[tuple[tuple[str, str, Callable[[AgentMetrics], float]], ...]] = (
@@ -85,85 +46,74 @@ PER_AGENT: Final[tuple[tuple[str, str, Callable[[AgentMetrics], float]], ...]] =
 )
 
 
-def _one(name: str, kind: Literal["gauge", "counter"], help: str, value: float) -> Family:
-    return Family(name, kind, help, [((), value)])
+class SystemCollector(Collector):
+    """The coordinator's view, from one Metrics reply: registry totals, queue, task counters,
+    one series per agent instance."""
 
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
 
-def system_families(metrics: Metrics) -> list[Family]:
-    """The coordinator's view: registry totals, queue, task counters, one series per agent."""
-    families = [
-        _one("chorus_agents", "gauge", "Agent instances in the registry.", metrics.total_agents),
-        _one("chorus_agents_healthy", "gauge", "Healthy agent instances.", metrics.healthy_agents),
-        _one(
-            "chorus_queue_length",
-            "gauge",
-            "Durable tasks waiting for an agent instance.",
-            metrics.queue_length,
-        ),
-        _one("chorus_active_jobs", "gauge", "Durable tasks being worked on.", metrics.active_jobs),
-        _one(
+    def collect(self) -> Iterable[Metric]:
+        m = self.metrics
+        yield GaugeMetricFamily("chorus_agents", "Agent instances in the registry.", m.total_agents)
+        yield GaugeMetricFamily(
+            "chorus_agents_healthy", "Healthy agent instances.", m.healthy_agents
+        )
+        yield GaugeMetricFamily(
+            "chorus_queue_length", "Durable tasks waiting for an agent instance.", m.queue_length
+        )
+        yield GaugeMetricFamily(
+            "chorus_active_jobs", "Durable tasks being worked on.", m.active_jobs
+        )
+        yield GaugeMetricFamily(
             "chorus_current_load",
-            "gauge",
             "Tasks in flight over the capacity of live instances (0 to 1).",
-            metrics.current_load,
-        ),
-        _one(
-            "chorus_tasks_completed_total",
-            "counter",
-            "Durable tasks completed since the coordinator started.",
-            metrics.completed_tasks,
-        ),
-        _one(
-            "chorus_tasks_failed_total",
-            "counter",
-            "Durable tasks that failed every attempt since the coordinator started.",
-            metrics.failed_tasks,
-        ),
-        _one(
-            "chorus_tasks_retried_total",
-            "counter",
-            "Retried attempts of durable tasks since the coordinator started.",
-            metrics.retried_tasks,
-        ),
-        _one(
-            "chorus_tasks_dead_lettered_total",
-            "counter",
-            "Durable tasks sent to the dead-letter stream since the coordinator started.",
-            metrics.dead_lettered,
-        ),
-    ]
-    for name, help, value in PER_AGENT:
-        samples = [
-            ((("instance", a.instance), ("agent", a.name)), value(a)) for a in metrics.agents
-        ]
-        families.append(Family(name, "gauge", help, samples))
-    return families
+            m.current_load,
+        )
+        for name, help, value in (
+            ("completed", "Durable tasks completed", m.completed_tasks),
+            ("failed", "Durable tasks that failed every attempt", m.failed_tasks),
+            ("retried", "Retried attempts of durable tasks", m.retried_tasks),
+            ("dead_lettered", "Durable tasks sent to the dead-letter stream", m.dead_lettered),
+        ):
+            yield CounterMetricFamily(
+                f"chorus_tasks_{name}", f"{help} since the coordinator started.", value
+            )
+        for name, help, read in PER_AGENT:
+            family = GaugeMetricFamily(name, help, labels=["instance", "agent"])
+            for agent in m.agents:
+                family.add_metric([agent.instance, agent.name], read(agent))
+            yield family
 
 
-def gateway_families(
-    counts: RequestCounts, *, coordinator_up: bool, nats_connected: bool
-) -> list[Family]:
-    """What the gateway knows by itself, whether or not the coordinator answers."""
-    return [
-        _one(
+class GatewayState(Collector):
+    """What the gateway knows by itself: whether the coordinator answered, whether NATS is up."""
+
+    def __init__(self, *, coordinator_up: bool, nats_connected: bool) -> None:
+        self.coordinator_up = coordinator_up
+        self.nats_connected = nats_connected
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
             "chorus_coordinator_up",
-            "gauge",
             "1 when a coordinator answered the gateway's metrics request.",
-            1 if coordinator_up else 0,
-        ),
-        _one(
+            1 if self.coordinator_up else 0,
+        )
+        yield GaugeMetricFamily(
             "chorus_gateway_nats_connected",
-            "gauge",
             "1 while the gateway is connected to NATS.",
-            1 if nats_connected else 0,
-        ),
-        Family(
-            "chorus_http_requests_total",
-            "counter",
-            "HTTP requests the gateway answered, by route template, method and status.",
-            [
-                ((("route", route), ("method", method), ("status", status)), count)
-                for (route, method, status), count in counts.items()
-            ],
-        ),
+            1 if self.nats_connected else 0,
+        )
+
+
+def exposition(
+    instruments: GatewayInstruments, metrics: Metrics | None, *, nats_connected: bool
+) -> bytes:
+    """The text of one scrape: the gateway's own series, then the coordinator's (if any)."""
+    collectors: list[Collector] = [
+        GatewayState(coordinator_up=metrics is not None, nats_connected=nats_connected),
+        instruments.registry,
     ]
+    if metrics is not None:
+        collectors += [SystemCollector(metrics), Relayed(metrics.families)]
+    return render(*collectors)

@@ -42,7 +42,9 @@ from chorus.messages.coordination import (
     BreakerState,
     DeadLetter,
     Health,
+    MetricFamily,
     Metrics,
+    MetricSample,
     StatusChange,
     TaskOutcome,
 )
@@ -123,6 +125,8 @@ __all__ = [
     "InstanceState",
     "LockEntry",
     "Message",
+    "MetricFamily",
+    "MetricSample",
     "Metrics",
     "PlanResults",
     "ProgressKind",

@@ -82,6 +82,7 @@ class Result(Message, tag="result"):
     # Side-effect tool calls of this task that may or may not have happened (their instance
     # died mid-call; nothing reconciled them): the effect ledger's keys.
     in_doubt: list[str] = []
+    model: str = ""  # the agent's model (its spec's `model:`), for token metrics by model
 
 
 class ErrorReply(Message, tag="error"):

@@ -91,6 +91,24 @@ class AgentMetrics(msgspec.Struct, frozen=True, kw_only=True):
     breaker: BreakerState
 
 
+class MetricSample(msgspec.Struct, frozen=True, array_like=True):
+    """One series of a metric family: its sample name (`<family>_bucket`, `_sum`, ...),
+    labels and value."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+class MetricFamily(msgspec.Struct, frozen=True, kw_only=True):
+    """One Prometheus metric family, as `prometheus_client` collects it."""
+
+    name: str
+    type: str  # counter | gauge | histogram | summary | info | stateset | unknown
+    help: str
+    samples: list[MetricSample] = []
+
+
 class Metrics(Message, tag="metrics"):
     """The system metrics the coordinator serves on `<prefix>.coordinator.metrics`."""
 
@@ -107,3 +125,6 @@ class Metrics(Message, tag="metrics"):
     agents: list[AgentMetrics]
     queues: dict[str, int] = {}
     time: float = msgspec.field(default_factory=now)
+    # The coordinator's own Prometheus families (histograms of queue wait and attempts,
+    # token, retry and dead-letter counters), relayed by the gateway's /metrics.
+    families: list[MetricFamily] = []

@@ -36,6 +36,35 @@ SERVICE_ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
 
 Headers = dict[str, str]
 
+# The micro convention wants a number in Nats-Service-Error-Code: Chorus's text codes as the
+# HTTP statuses they mean (the text code stays in the JSON error body). Anything else is 500.
+SERVICE_ERROR_NUMBERS: Final[Mapping[str, int]] = {
+    "invalid_message": 400,
+    "invalid_config": 400,
+    "invalid_spec": 400,
+    "invalid_workflow": 400,
+    "invalid_expression": 400,
+    "invalid_plan": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "lease_lost": 409,
+    "session_busy": 409,
+    "payload_too_large": 413,
+    "too_many_requests": 429,
+    "draining": 503,
+    "no_responders": 503,
+    "no_helper": 503,
+    "timeout": 504,
+    "depth_exceeded": 508,  # Loop Detected: agents asking each other round in circles
+}
+
+
+def service_error_number(code: str) -> int:
+    """The number a text error code becomes in `Nats-Service-Error-Code`."""
+    return SERVICE_ERROR_NUMBERS.get(code, 500)
+
 
 class Received(msgspec.Struct, frozen=True, kw_only=True):
     """What Chorus reads from a message's headers (empty strings when absent)."""
@@ -119,7 +148,12 @@ def for_rejected(letter: RejectedMessage) -> Headers:
 
 
 def for_error(code: str, reason: str) -> Headers:
-    return {SERVICE_ERROR_HEADER: reason, SERVICE_ERROR_CODE_HEADER: code}
+    """An error reply: the reason and the code's number (the micro convention); the body
+    carries the text code."""
+    return {
+        SERVICE_ERROR_HEADER: reason,
+        SERVICE_ERROR_CODE_HEADER: str(service_error_number(code)),
+    }
 
 
 def for_kv_write(

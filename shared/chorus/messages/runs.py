@@ -106,6 +106,9 @@ class RunFields(Message, tag="run_fields", kw_only=True):
     started_at: float = 0.0
     ended_at: float = 0.0
     updated_at: float = 0.0
+    # The W3C trace context the run belongs to (its submitter's span, or its first run
+    # span), so a resumed run continues the same trace.
+    traceparent: str = ""
 
     @property
     def finished(self) -> bool:

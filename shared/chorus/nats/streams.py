@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
+from chorus.errors import ConfigError
 from chorus.subjects import Subjects
+
+log = logging.getLogger("chorus.nats.streams")
 
 EVENTS_MAX_AGE_S = 7 * 24 * 3600
 DEDUPE_WINDOW_S = 120
@@ -33,6 +41,40 @@ async def stream_exists(js: JetStreamContext, name: str) -> bool:
     except NotFoundError:
         return False
     return True
+
+
+STREAM_WAIT_S = 30.0
+
+
+async def ensure_or_await(
+    js: JetStreamContext,
+    name: str,
+    create: Callable[[], Awaitable[object]],
+    *,
+    within: float = STREAM_WAIT_S,
+) -> None:
+    """Make sure stream `name` exists: create it, or, where this process may not (its NATS
+    credentials only read it), wait for the process that may (the coordinator, started at
+    the same time) to create it. ConfigError naming the stream when it never appears."""
+    if await stream_exists(js, name):
+        return
+    try:
+        await create()
+        return
+    except (nats.errors.Error, TimeoutError) as exc:
+        log.info("waiting for a stream to be created", extra={"stream": name, "error": repr(exc)})
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    delay = 0.1
+    while loop.time() < deadline:
+        await asyncio.sleep(delay)  # backoff while the coordinator starts
+        if await stream_exists(js, name):
+            return
+        delay = min(delay * 2, 2.0)
+    raise ConfigError(
+        f"stream {name} does not exist and this process may not create it: start the "
+        "coordinator (chorus coordinator, or chorus up), which creates it"
+    )
 
 
 async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:

@@ -23,6 +23,7 @@ from nats.micro.request import Request
 
 from chorus.errors import PayloadTooLarge
 from chorus.messages.headers import MSG_ID_HEADER, Headers
+from chorus.nats import propagation
 
 # Room the protocol line (PUB/HPUB, subject, reply inbox, sizes) takes beside the payload.
 _PROTOCOL_SLACK = 256
@@ -34,7 +35,9 @@ def outgoing(headers: Mapping[str, str] | None) -> Headers | None:
     The seam for cross-cutting headers: tracing (W3C `traceparent`), caller identity and
     deadlines are added here, once, for every publish, request and reply.
     """
-    return dict(headers) if headers else None
+    sent = dict(headers) if headers else {}
+    propagation.inject(sent)  # the sender's current span, when tracing is on
+    return sent or None
 
 
 def _size(subject: str, payload: bytes, headers: Mapping[str, str] | None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 
 from nats.aio.client import Client
@@ -21,7 +22,11 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.micro import add_service
+from nats.micro.service import Service
+from opentelemetry.trace import SpanKind
 
+from chorus import __version__
 from chorus.client import ChorusClient
 from chorus.client.durable import TaskQueue
 from chorus.client.runstore import KvRunStore
@@ -31,6 +36,8 @@ from chorus.messages import Result, RunCancel, RunRequest, Task, decode, now
 from chorus.nats.dead_letters import MAX_DELIVERIES, dead_letter, delivered_for_the_last_time
 from chorus.nats.jetstream import ClaimKeeper, DurableConsumer
 from chorus.nats.streams import ensure_dead_letter_stream, ensure_runs_stream
+from chorus.telemetry import tracing
+from chorus.telemetry.metrics import RunInstruments
 from chorus.workflows.directory import DiscoveryDirectory
 from chorus.workflows.engine import Engine, RunHandle, new_record
 from chorus.workflows.events import NatsEventBus
@@ -85,8 +92,10 @@ class Orchestrator:
         self._runs: set[asyncio.Task[None]] = set()
         self._handles: dict[str, RunHandle] = {}
         self._cancels: Subscription | None = None
+        self._service: Service | None = None
         self._stopping = False
         self._dead_letters_ready = False
+        self.metrics = RunInstruments()  # a registry of its own: /metrics (process.py)
 
     @property
     def engine(self) -> Engine:
@@ -121,6 +130,15 @@ class Orchestrator:
         consumer = DurableConsumer(js, self.subjects.runs_stream, config)
         await consumer.bind()
         self._cancels = await self.nc.subscribe(self.subjects.run_cancel("*"), cb=self._on_cancel)
+        # A NATS micro service (no endpoints: runs come from JetStream), so `$SRV.PING`,
+        # INFO and STATS show every orchestrator.
+        self._service = await add_service(
+            self.nc,
+            name=self.subjects.role_service("orchestrator"),
+            version=__version__,
+            description="Chorus orchestrator: runs workflows from the runs queue",
+            metadata={"role": "orchestrator", "durable_tasks": str(self.durable_tasks).lower()},
+        )
         self._loop = asyncio.create_task(self._take_runs(consumer))
         log.info("orchestrator ready", extra={"durable_tasks": self.durable_tasks})
 
@@ -129,6 +147,8 @@ class Orchestrator:
         self._stopping = True
         if self._cancels is not None:
             await self._cancels.unsubscribe()
+        if self._service is not None:
+            await self._service.stop()
         if self._loop:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -174,7 +194,20 @@ class Orchestrator:
             return
         with self._claims.holding(msg):
             try:
-                await self._drive(msg, request)
+                # A child of the submitter's span (the request's headers are stored with it).
+                await tracing.within(
+                    self._drive(msg, request),
+                    f"process {msg.subject}",
+                    kind=SpanKind.CONSUMER,
+                    parent=tracing.parent_of(msg.headers),
+                    attributes=tracing.messaging(
+                        msg.subject,
+                        "process",
+                        message_id=request.run_id,
+                        group=CONSUMER,
+                        delivery=msg.metadata.num_delivered,
+                    ),
+                )
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await msg.nak()  # shutting down: another replica resumes it now
@@ -196,6 +229,7 @@ class Orchestrator:
             return
         handle = self.engine.start(record)
         self._handles[record.run_id] = handle
+        started = time.monotonic()
         try:
             await handle
         except (NatsError, TimeoutError, ConnectionError) as exc:
@@ -217,6 +251,10 @@ class Orchestrator:
             await self._record_cancelled(record.run_id, handle.reason)
         finally:
             self._handles.pop(record.run_id, None)
+            if record.finished:
+                self.metrics.run_seconds.labels(record.workflow.name, record.status).observe(
+                    time.monotonic() - started
+                )
         await msg.ack_sync(timeout=5)
 
     async def _give_up(

@@ -45,6 +45,7 @@ from chorus.specs.workflow import WorkflowSpec, load_workflow
 from chorus.subjects import Subjects, check_token
 from chorus.workflows.directory import DiscoveryDirectory
 from chorus.workflows.events import NatsEventBus
+from chorus.workflows.observed import traced_run
 from chorus.workflows.patterns import execute
 from chorus.workflows.processors import check_processors
 from chorus.workflows.progress import NatsProgress, NoProgress
@@ -92,7 +93,9 @@ class RunHandle:
     def __init__(self, engine: Engine, record: RunRecord) -> None:
         self.record = record
         self.reason: str | None = None  # set by cancel()
-        self._task = asyncio.create_task(engine._drive(self), name=f"run-{record.run_id}")
+        self._task = asyncio.create_task(
+            traced_run(engine._drive(self), record), name=f"run-{record.run_id}"
+        )
 
     @property
     def run_id(self) -> str:

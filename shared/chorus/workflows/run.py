@@ -29,6 +29,7 @@ from chorus.messages import (
 )
 from chorus.nats.connection import raise_if_cancelled
 from chorus.specs.workflow import Target
+from chorus.workflows.observed import StepSpans
 from chorus.workflows.protocols import (
     AgentDirectory,
     EventBus,
@@ -102,6 +103,7 @@ class Run:
         record.steps_done, record.usage = 0, Usage()
         for step in record.steps:
             self._count(step)
+        self._spans = StepSpans(record.workflow.name)
 
     @property
     def run_id(self) -> str:
@@ -294,10 +296,13 @@ class Run:
     async def _dispatch(self, task: Task, timeout: float | None) -> Result:
         raise_if_cancelled()  # a cancel swallowed by a library call since the last step
         scope = asyncio.timeout(timeout)
-        try:
-            async with scope:
-                return await self.services.runner.run(task)
-        except TimeoutError:
-            if scope.expired():
-                raise RequestTimeout(f"no result within the step's timeout of {timeout}s") from None
-            raise  # NATS itself did not answer: an interruption, not a failed step
+        with self._spans.attempt(task):
+            try:
+                async with scope:
+                    return await self.services.runner.run(task)
+            except TimeoutError:
+                if scope.expired():
+                    raise RequestTimeout(
+                        f"no result within the step's timeout of {timeout}s"
+                    ) from None
+                raise  # NATS itself did not answer: an interruption, not a failed step
