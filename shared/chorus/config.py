@@ -53,6 +53,7 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_CLAIM_TIMEOUT": "claim_timeout",
     "CHORUS_MAX_DEPTH": "max_depth",
     "CHORUS_SESSION_TTL": "session_ttl",
+    "CHORUS_STREAM_MAX_AGE": "stream_max_age",
 }
 
 
@@ -99,6 +100,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # agents as tools: an instance refuses a task that came through more hops than this
     max_depth: int = 4
     session_ttl: float = 7 * 24 * 3600.0  # a conversation session untouched this long expires
+    # the live output of tasks (text deltas, tool calls) is kept this long for readers
+    stream_max_age: float = 3600.0
 
     @property
     def subjects(self) -> Subjects:

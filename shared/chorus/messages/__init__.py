@@ -3,8 +3,8 @@
 `codec` (the base Struct, encode/decode), `headers` (every header), `agents` (the agent
 protocol), `coordination` (registry, outcomes, dead letters, metrics), `state` (shared-state
 entries), `sessions` (conversation sessions), `runs` (run records, progress, requests),
-`effects` (the effect ledger), `discovery` (`$SRV.INFO` replies), `schema` (JSON Schema of
-them all). This
+`effects` (the effect ledger), `discovery` (`$SRV.INFO` replies), `streams` (the live output
+of tasks), `schema` (JSON Schema of them all). This
 package imports only `chorus.errors`, `chorus.subjects` and `chorus.specs`; the names are
 re-exported here, so `from chorus.messages import Task` is the usual import.
 """
@@ -87,6 +87,7 @@ from chorus.messages.state import (
     LockEntry,
     StateEntry,
 )
+from chorus.messages.streams import ChunkKind, StreamChunk, stream_key
 
 __all__ = [
     "ATTEMPT_HEADER",
@@ -105,6 +106,7 @@ __all__ = [
     "AgentStatusChange",
     "AttemptError",
     "AttemptLog",
+    "ChunkKind",
     "DeadLetter",
     "DelegationPlan",
     "EffectRecord",
@@ -135,6 +137,7 @@ __all__ = [
     "StateEntry",
     "StepRecord",
     "StepStatus",
+    "StreamChunk",
     "Subtask",
     "SubtaskResult",
     "Task",
@@ -151,5 +154,6 @@ __all__ = [
     "new_id",
     "now",
     "schemas",
+    "stream_key",
     "wire_types",
 ]

@@ -111,6 +111,12 @@ def for_dead_letter(task: Task) -> Headers:
     return _with_run({MSG_ID_HEADER: task.task_id, TASK_ID_HEADER: task.task_id}, task.run_id)
 
 
+def for_stream_chunk(publisher: str, seq: int) -> Headers:
+    """A chunk of live output: de-duplicated per publisher (one attempt as one instance runs
+    it), so a retried publish is dropped but the same attempt run again elsewhere is not."""
+    return {MSG_ID_HEADER: f"{publisher}-{seq}"}
+
+
 def for_error(code: str, reason: str) -> Headers:
     return {SERVICE_ERROR_HEADER: reason, SERVICE_ERROR_CODE_HEADER: code}
 
