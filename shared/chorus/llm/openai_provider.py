@@ -395,6 +395,8 @@ class OpenAIModel:
                     text = read.add(chunk)
                     if text:
                         yield text
+            if not read.finished:
+                raise ModelError(f"openai model {self.name}: the stream ended before the reply did")
             whole, calls = "".join(read.text), read.calls
             yield _Answer(whole, read.usage, read.model, calls, reply_items(whole, calls))
             return
@@ -409,7 +411,7 @@ class OpenAIModel:
                 elif said is not None:
                     yield self._response_answer(said)
                     return
-        raise ModelError(f"openai model {self.name}: the stream ended before the response did")
+        raise ModelError(f"openai model {self.name}: the stream ended before the reply did")
 
     def _responses_params(
         self, request: ModelRequest, schema: dict[str, Any] | None

@@ -52,9 +52,11 @@ class _CallParts:
 @dataclass
 class ChatStream:
     """Chat Completions chunks added up: `add` returns each chunk's text, `calls` and
-    `usage` are what the whole stream said."""
+    `usage` are what the whole stream said, `finished` whether the choice said it ended (a
+    connection that closes early looks like the end of the stream otherwise)."""
 
     model: str = ""
+    finished: bool = False
     text: list[str] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     _calls: dict[int, _CallParts] = field(default_factory=dict)
@@ -66,7 +68,9 @@ class ChatStream:
             self.usage = Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
         if not chunk.choices:
             return ""
-        delta = chunk.choices[0].delta
+        choice = chunk.choices[0]
+        self.finished = self.finished or choice.finish_reason is not None
+        delta = choice.delta
         for fragment in delta.tool_calls or ():
             parts = self._calls.setdefault(fragment.index, _CallParts())
             parts.call_id = fragment.id or parts.call_id
