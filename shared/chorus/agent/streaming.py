@@ -45,6 +45,8 @@ FLUSH_INTERVAL_S = 0.02  # text waits at most this long to join a batch
 FLUSH_CHARS = 200  # or goes at once when this much is waiting
 PUBLISH_WITHIN_S = 10.0  # a chunk is retried this long (a server restart) before it is dropped
 CLOSE_TIMEOUT_S = 5.0  # the answer waits this long for its chunks to be stored
+CHECK_TIMEOUT_S = 2.0  # for the stream's existence (a denied request only times out)
+RECHECK_S = 30.0  # a missing stream is looked for again after this long, not on every task
 TOOL_TEXT_CHARS = 500  # of a tool call's arguments or outcome in its chunks
 FINAL_CHARS = 100_000  # of the answer in the final chunk
 
@@ -57,24 +59,36 @@ class TaskStreams:
         self.js = nc.jetstream()
         self.subjects = subjects
         self.max_age_s = max_age_s
-        self._ready = False
+        self.is_ready = False  # the stream is known to be there
+        self._checked_at = float("-inf")
+        self._checking: asyncio.Task[bool] | None = None
 
     async def ready(self) -> bool:
-        """Whether the stream is there to take chunks: checked (and created when missing and
-        allowed) until it is. Agent credentials may use the stream, not create it: the
-        coordinator does."""
-        if self._ready:
+        """Whether the stream is there to take chunks: looked for (and created when missing
+        and allowed: agent credentials may only use it, the coordinator creates it) at most
+        every RECHECK_S until it is; concurrent callers share one look."""
+        if self.is_ready:
             return True
+        if self._checking is None:
+            if time.monotonic() - self._checked_at < RECHECK_S:
+                return False
+            self._checked_at = time.monotonic()
+            self._checking = asyncio.create_task(self._check())
+            self._checking.add_done_callback(lambda _: setattr(self, "_checking", None))
+        return await asyncio.shield(self._checking)
+
+    async def _check(self) -> bool:
         try:
-            if not await stream_exists(self.js, self.subjects.chunk_stream):
-                await ensure_chunk_stream(self.js, self.subjects, self.max_age_s)
-        except (nats.errors.Error, JetStreamError, ConfigError) as exc:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                if not await stream_exists(self.js, self.subjects.chunk_stream):
+                    await ensure_chunk_stream(self.js, self.subjects, self.max_age_s)
+        except (TimeoutError, nats.errors.Error, JetStreamError, ConfigError) as exc:
             log.warning(
                 "live output not published: its stream is missing and cannot be created",
                 extra={"stream": self.subjects.chunk_stream, "error": repr(exc)},
             )
             return False
-        self._ready = True
+        self.is_ready = True
         return True
 
     def open(self, task: Task, agent: str) -> TaskStream:
@@ -159,10 +173,14 @@ class TaskStream:
         self._event("final", truncated(text, FINAL_CHARS))
 
     async def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
-        """Send what is buffered and wait until it is stored (at most `timeout`)."""
+        """Send what is buffered and wait until it is stored (at most `timeout`); at once
+        when the stream is not known to be there (no answer waits on a missing stream)."""
         self._cut()
         self._closing = True
         if self._sender is None:
+            return
+        if not self._streams.is_ready:
+            self.abort()
             return
         self._wake.set()
         done, _ = await asyncio.wait({self._sender}, timeout=timeout)

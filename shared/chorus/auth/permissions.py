@@ -148,6 +148,8 @@ def agent(
             f"$SRV.{verb}.{s.micro_service}",
             f"$SRV.{verb}.{s.micro_service}.*",
         ]
+    # The live output of its tasks (chorus.agent.streaming): JetStream publishes, acked.
+    publish += [s.all_task_streams, *stream_info(s.chunk_stream)]
     if grant.publishes:
         publish += stream_info(s.events_stream)
     if grant.subscribes:
@@ -182,6 +184,7 @@ def coordinator(subjects: Subjects, *, principal: str) -> Permissions:
         *stream_own(s.dead_letter_stream),
         # It creates what agents may only use, so agents can start once it runs.
         *stream_own(s.events_stream),
+        *stream_own(s.chunk_stream),
         *stream_own(s.state_stream),
     ]
     for bucket in (s.agents_bucket, s.tasks_bucket):
@@ -252,6 +255,10 @@ def gateway(subjects: Subjects, *, principal: str) -> Permissions:
         *stream_ensure(agents_kv),
         *stream_read(agents_kv),
         *ephemeral_consumers(agents_kv),
+        # GET /api/runs/{id}/stream: ordered consumers on the live output, its last message
+        *stream_ensure(s.chunk_stream),
+        *stream_read(s.chunk_stream),
+        *ephemeral_consumers(s.chunk_stream),
     ]
     subscribe = [f"{inbox(principal)}.>", s.all_runs]
     return Permissions(publish=_unique(publish), publish_deny=DESTRUCTIVE, subscribe=subscribe)
@@ -276,6 +283,7 @@ def observer(subjects: Subjects, *, principal: str) -> Permissions:
         s.all_runs,
         s.all_run_cancels,
         s.all_dead_letters,
+        s.all_task_streams,
         f"$KV.{s.agents_bucket}.>",
         f"$KV.{s.tasks_bucket}.>",
         f"$KV.{s.runs_bucket}.>",
@@ -297,6 +305,7 @@ def observer(subjects: Subjects, *, principal: str) -> Permissions:
     for stream in (
         s.events_stream,
         s.dead_letter_stream,
+        s.chunk_stream,
         f"KV_{s.agents_bucket}",
         f"KV_{s.tasks_bucket}",
         f"KV_{s.runs_bucket}",
