@@ -25,6 +25,7 @@ PAYLOAD_TYPES: dict[str, type[msgspec.Struct]] = {
     "dead_letter": messages.DeadLetter,
     "outcome": messages.TaskOutcome,
     "metrics": messages.Metrics,
+    "stream_chunk": messages.StreamChunk,
 }
 for _kind, _name in (("run_progress", "RunProgress"), ("run_submit", "RunRequest")):
     if hasattr(messages, _name):
