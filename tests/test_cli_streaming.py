@@ -146,3 +146,23 @@ def test_condenser_prints_a_line_once_enough_text_gathered() -> None:
         "draft#1.5 delta 'word word word word word'",
         "draft#1.6 final 'done'",
     ]
+
+
+def test_the_live_view_shows_what_a_running_step_is_writing() -> None:
+    from rich.console import Console
+
+    from chorus.cli.run_progress import LiveProgress
+    from chorus.messages import RunProgress
+    from chorus.specs.workflow import Pipeline, Step
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120, color_system=None)
+    workflow = Pipeline(name="chain", steps=[Step(name="draft", agent="worker")])
+    display = LiveProgress(console, workflow, "r")
+    display.show(RunProgress(run_id="r", kind="step_started", step="draft", detail="worker"))
+
+    display.text(chunk("delta", 1, "NATS keeps "))
+    display.text(chunk("delta", 2, "what it carried"))
+    display.close(None)
+
+    assert "NATS keeps what it carried" in out.getvalue()
