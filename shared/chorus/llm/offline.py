@@ -112,8 +112,10 @@ class OfflineModel:
         """The reply of `complete`, its text a word per delta, then the reply itself."""
         reply = await self.complete(request)
         for number, piece in enumerate(_WORDS.findall(reply.text)):
-            if number and self.chunk_delay:
-                await asyncio.sleep(self.chunk_delay)  # simulated generation time
+            if number:
+                # Each word in a loop turn of its own, as a provider's stream arrives (and
+                # `chunk_delay` of simulated generation time).
+                await asyncio.sleep(self.chunk_delay)
             yield TextDelta(piece)
         yield reply
 
