@@ -33,7 +33,15 @@ from nats.js.errors import Error as JetStreamError
 
 from chorus.errors import ChorusError, ConfigError
 from chorus.llm.base import FunctionCall
-from chorus.messages import ChunkKind, StreamChunk, Task, ToolCallRecord, encode, headers
+from chorus.messages import (
+    ChunkKind,
+    StreamChunk,
+    Task,
+    ToolCallRecord,
+    encode,
+    headers,
+    stream_key,
+)
 from chorus.messages.agents import truncated
 from chorus.nats import wire
 from chorus.nats.streams import ensure_chunk_stream, stream_exists
@@ -116,7 +124,7 @@ class TaskStream:
     def __init__(self, streams: TaskStreams, task: Task, agent: str) -> None:
         self._streams = streams
         self.run_id = task.run_id
-        self.task_key = task.step or task.task_id
+        self.task_key = stream_key(task)
         self.attempt = task.attempt
         self.agent = agent
         self.enabled = True
