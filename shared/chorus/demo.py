@@ -103,7 +103,7 @@ async def _show(
     client = ChorusClient(nc, settings.subjects, timeout=30)
     console.print(f"\n[bold]task[/] → capability [cyan]research[/]: {escape(question)}")
     task = Task(input=question)
-    async with client.stream("", task.task_id) as chunks:
+    async with client.stream("", task.task_id, max_age_s=settings.stream_max_age) as chunks:
         showing = asyncio.create_task(_live_output(chunks))
         result = await client.run_task(task, capability="research")
         await asyncio.wait_for(showing, 10)  # the final chunk is stored before the answer

@@ -152,7 +152,8 @@ async def _streamed_request(
     printer = TextPrinter(sys.stderr)
     client = ChorusClient(nc, settings.subjects)
     # `prepare` wrote the task's id into the payload: the agent streams under that one.
-    async with client.stream(task.run_id, stream_key(task)) as chunks:
+    live = client.stream(task.run_id, stream_key(task), max_age_s=settings.stream_max_age)
+    async with live as chunks:
         following = asyncio.create_task(follow_chunks(chunks, printer.show))
         try:
             reply = await outbound.request(nc, args.subject, payload, timeout=args.timeout)

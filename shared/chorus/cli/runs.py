@@ -220,7 +220,9 @@ async def follow(
     # Subscribed before submitting, so no progress of the run is missed.
     subscription = await nc.subscribe(settings.subjects.run_all(request.run_id), cb=on_progress)
     # The steps' text as their agents write it (a JetStream reader misses nothing anyway).
-    chunks = ChorusClient(nc, settings.subjects).stream(request.run_id)
+    chunks = ChorusClient(nc, settings.subjects).stream(
+        request.run_id, max_age_s=settings.stream_max_age
+    )
     await chunks.open()
     showing = asyncio.create_task(follow_chunks(chunks, display.text))
     stop = asyncio.Event()
