@@ -3,7 +3,9 @@
 Speaks `POST /v1/responses` and `POST /v1/chat/completions`, records every request, replies
 with scripted text (by default an echo, or a sample valid for the requested JSON schema) or
 scripted function calls (a `reply` that returns a list of `FakeCall`), and can fail the next
-requests with an OpenAI-style error body. Stdlib only.
+requests with an OpenAI-style error body. A request with `stream: true` is answered with
+Server-Sent Events (tests/fake_openai_stream.py), `stream_delay` seconds apart, and cut off
+after `cut_stream_after` events when that is set. Stdlib only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 
 from chorus.llm.offline import sample_for_schema
+from tests.fake_openai_stream import chat_chunks, responses_events
 
 RESPONSES = "/v1/responses"
 CHAT = "/v1/chat/completions"
@@ -75,6 +78,8 @@ class FakeOpenAI:
         self.headers: list[dict[str, str]] = []
         self.reply: Callable[[str, dict[str, Any]], str | list[FakeCall]] = default_reply
         self.disable_responses = False
+        self.stream_delay = 0.0  # between the events of a streamed reply
+        self.cut_stream_after: int | None = None  # events, then the connection is dropped
         self._failures: list[tuple[int, float | None]] = []
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -105,6 +110,9 @@ class FakeOpenAI:
                 status, payload, headers = fake._handle(
                     self.path, body, {k.lower(): v for k, v in self.headers.items()}
                 )
+                if status == 200 and body.get("stream"):
+                    self._stream(fake._events(self.path, body, payload))
+                    return
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
@@ -113,6 +121,19 @@ class FakeOpenAI:
                     self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _stream(self, events: list[bytes]) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+                cut = fake.cut_stream_after
+                for number, event in enumerate(events):
+                    if cut is not None and number >= cut:
+                        return
+                    if number and fake.stream_delay:
+                        time.sleep(fake.stream_delay)  # the model writing the next token
+                    self.wfile.write(event)
+                    self.wfile.flush()
 
             def log_message(self, format: str, *args: Any) -> None:
                 return None
@@ -137,6 +158,13 @@ class FakeOpenAI:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @staticmethod
+    def _events(path: str, body: dict[str, Any], payload: dict[str, Any]) -> list[bytes]:
+        if path == CHAT:
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return chat_chunks(payload, include_usage=usage)
+        return responses_events(payload)
 
     def _handle(
         self, path: str, body: dict[str, Any], headers: dict[str, str]

@@ -31,6 +31,7 @@ from chorus.client import ChorusClient
 from chorus.client.durable import TaskQueue
 from chorus.client.runs import RunClient
 from chorus.client.runstore import KvRunStore
+from chorus.client.streams import ChunkReader
 from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
 from chorus.errors import NatsAuthRefused
@@ -40,6 +41,7 @@ from chorus.nats.connection import connect
 from chorus.nats.server import NatsServer
 from chorus.nats.streams import (
     ensure_agents_bucket,
+    ensure_chunk_stream,
     ensure_dead_letter_stream,
     ensure_dispatch_stream,
     ensure_events_stream,
@@ -99,6 +101,7 @@ async def _provision(settings: Settings) -> None:
         ensure_runs_stream,
     ):
         await ensure(js, S)
+    await ensure_chunk_stream(js, S, 3600)
     await ensure_tasks_bucket(js, S)
     await ensure_agents_bucket(js, S)
     await KvRunStore.open(js, S)
@@ -441,6 +444,14 @@ async def test_services_with_their_credentials_run_a_durable_task_and_a_workflow
         record = await runs.wait(pending.run_id, timeout=30)
         assert record.status == "completed", record.error
         assert record.output == "drafted flow"
+
+        # The gateway reads the run's live output (GET /api/runs/{id}/stream).
+        async with ChunkReader(connections["gateway"], S, pending.run_id) as live:
+            chunk = await live.next(10)
+            while chunk.kind != "final":
+                chunk = await live.next(10)
+            assert await live.caught_up()
+        assert (chunk.task_id, chunk.text) == ("draft", "drafted flow")
     finally:
         await host.stop(timeout=5)
         await orchestrator.stop()

@@ -22,6 +22,11 @@ KEY_LINES: dict[str, list[str]] = {
         "| raw cross-process request-reply, sequential |",
         "- loop overhead per tool turn p50",
     ],
+    "streaming": [
+        "| added by Chorus to the first token |",
+        "| raw JetStream publish (acked) → ordered consumer |",
+        "- added to the first token p50",
+    ],
     "mcp_tool": ["MCP stdio tool call (McpSource)", "same function in process", "MCP overhead"],
     "kv_contention": ["SharedState.update", "raw kv.update CAS", "SharedState / raw"],
     "agent_startup": [

@@ -457,6 +457,7 @@ async def test_openapi_describes_every_route_with_the_message_schemas(
         "/api/runs",
         "/api/runs/{run_id}",
         "/api/runs/{run_id}/cancel",
+        "/api/runs/{run_id}/stream",
         "/api/health",
         "/api/metrics",
         "/metrics",

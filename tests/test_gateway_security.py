@@ -42,6 +42,7 @@ ROUTES = [
     ("GET", "/api/runs"),
     ("GET", "/api/runs/some-run"),
     ("POST", "/api/runs/some-run/cancel"),
+    ("GET", "/api/runs/some-run/stream"),
     ("GET", "/api/metrics"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),

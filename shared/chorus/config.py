@@ -56,6 +56,7 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_METRICS_PORT": "metrics_port",
     "CHORUS_METRICS_HOST": "metrics_host",
     "CHORUS_TRACE_FILE": "trace_file",
+    "CHORUS_STREAM_MAX_AGE": "stream_max_age",
 }
 
 
@@ -107,6 +108,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     trace_file: str = ""
+    # the live output of tasks (text deltas, tool calls) is kept this long for readers
+    stream_max_age: float = 3600.0
 
     @property
     def subjects(self) -> Subjects:

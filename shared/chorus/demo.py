@@ -2,8 +2,9 @@
 
 It starts a local system (nats-server, coordinator, orchestrator and the example agents,
 each its own process) unless `--attach` points it at a running one, routes one task to
-the `research` capability, then runs the example workflow of each pattern and prints what
-came back.
+the `research` capability (its text shown as the agent writes it: set
+CHORUS_OFFLINE_CHUNK_DELAY=0.05 to watch the offline model type), then runs the example
+workflow of each pattern and prints what came back.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rich.table import Table
 
 from chorus.client import ChorusClient
 from chorus.client.runs import RunClient
+from chorus.client.streams import ChunkReader
 from chorus.config import Settings
 from chorus.local import LocalSystem, wait_for_instances
 from chorus.messages import RunRecord, RunRequest, Task
@@ -79,6 +81,17 @@ async def _show_tools(client: ChorusClient, question: str, capability: str, what
     console.print(f"[bold]output[/]: {escape(result.output)}\n")
 
 
+async def _live_output(chunks: ChunkReader) -> None:
+    """A task's text as its agent writes it, up to its final chunk."""
+    console.print("[bold]live output[/]: ", end="")
+    async for chunk in chunks:
+        if chunk.kind == "delta":
+            console.out(chunk.text, end="", highlight=False)
+        elif chunk.kind == "final":
+            console.out("")
+            return
+
+
 async def _show(
     nc: object, settings: Settings, question: str, timeout: float, *, expect_all: bool
 ) -> int:
@@ -92,10 +105,14 @@ async def _show(
         console.print(f"[green]{name}[/]: {', '.join(sorted(instances))}")
 
     client = ChorusClient(nc, settings.subjects, timeout=30)
-    sent = time.perf_counter()
-    result = await client.run_task(Task(input=question), capability="research")
-    round_trip_ms = (time.perf_counter() - sent) * 1000
     console.print(f"\n[bold]task[/] → capability [cyan]research[/]: {escape(question)}")
+    task = Task(input=question)
+    async with client.stream("", task.task_id, max_age_s=settings.stream_max_age) as chunks:
+        showing = asyncio.create_task(_live_output(chunks))
+        sent = time.perf_counter()
+        result = await client.run_task(task, capability="research")
+        round_trip_ms = (time.perf_counter() - sent) * 1000
+        await asyncio.wait_for(showing, 10)  # the final chunk is stored before the answer
     console.print(
         f"[bold]answered by[/] {result.agent} ({result.instance}): {round_trip_ms:.1f} ms round "
         f"trip, {result.duration_ms:.1f} ms in the handler, {result.usage.total_tokens} tokens"

@@ -12,6 +12,10 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 MAX_TOKEN_LENGTH = 128
 # Keys under this prefix in the state bucket hold lock leases (chorus.state.locks).
 LOCK_KEY_PREFIX = "_lock."
+# A live stream's run and task tokens: a durable task's id may also use `=`.
+_STREAM_TOKEN = re.compile(r"^[A-Za-z0-9_=-]+$")
+# The run token of a task that belongs to no run.
+NO_RUN = "_"
 _TOPIC = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*(\.>|\.\*)?$|^>$")
 
 
@@ -40,6 +44,18 @@ def dispatch_target(*, capability: str = "", agent: str = "") -> str:
     if capability:
         return f"cap.{check_token(capability, 'capability')}"
     return f"agent.{check_token(agent, 'agent name')}"
+
+
+def stream_token(value: str, what: str) -> str:
+    """A run or task token of a live stream subject: letters, digits, `-`, `_` and `=`."""
+    if not value or len(value) > MAX_TOKEN_LENGTH or not _STREAM_TOKEN.fullmatch(value):
+        from chorus.errors import ConfigError
+
+        raise ConfigError(
+            f"{what} {value[:16]!r} cannot name a live stream: use 1 to {MAX_TOKEN_LENGTH} "
+            "letters, digits, '-', '_' or '='"
+        )
+    return value
 
 
 def check_topic(value: str) -> str:
@@ -207,6 +223,25 @@ class Subjects(msgspec.Struct, frozen=True):
         """The orchestrators' shared pull consumer on the runs stream."""
         return "orchestrator"
 
+    # live output of tasks (chorus.agent.streaming): one subject per task attempt, under its run
+    def task_stream(self, run_id: str, task: str, attempt: int) -> str:
+        """Where the chunks of one attempt of a task go; `task` is the task's stream key (its
+        step name in a workflow run, else its id) and a task of no run goes under `_`."""
+        run = stream_token(run_id or NO_RUN, "run id")
+        return f"{self.prefix}.stream.{run}.{stream_token(task, 'task id')}.{attempt}"
+
+    def run_streams(self, run_id: str, task: str | None = None) -> str:
+        """Every attempt of every task of a run (peer tools nest under the caller's run), or
+        of the one task `task`."""
+        run = stream_token(run_id or NO_RUN, "run id")
+        if task is None:
+            return f"{self.prefix}.stream.{run}.>"
+        return f"{self.prefix}.stream.{run}.{stream_token(task, 'task id')}.*"
+
+    @property
+    def all_task_streams(self) -> str:
+        return f"{self.prefix}.stream.>"
+
     def classify(self, subject: str) -> str | None:
         """What kind of Chorus subject this is (`task`, `event`, ...), None if not one of ours."""
         tokens = subject.split(".")
@@ -228,6 +263,7 @@ class Subjects(msgspec.Struct, frozen=True):
             "dlq": "dead_letter",
             "run": "run_progress",
             "session": "session_interrupt",
+            "stream": "stream_chunk",
         }
         if head in kinds:
             return kinds[head]
@@ -257,6 +293,11 @@ class Subjects(msgspec.Struct, frozen=True):
     @property
     def runs_stream(self) -> str:
         return f"{self._stem}_RUNS"
+
+    @property
+    def chunk_stream(self) -> str:
+        """The JetStream stream that keeps the live output of tasks for a while."""
+        return f"{self._stem}_STREAM"
 
     @property
     def progress_stream(self) -> str:

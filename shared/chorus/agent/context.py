@@ -1,5 +1,5 @@
 """What a handler can do while it works: ask the model, run the tool loop, ask a peer for
-help, emit events."""
+help, emit events, show its live output."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from chorus.tools.base import Tool, ToolCallContext
 
 if TYPE_CHECKING:
     from chorus.agent.host import AgentHost
+    from chorus.agent.streaming import TaskStream
     from chorus.client import ChorusClient, TaskQueue
     from chorus.state import SharedState
 
@@ -46,6 +47,9 @@ class Context:
         self.effect_scope = task_id
         # A session's earlier turns, given to the model before this task's input.
         self.history: tuple[Item, ...] = ()
+        # The task's live output (None for events and help requests): `run_loop` streams
+        # the model into it; a handler may add text of its own with `stream.delta(text)`.
+        self.stream: TaskStream | None = None
         self.log = logging.getLogger(f"chorus.agent.{host.agent.name}")
 
     @property
@@ -124,6 +128,7 @@ class Context:
                 self._call_context,
                 max_turns=max_turns or spec.max_turns,
                 max_parallel=spec.max_tool_calls_per_turn,
+                sink=self.stream if self.stream is not None and self.stream.enabled else None,
             )
         except MaxTurnsExceeded as exc:
             self.tool_calls.extend(exc.tool_calls)

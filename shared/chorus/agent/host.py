@@ -33,6 +33,7 @@ from chorus.agent.context import Context
 from chorus.agent.conversation import in_session
 from chorus.agent.observed import ObservedModel, handling
 from chorus.agent.sessions import SessionStore
+from chorus.agent.streaming import TaskStreams
 from chorus.agent.toolbox import build_toolbox
 from chorus.client import ChorusClient, TaskQueue
 from chorus.config import Settings
@@ -169,6 +170,7 @@ class AgentHost:
         self._sessions: SessionStore | None = None
         self._ledger: EffectLedger | None = None
         self._claims = ClaimKeeper(EVENT_ACK_WAIT_S / 3)
+        self._streams: TaskStreams | None = None  # the tasks' live output, once connected
 
     @property
     def nc(self) -> Client:
@@ -208,6 +210,8 @@ class AgentHost:
         # effect ledger.
         self._ledger = EffectLedger(self.nc, self.subjects)
         await self.toolbox.start(self.model, self._ledger)
+        self._streams = TaskStreams(self.nc, self.subjects, max_age_s=self.settings.stream_max_age)
+        await self._streams.ready()  # checked now, not on the first task's first token
         spec = self.agent.spec
         self._service = await add_service(
             self.nc,
@@ -337,7 +341,11 @@ class AgentHost:
         async with self._slot() as started:
             try:
                 if isinstance(message, Task):
-                    reply = await self._handle_task(message, ctx)
+                    assert self._streams is not None, "start() the host first"
+                    async with self._streams.opened(message, self.agent.name) as stream:
+                        ctx.stream = stream
+                        reply = await self._handle_task(message, ctx)
+                        stream.final(reply.output)
                     await self._publish_events(ctx.events)
                 else:
                     reply = await self.agent.handle_help(message, ctx)

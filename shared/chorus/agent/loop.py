@@ -6,6 +6,10 @@ the model `{"error": "..."}` as its output and the loop goes on: a tool never en
 `max_turns` model calls without a final answer raise MaxTurnsExceeded carrying the records of
 the calls made. Each turn's own cost (the time outside the model's and the tools' awaits) is
 measured, so a bench can report what the loop adds.
+
+Given a `sink` (a task's live output, chorus.agent.streaming), the loop asks the model with
+`stream` instead of `complete`, hands it each text delta, and tells it when each tool call
+starts and ends. The sink's methods must not block: the loop does not wait on them.
 """
 
 from __future__ import annotations
@@ -15,13 +19,20 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
 from chorus.agent.toolbox import Toolbox
 from chorus.errors import ChorusError, MaxTurnsExceeded, ToolFailed
-from chorus.llm.base import FunctionCall, FunctionCallOutput, Item, Model, ModelRequest
+from chorus.llm.base import (
+    FunctionCall,
+    FunctionCallOutput,
+    Item,
+    Model,
+    ModelRequest,
+    streamed_reply,
+)
 from chorus.messages import ToolCallRecord, Usage
 from chorus.messages.agents import truncated
 from chorus.telemetry import tracing
@@ -32,6 +43,16 @@ log = logging.getLogger("chorus.agent.loop")
 DEFAULT_MAX_TURNS = 8
 DEFAULT_MAX_PARALLEL = 4
 _encoder = msgspec.json.Encoder()
+
+
+class LoopSink(Protocol):
+    """Who follows the loop as it works (a task's live output); called without awaiting."""
+
+    def delta(self, text: str) -> None: ...
+
+    def tool_started(self, call: FunctionCall) -> None: ...
+
+    def tool_finished(self, call: FunctionCall, record: ToolCallRecord) -> None: ...
 
 
 class LoopResult(msgspec.Struct, kw_only=True):
@@ -132,9 +153,11 @@ async def run_loop(
     *,
     max_turns: int = DEFAULT_MAX_TURNS,
     max_parallel: int = DEFAULT_MAX_PARALLEL,
+    sink: LoopSink | None = None,
 ) -> LoopResult:
     """Ask `model` until it answers without tool calls; `call_context` makes each call's
-    context. The request's own items and tools are kept; the toolbox's are added."""
+    context. The request's own items and tools are kept; the toolbox's are added. With a
+    `sink`, the model is streamed into it, and so are the tool calls."""
     request = msgspec.structs.replace(
         request,
         tools=request.tools + toolbox.definitions,
@@ -149,7 +172,11 @@ async def run_loop(
     async def bounded(call: FunctionCall, turn: int) -> _Done:
         async with limit:
             with tracing.tool_call(call.name, call.call_id) as span:
+                if sink is not None:
+                    sink.tool_started(call)
                 done = await run_tool(toolbox, call, call_context(call), turn)
+                if sink is not None:
+                    sink.tool_finished(call, done.record)
                 if done.record.error:
                     tracing.mark_failed("tool_error", done.record.error, span)
                 return done
@@ -159,7 +186,10 @@ async def run_loop(
         if turn > 1:
             request = msgspec.structs.replace(request, items=tuple(items))
         asked = time.perf_counter()
-        reply = await model.complete(request)
+        if sink is None:
+            reply = await model.complete(request)
+        else:
+            reply = await streamed_reply(model, request, sink.delta)
         model_s = time.perf_counter() - asked
         usage = usage + reply.usage
         if not reply.tool_calls:

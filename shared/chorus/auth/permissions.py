@@ -173,6 +173,8 @@ def agent(
     # peer tool's agent does): discovery only, no task subjects.
     publish += [s.micro_ping_one("*"), s.micro_info]
     subscribe += micro_discovery(s.micro_service)  # nats.micro discovery of the instance
+    # The live output of its tasks (chorus.agent.streaming): JetStream publishes, acked.
+    publish += [s.all_task_streams, *stream_info(s.chunk_stream)]
     if grant.publishes:
         publish += stream_info(s.events_stream)
     if grant.subscribes:
@@ -207,6 +209,7 @@ def coordinator(subjects: Subjects, *, principal: str) -> Permissions:
         *stream_own(s.dead_letter_stream),
         # It creates what agents may only use, so agents can start once it runs.
         *stream_own(s.events_stream),
+        *stream_own(s.chunk_stream),
         *stream_own(s.state_stream),
     ]
     for bucket in (s.agents_bucket, s.tasks_bucket):
@@ -288,6 +291,10 @@ def gateway(subjects: Subjects, *, principal: str) -> Permissions:
         *stream_ensure(agents_kv),
         *stream_read(agents_kv),
         *ephemeral_consumers(agents_kv),
+        # GET /api/runs/{id}/stream: ordered consumers on the live output, its last message
+        *stream_ensure(s.chunk_stream),
+        *stream_read(s.chunk_stream),
+        *ephemeral_consumers(s.chunk_stream),
     ]
     subscribe = [
         f"{inbox(principal)}.>",
@@ -321,6 +328,7 @@ def observer(subjects: Subjects, *, principal: str) -> Permissions:
         s.all_runs,
         s.all_run_cancels,
         s.all_dead_letters,
+        s.all_task_streams,
         f"$KV.{s.agents_bucket}.>",
         f"$KV.{s.tasks_bucket}.>",
         f"$KV.{s.runs_bucket}.>",
@@ -349,6 +357,7 @@ def observer(subjects: Subjects, *, principal: str) -> Permissions:
     for stream in (
         s.events_stream,
         s.dead_letter_stream,
+        s.chunk_stream,
         f"KV_{s.agents_bucket}",
         f"KV_{s.tasks_bucket}",
         f"KV_{s.runs_bucket}",

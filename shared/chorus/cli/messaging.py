@@ -1,9 +1,13 @@
-"""`chorus pub`, `chorus req`, `chorus tail`: publish, request, and follow subjects."""
+"""`chorus pub`, `chorus req`, `chorus tail`: publish, request, and follow subjects.
+
+`req --stream` prints a task's live output (on stderr) while it waits for the reply; `tail`
+shows live output condensed (chorus.cli.live)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -18,10 +22,11 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from chorus.cli import wire
+from chorus.cli.live import Condenser, TextPrinter, drain, follow_chunks
 from chorus.client import ChorusClient
 from chorus.config import Settings
-from chorus.errors import NoResponders, RequestTimeout
-from chorus.messages import ErrorReply, Event, decode
+from chorus.errors import ConfigError, NoResponders, RequestTimeout
+from chorus.messages import ErrorReply, Event, StreamChunk, Task, decode, stream_key
 from chorus.nats import wire as outbound
 from chorus.nats.connection import connect
 from chorus.nats.jetstream import ordered_watch
@@ -35,6 +40,7 @@ KIND_COLOURS = {
     "agent_status": "yellow",
     "task_outcome": "green",
     "dead_letter": "red",
+    "stream_chunk": "blue",
 }
 
 
@@ -58,13 +64,18 @@ def register(sub: Any) -> None:
         "req",
         help="send a request and print the reply",
         description="Send DATA to SUBJECT and print the reply (decoded). Exits 1 on an error "
-        "reply, 2 when nobody answers.",
-        epilog='example:\n  chorus req chorus.cap.research.task \'{"input": "what is NATS?"}\'',
+        "reply, 2 when nobody answers. With --stream (task subjects), the agent's live "
+        "output is printed on stderr as it comes, then the reply on stdout.",
+        epilog='examples:\n  chorus req chorus.cap.research.task \'{"input": "what is NATS?"}\'\n'
+        '  chorus req --stream chorus.cap.research.task \'{"input": "what is NATS?"}\'',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     req.add_argument("subject")
     req.add_argument("data", nargs="?", help="JSON payload, @file, or - for stdin")
     req.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    req.add_argument(
+        "--stream", action="store_true", help="print the task's text as it comes (on stderr)"
+    )
     req.set_defaults(func=request)
 
     tail = sub.add_parser(
@@ -111,9 +122,17 @@ async def publish(args: argparse.Namespace, settings: Settings) -> int:
 
 async def request(args: argparse.Namespace, settings: Settings) -> int:
     payload = wire.prepare(settings.subjects, args.subject, wire.read_payload(args.data))
+    if args.stream and settings.subjects.classify(args.subject) != "task":
+        raise ConfigError(
+            f"--stream follows a task: {args.subject} is not a task subject (for example "
+            f"{settings.subjects.capability_task('research')})"
+        )
     nc = await connect(settings, "chorus-cli")
     try:
-        reply = await outbound.request(nc, args.subject, payload, timeout=args.timeout)
+        if args.stream:
+            reply = await _streamed_request(nc, settings, args, decode(payload, Task), payload)
+        else:
+            reply = await outbound.request(nc, args.subject, payload, timeout=args.timeout)
     except NoRespondersError:
         raise NoResponders(
             f"nobody listens on {args.subject}: is an agent running for it?"
@@ -127,6 +146,27 @@ async def request(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if isinstance(message, ErrorReply) else 0
 
 
+async def _streamed_request(
+    nc: Client, settings: Settings, args: argparse.Namespace, task: Task, payload: bytes
+) -> Msg:
+    """The request, with the task's live output printed on stderr until its answer."""
+    printer = TextPrinter(sys.stderr)
+    client = ChorusClient(nc, settings.subjects)
+    # `prepare` wrote the task's id into the payload: the agent streams under that one.
+    live = client.stream(task.run_id, stream_key(task), max_age_s=settings.stream_max_age)
+    async with live as chunks:
+        following = asyncio.create_task(follow_chunks(chunks, printer.show))
+        try:
+            reply = await outbound.request(nc, args.subject, payload, timeout=args.timeout)
+        finally:
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await following
+        await drain(chunks, printer.show)
+    printer.end()
+    return reply
+
+
 class Printer:
     def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
         self.args = args
@@ -136,6 +176,7 @@ class Printer:
         self.console = Console(highlight=False, soft_wrap=True)
         self.printed = 0
         self.done = asyncio.Event()
+        self.condenser = Condenser()
 
     def wanted(self, msg: Msg, message: Any) -> bool:
         if self.args.no_heartbeats and self.subjects.classify(msg.subject) == "heartbeat":
@@ -168,29 +209,39 @@ class Printer:
         elif self.args.raw:
             print(f"{msg.subject} {msg.data.decode(errors='replace')}", flush=True)
         else:
-            from rich.markup import escape
-
-            kind = wire.type_of(message)
-            colour = KIND_COLOURS.get(kind, "white")
-            run = wire.run_id_of(message, msg.headers)
-            agent = wire.agent_of(message)
-            parts = [
-                f"[dim]{time.strftime('%H:%M:%S')}[/]",
-                f"[bold]{escape(msg.subject)}[/]",
-                f"[{colour}]{kind}[/]",
-            ]
-            if run:
-                parts.append(f"run={escape(run[:12])}")
-            if agent:
-                parts.append(f"agent={escape(agent)}")
-            parts.append(escape(wire.short(message)))
-            tools = wire.tools_line(message)
-            if tools:
-                parts.append(f"[magenta]{escape(tools)}[/]")
-            self.console.print(" ".join(parts))
+            if isinstance(message, StreamChunk):  # a task's deltas gather into one line
+                summaries = self.condenser.lines(msg.subject, message)
+                if not summaries:
+                    return
+            else:
+                summaries = [wire.short(message)]
+            for summary in summaries:
+                self._print(msg, message, summary)
         self.printed += 1
         if self.args.count and self.printed >= self.args.count:
             self.done.set()
+
+    def _print(self, msg: Msg, message: Any, summary: str) -> None:
+        from rich.markup import escape
+
+        kind = wire.type_of(message)
+        colour = KIND_COLOURS.get(kind, "white")
+        run = wire.run_id_of(message, msg.headers)
+        agent = wire.agent_of(message)
+        parts = [
+            f"[dim]{time.strftime('%H:%M:%S')}[/]",
+            f"[bold]{escape(msg.subject)}[/]",
+            f"[{colour}]{kind}[/]",
+        ]
+        if run:
+            parts.append(f"run={escape(run[:12])}")
+        if agent:
+            parts.append(f"agent={escape(agent)}")
+        parts.append(escape(summary))
+        tools = wire.tools_line(message)
+        if tools:
+            parts.append(f"[magenta]{escape(tools)}[/]")
+        self.console.print(" ".join(parts))
 
 
 async def _subscribe(nc: Client, pattern: str, printer: Printer, history: bool) -> Any:

@@ -1,4 +1,7 @@
-"""How `chorus run` shows a run as it goes: a live view for terminals, plain lines otherwise."""
+"""How `chorus run` shows a run as it goes: a live view for terminals, plain lines otherwise.
+
+Both show the running steps' text as the agents write it (their live output): the live view
+under each running step, the plain lines as whole lines of text per step."""
 
 from __future__ import annotations
 
@@ -6,8 +9,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol, TextIO
 
+from chorus.cli.live import StepLines
 from chorus.cli.text import one_line
-from chorus.messages import RunFields, RunHead, RunProgress, RunRecord
+from chorus.client.streams import LiveText
+from chorus.messages import RunFields, RunHead, RunProgress, RunRecord, StreamChunk
 from chorus.specs.workflow import WorkflowSpec, expected_steps
 from chorus.workflows.progress import FINAL_KINDS
 
@@ -24,6 +29,7 @@ STATUS_STYLE: Final = {
     "skipped": "dim",
 }
 MARKS: Final = {"completed": "✓", "failed": "✗", "skipped": "-", "cancelled": "✗", "pending": "·"}
+SAID_CHARS: Final = 70  # of a running step's latest text in the live view
 # progress kind that ends a step -> the step status it means, and back
 STEP_ENDS: Final = {
     "step_finished": "completed",
@@ -85,6 +91,8 @@ def short(text: str, width: int = 80) -> str:
 class Display(Protocol):
     def show(self, progress: RunProgress) -> None: ...
 
+    def text(self, chunk: StreamChunk) -> None: ...
+
     def close(self, record: RunRecord | None) -> None: ...
 
 
@@ -94,6 +102,7 @@ class PlainProgress:
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.ended: set[str] = set()  # steps whose end was shown
+        self.said = StepLines(lambda step, text: self.line(time.time(), "text", step, text))
 
     def line(self, at: float, kind: str, step: str, detail: str) -> None:
         where = f"{one_line(step)}: " if step else ""
@@ -104,6 +113,9 @@ class PlainProgress:
         if progress.kind in STEP_ENDS or progress.kind in FINAL_KINDS:
             self.ended.add(progress.step or progress.kind)
         self.line(progress.time, progress.kind, progress.step, progress.detail)
+
+    def text(self, chunk: StreamChunk) -> None:
+        self.said.show(chunk)
 
     def close(self, record: RunRecord | None) -> None:
         # Progress is fire-and-forget: a step whose end we did not hear of is told from the
@@ -124,6 +136,7 @@ class StepView:
     started: float = field(default_factory=time.time)
     ended: float = 0.0
     spinner: Spinner | None = None
+    said: str = ""  # what its agent is writing (live output)
 
 
 class LiveProgress:
@@ -137,6 +150,7 @@ class LiveProgress:
         self.total = expected_steps(workflow)
         self.steps: dict[str, StepView] = {}
         self.notes: list[str] = []  # plan, events, retries: the latest few are shown
+        self.texts = LiveText()
         self.status = "pending"
         self.live = Live(console=console, get_renderable=self.render, refresh_per_second=8)
         self.live.start()
@@ -161,6 +175,14 @@ class LiveProgress:
         elif kind == "step_retry":
             self.notes.append(f"{name} retrying: {progress.detail}")
         self.live.refresh()
+
+    def text(self, chunk: StreamChunk) -> None:
+        # Drawn at the next refresh (8 a second), not once per chunk.
+        self.texts.add(chunk)
+        shown, view = self.texts.current(chunk.task_id), self.steps.get(chunk.task_id)
+        if shown is not None and view is not None:  # the step's latest attempt
+            view.said = f"[{shown.tool}] " if shown.tool else ""
+            view.said += " ".join(shown.text.split())[-SAID_CHARS:]
 
     def close(self, record: RunRecord | None) -> None:
         if record is not None:  # the record is the account: show every step as it ended
@@ -207,11 +229,13 @@ class LiveProgress:
             # A finished step's detail says how long it took; a running one's time counts up.
             took = (view.ended or now) - view.started if view.started else 0.0
             clock_text = "" if view.status == "completed" else seconds_text(max(took, 0.0))
+            # A running step shows what its agent is writing, once it writes.
+            if view.status == "running" and view.said:
+                detail = Text(one_line(short(view.said, SAID_CHARS)), style="italic")
+            else:
+                detail = Text(one_line(short(view.detail, 70)))
             steps.add_row(
-                mark,
-                Text(one_line(name), style="bold"),
-                Text(one_line(short(view.detail, 70))),
-                Text(clock_text, style="dim"),
+                mark, Text(one_line(name), style="bold"), detail, Text(clock_text, style="dim")
             )
         notes = [Text(one_line(short(note, 100)), style="dim") for note in self.notes[-4:]]
         return Group(head, steps, *notes)

@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from chorus.cli import wire
+from chorus.cli.live import drain, follow_chunks
 from chorus.cli.run_progress import (
     STATUS_STYLE,
     Display,
@@ -29,6 +30,7 @@ from chorus.cli.run_progress import (
     when,
 )
 from chorus.cli.text import for_stream, plain, safe
+from chorus.client import ChorusClient
 from chorus.client.runs import RunClient
 from chorus.config import Settings
 from chorus.errors import ConfigError, InvalidMessage, NotFound, RequestTimeout
@@ -218,6 +220,12 @@ async def follow(
 
     # Subscribed before submitting, so no progress of the run is missed.
     subscription = await nc.subscribe(settings.subjects.run_all(request.run_id), cb=on_progress)
+    # The steps' text as their agents write it (a JetStream reader misses nothing anyway).
+    chunks = ChorusClient(nc, settings.subjects).stream(
+        request.run_id, max_age_s=settings.stream_max_age
+    )
+    await chunks.open()
+    showing = asyncio.create_task(follow_chunks(chunks, display.text))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -242,6 +250,8 @@ async def follow(
             return None
         try:
             record = waiting.result()
+            await _stop_showing(showing)
+            await drain(chunks, display.text)  # the run is over: every chunk is stored
         except RequestTimeout:
             current = await runs.get(request.run_id)
             if current.status == "pending":
@@ -255,8 +265,17 @@ async def follow(
         return record
     finally:
         loop.remove_signal_handler(signal.SIGINT)
+        showing.cancel()
+        await asyncio.gather(showing, return_exceptions=True)  # what it met is told above
+        await chunks.close()
         await subscription.unsubscribe()
         display.close(record)
+
+
+async def _stop_showing(showing: asyncio.Task[None]) -> None:
+    showing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await showing
 
 
 def print_result(record: RunRecord) -> None:

@@ -1,4 +1,4 @@
-"""Talking to agents from any process: tasks, help requests, events, discovery."""
+"""Talking to agents from any process: tasks, help requests, events, live output, discovery."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from chorus.client.streams import DEFAULT_MAX_AGE_S, ChunkReader
 from chorus.errors import NoHelper, NoResponders, RequestTimeout, error_from_code
 from chorus.messages import (
     ErrorReply,
@@ -127,6 +128,26 @@ class ChorusClient:
         with tracing.sending(subject, message_id=event.event_id):
             ack = await wire.publish_durably(js, subject, encode(event), headers.for_event(event))
         return not ack.duplicate
+
+    def stream(
+        self,
+        run_id: str,
+        task_id: str | None = None,
+        *,
+        from_seq: int = 0,
+        max_age_s: float = DEFAULT_MAX_AGE_S,
+    ) -> ChunkReader:
+        """The live output of a run's tasks (or of one: a workflow step's name, else the
+        task's id; `run_id` "" for a task of no run), in order, from stream sequence
+        `from_seq` (0: all that is kept; `chunk.stream_seq + 1` resumes after a chunk).
+
+            async with client.stream(run_id) as chunks:
+                async for chunk in chunks:
+                    print(chunk.kind, chunk.text)
+        """
+        return ChunkReader(
+            self.nc, self.subjects, run_id, task_id, from_seq=from_seq, max_age_s=max_age_s
+        )
 
     async def discover(self, timeout: float = 0.5) -> list[dict[str, Any]]:
         """Every agent instance that answers `$SRV.PING.<service>` within `timeout`."""

@@ -35,7 +35,12 @@ from chorus.messages import (
     encode,
 )
 from chorus.nats import wire
-from chorus.nats.streams import ensure_agents_bucket, ensure_events_stream, ensure_tasks_bucket
+from chorus.nats.streams import (
+    ensure_agents_bucket,
+    ensure_chunk_stream,
+    ensure_events_stream,
+    ensure_tasks_bucket,
+)
 from chorus.state.bucket import StateBucket
 from chorus.telemetry.metrics import DispatchInstruments, snapshot
 
@@ -83,6 +88,7 @@ class Coordinator:
         js = self.nc.jetstream()
         # What agents use but, under generated credentials, may not create (chorus.auth).
         await ensure_events_stream(js, self.subjects)
+        await ensure_chunk_stream(js, self.subjects, self.settings.stream_max_age)
         await StateBucket.ensure(self.nc, self.subjects)
         self._agents = await ensure_agents_bucket(js, self.subjects)
         tasks = await ensure_tasks_bucket(js, self.subjects)

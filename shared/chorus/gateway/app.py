@@ -43,6 +43,7 @@ from chorus.gateway.limits import (
     read_body,
     require_json,
 )
+from chorus.gateway.live import LiveOutput
 from chorus.gateway.openapi import document
 from chorus.gateway.options import GatewayOptions
 from chorus.gateway.prometheus import CONTENT_TYPE, exposition
@@ -146,6 +147,7 @@ class Gateway:
         self.waiting = WaitSlots(options.max_waiting)
         self.stopping = stopping
         self.runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
+        self.live = LiveOutput(nc, settings, self.runs, stopping=stopping)
         self.system = SystemView(nc, settings.subjects, timeout=status_timeout)
         self.instruments = metrics
         self.openapi = document()
@@ -298,6 +300,7 @@ def create_app(
         route("/api/runs", gateway.list_runs, "read"),
         route("/api/runs/{run_id}", gateway.get_run, "read"),
         route("/api/runs/{run_id}/cancel", gateway.cancel_run, "execute", post=True),
+        route("/api/runs/{run_id}/stream", gateway.live.stream, "read"),  # Server-Sent Events
         route("/api/health", gateway.health, None),  # open, for health checks: see health()
         route("/api/metrics", gateway.metrics, "read"),
         route("/metrics", gateway.prometheus, "read"),

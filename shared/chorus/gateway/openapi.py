@@ -8,7 +8,7 @@ import msgspec
 
 from chorus import __version__
 from chorus.gateway.bodies import ApiErrorBody, HealthReport, RunAccepted, RunList
-from chorus.messages import AgentRecord, Metrics, RunRecord, RunRequest
+from chorus.messages import AgentRecord, Metrics, RunRecord, RunRequest, StreamChunk
 
 REF: Final = "#/components/schemas/{name}"
 
@@ -112,6 +112,39 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/api/runs/{run_id}/stream": {
+            "get": {
+                "summary": "The run's live output, as Server-Sent Events",
+                "description": "One event per StreamChunk of the run's tasks: `event` its kind "
+                "(delta, tool_started, tool_finished, final, superseded), `data` the chunk as "
+                "JSON, `id` its stream sequence. Reconnect with `Last-Event-ID` (or "
+                "`?last_event_id=`) to get what follows it, with no gap and no duplicate. An "
+                '`end` event (`{"run_id", "status"}`) follows the last chunk of a finished run.',
+                "parameters": [
+                    _RUN_ID,
+                    {
+                        "name": "task",
+                        "in": "query",
+                        "description": "one task only: a workflow step's name, or a task id",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "description": "the id of the last event received",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the events, as they come",
+                        "content": {"text/event-stream": {"schema": _ref(StreamChunk)}},
+                    },
+                    "400": _error("Last-Event-ID or task is not one this stream could take"),
+                    "503": _NATS_DOWN,
+                },
+            }
+        },
         "/api/health": {
             "get": {
                 "summary": "NATS, the coordinator and the agents in the registry",
@@ -200,6 +233,7 @@ def document() -> dict[str, Any]:
             Metrics,
             AgentRecord,
             ApiErrorBody,
+            StreamChunk,
         ),
         ref_template=REF,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chorus.llm.base import Model, ModelReply, ModelRequest
+from chorus.llm.base import Model, ModelEvent, ModelReply, ModelRequest, TextDelta
 from chorus.llm.factory import create_model
 
-__all__ = ["Model", "ModelReply", "ModelRequest", "create_model"]
+__all__ = ["Model", "ModelEvent", "ModelReply", "ModelRequest", "TextDelta", "create_model"]

@@ -6,14 +6,20 @@ function tools the model may call and hosted tools (`{"type": "web_search", ...}
 the provider as they are. A reply is text and/or tool calls, the items it adds to the
 conversation, and token usage. `complete(ModelRequest(model, instructions, input))` with no
 items nor tools is the single prompt it always was.
+
+`stream(request)` is the same call as it happens: `TextDelta`s as the model writes, then
+the `ModelReply` (the whole text again, the tool calls, the usage) last. The agent loop uses
+it when someone follows the task's live output; `complete` otherwise.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import msgspec
 
+from chorus.errors import ModelError
 from chorus.messages import Usage
 
 
@@ -93,6 +99,17 @@ class ModelReply(msgspec.Struct, frozen=True, kw_only=True):
     items: tuple[Item, ...] = ()
 
 
+class TextDelta(msgspec.Struct, frozen=True):
+    """Text the model has just written, in order; a stream's deltas add up to its reply's
+    text."""
+
+    text: str
+
+
+ModelEvent = TextDelta | ModelReply
+"""What `Model.stream` yields: deltas, then one ModelReply, last."""
+
+
 class Model(Protocol):
     """A provider. Implementations must be safe to call concurrently from many tasks."""
 
@@ -100,7 +117,33 @@ class Model(Protocol):
 
     async def complete(self, request: ModelRequest) -> ModelReply: ...
 
+    def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
+        """The call of `complete`, as it happens: text deltas, then the reply."""
+        ...
+
     async def close(self) -> None: ...
+
+
+async def streamed_reply(
+    model: Model, request: ModelRequest, on_delta: Callable[[str], None]
+) -> ModelReply:
+    """`model.stream(request)` with each delta handed to `on_delta`; the reply it ends with."""
+    events = model.stream(request)
+    reply: ModelReply | None = None
+    try:
+        async for event in events:
+            if isinstance(event, TextDelta):
+                if event.text:
+                    on_delta(event.text)
+            else:
+                reply = event
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:  # an abandoned generator closes its HTTP response now
+            await close()
+    if reply is None:
+        raise ModelError(f"model {model.name}: the stream ended without a reply")
+    return reply
 
 
 def runs_hosted_tools(model: Model) -> bool:

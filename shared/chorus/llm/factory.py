@@ -1,4 +1,8 @@
-"""Pick a provider from a model string: `offline`, `offline:<name>`, `openai:<model>`."""
+"""Pick a provider from a model string: `offline`, `offline:<name>`, `openai:<model>`.
+
+CHORUS_OFFLINE_CHUNK_DELAY (seconds) spaces the words the offline model streams, so a demo
+shows live output as a real model would.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +25,22 @@ def split_model(model: str) -> tuple[str, str]:
 def create_model(model: str, env: Mapping[str, str] | None = None) -> Model:
     """Build the provider for `model`. The openai package is imported only when it is used."""
     provider, name = split_model(model)
+    source = os.environ if env is None else env
     if provider == "offline":
-        return OfflineModel(name)
+        return OfflineModel(name, chunk_delay=_seconds(source, "CHORUS_OFFLINE_CHUNK_DELAY"))
     if provider == "openai":
         from chorus.llm.openai_provider import OpenAIModel
 
-        return OpenAIModel.from_env(name, os.environ if env is None else env)
+        return OpenAIModel.from_env(name, source)
     raise ConfigError(f"unknown model provider {provider!r} in {model!r}: use offline or openai")
+
+
+def _seconds(env: Mapping[str, str], key: str) -> float:
+    raw = env.get(key, "").strip()
+    try:
+        value = float(raw) if raw else 0.0
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ConfigError(f"{key} must be a number of seconds, not {raw!r}")
+    return value

@@ -8,13 +8,17 @@ first string property); once outputs are in, it answers citing them:
 
 Tests script it with `OfflineModel(script=...)`: a callable from the full request (items
 included) to text, data, a `FunctionCall`, a list of them, or a whole `ModelReply`.
+
+`stream` gives the same reply a word at a time (`chunk_delay` seconds apart, after `delay`),
+so the live output of tasks can be seen and tested without a provider.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from chorus.errors import ConfigError
@@ -22,13 +26,16 @@ from chorus.llm.base import (
     FunctionCall,
     FunctionCallOutput,
     FunctionTool,
+    ModelEvent,
     ModelReply,
     ModelRequest,
+    TextDelta,
     reply_items,
 )
 from chorus.messages import Usage
 
 Script = Callable[[ModelRequest], Any | Awaitable[Any]]
+_WORDS = re.compile(r"\S+\s*|\s+")  # every character in exactly one piece, in order
 
 
 def _count_tokens(text: str) -> int:
@@ -82,15 +89,35 @@ def sample_arguments(tool: FunctionTool, text: str) -> dict[str, Any]:
 
 
 class OfflineModel:
-    """Deterministic, instant (or `delay` seconds), scriptable."""
+    """Deterministic, instant (or `delay` seconds), scriptable; streamed a word at a time,
+    `chunk_delay` seconds apart."""
 
     hosted_tools = False  # nothing to run a provider's web search with
 
-    def __init__(self, name: str = "offline", *, script: Script | None = None, delay: float = 0.0):
+    def __init__(
+        self,
+        name: str = "offline",
+        *,
+        script: Script | None = None,
+        delay: float = 0.0,
+        chunk_delay: float = 0.0,
+    ):
         self.name = name
         self.script = script
         self.delay = delay
+        self.chunk_delay = chunk_delay
         self.calls: list[ModelRequest] = []
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
+        """The reply of `complete`, its text a word per delta, then the reply itself."""
+        reply = await self.complete(request)
+        for number, piece in enumerate(_WORDS.findall(reply.text)):
+            if number:
+                # Each word in a loop turn of its own, as a provider's stream arrives (and
+                # `chunk_delay` of simulated generation time).
+                await asyncio.sleep(self.chunk_delay)
+            yield TextDelta(piece)
+        yield reply
 
     async def complete(self, request: ModelRequest) -> ModelReply:
         self.calls.append(request)

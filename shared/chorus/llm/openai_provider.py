@@ -5,6 +5,9 @@ errors and timeouts itself, with exponential backoff, jitter and `retry-after`, 
 of attempts and the final error message are ours. Concurrency per model is bounded by a
 semaphore that is not held while waiting to retry.
 
+`stream` is the same call with `stream=True` (and, for chat, `stream_options={"include_usage":
+True}`), read by `chorus.llm.openai_stream`.
+
 Tools: the Responses API gets `tools=[{"type": "function", ...}]` plus hosted tools as
 given, and the conversation as input items (stateless: `store=False`, the prior output items
 sent back, never `previous_response_id`). Chat Completions gets `tools=[{"type": "function",
@@ -17,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any, Literal
 
 import msgspec
 import openai
+from openai.types.responses import Response
 
 from chorus.errors import ConfigError, MissingApiKey, ModelError
 from chorus.llm.base import (
@@ -29,12 +34,15 @@ from chorus.llm.base import (
     FunctionCall,
     FunctionCallOutput,
     Item,
+    ModelEvent,
     ModelReply,
     ModelRequest,
     ProviderItem,
+    TextDelta,
     UserMessage,
     reply_items,
 )
+from chorus.llm.openai_stream import ChatStream, response_event
 from chorus.messages import Usage
 
 Api = Literal["responses", "chat"]
@@ -246,48 +254,92 @@ class OpenAIModel:
             **options,
         )
 
-    async def complete(self, request: ModelRequest) -> ModelReply:
+    def _schema(self, request: ModelRequest) -> dict[str, Any] | None:
+        """The strict schema of the request; ConfigError for what this API cannot do."""
         schema = strict_schema(request.json_schema) if request.json_schema is not None else None
         if request.hosted_tools and not self.hosted_tools:
             raise ConfigError(
                 f"openai model {self.name}: hosted tools need the Responses API "
                 "(CHORUS_OPENAI_API=responses), not chat completions"
             )
+        return schema
+
+    async def complete(self, request: ModelRequest) -> ModelReply:
+        schema = self._schema(request)
         attempts = max(0, self.max_retries) + 1
         for attempt in range(1, attempts + 1):
             try:
                 async with self._limit:
                     answer = await self._call(request, schema)
                 break
-            except openai.APIStatusError as exc:
-                status, message = exc.status_code, _error_message(exc)
-                if status == 401:
-                    raise ModelError(
-                        f"openai model {self.name}: HTTP 401 unauthorized: {message}; "
-                        "check OPENAI_API_KEY"
-                    ) from exc
-                if status not in (408, 429) and status < 500:
-                    hint = ""
-                    if status == 404 and self.api == "responses":
-                        hint = " (a server without /v1/responses needs CHORUS_OPENAI_API=chat)"
-                    raise ModelError(
-                        f"openai model {self.name}: HTTP {status}: {message}{hint}"
-                    ) from exc
-                failure, delay = f"HTTP {status}: {message}", _retry_after(exc)
-            except openai.APIConnectionError as exc:
-                timed_out = isinstance(exc, openai.APITimeoutError)
-                failure = f"{'timed out' if timed_out else 'connection error'}: {exc.message}"
-                delay = None
             except openai.OpenAIError as exc:
-                raise ModelError(f"openai model {self.name}: {exc}") from exc
-            if attempt == attempts:
+                failure, delay = self._retryable(exc)
+            await self._before_retry(attempt, attempts, failure, delay)
+        return self._reply(request, answer)
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
+        """`complete`, streamed (`stream=True`). A failure before the first delta is retried
+        as `complete` retries; one after it is a ModelError (what was shown cannot be taken
+        back by a silent retry: the task's own retry supersedes it)."""
+        schema = self._schema(request)
+        attempts = max(0, self.max_retries) + 1
+        for attempt in range(1, attempts + 1):
+            began = False
+            try:
+                async with self._limit, aclosing(self._stream_call(request, schema)) as events:
+                    async for event in events:
+                        if isinstance(event, _Answer):
+                            answer = event
+                        else:
+                            began = True
+                            yield TextDelta(event)
+                break
+            except openai.OpenAIError as exc:
+                if began:
+                    raise ModelError(
+                        f"openai model {self.name}: the stream broke after it began: {exc}"
+                    ) from exc
+                failure, delay = self._retryable(exc)
+            await self._before_retry(attempt, attempts, failure, delay)
+        yield self._reply(request, answer)
+
+    def _retryable(self, exc: openai.OpenAIError) -> tuple[str, float | None]:
+        """What went wrong and the delay the server asked for, when it is worth retrying;
+        a ModelError saying what to do otherwise."""
+        if isinstance(exc, openai.APIStatusError):
+            status, message = exc.status_code, _error_message(exc)
+            if status == 401:
                 raise ModelError(
-                    f"openai model {self.name}: gave up after {attempts} attempts: {failure}"
-                )
-            if delay is None:
-                backoff = min(self.retry_cap, self.retry_base * 2 ** (attempt - 1))
-                delay = random.uniform(backoff / 2, backoff)
-            await self._sleep(min(delay, self.retry_after_cap))
+                    f"openai model {self.name}: HTTP 401 unauthorized: {message}; "
+                    "check OPENAI_API_KEY"
+                ) from exc
+            if status not in (408, 429) and status < 500:
+                hint = ""
+                if status == 404 and self.api == "responses":
+                    hint = " (a server without /v1/responses needs CHORUS_OPENAI_API=chat)"
+                raise ModelError(
+                    f"openai model {self.name}: HTTP {status}: {message}{hint}"
+                ) from exc
+            return f"HTTP {status}: {message}", _retry_after(exc)
+        if isinstance(exc, openai.APIConnectionError):
+            timed_out = isinstance(exc, openai.APITimeoutError)
+            return f"{'timed out' if timed_out else 'connection error'}: {exc.message}", None
+        raise ModelError(f"openai model {self.name}: {exc}") from exc
+
+    async def _before_retry(
+        self, attempt: int, attempts: int, failure: str, delay: float | None
+    ) -> None:
+        """Wait before the next attempt; a ModelError after the last one."""
+        if attempt == attempts:
+            raise ModelError(
+                f"openai model {self.name}: gave up after {attempts} attempts: {failure}"
+            )
+        if delay is None:
+            backoff = min(self.retry_cap, self.retry_base * 2 ** (attempt - 1))
+            delay = random.uniform(backoff / 2, backoff)
+        await self._sleep(min(delay, self.retry_after_cap))
+
+    def _reply(self, request: ModelRequest, answer: _Answer) -> ModelReply:
         text, data = answer.text, None
         if request.json_schema is not None and not answer.calls:
             try:
@@ -308,7 +360,62 @@ class OpenAIModel:
 
     async def _call(self, request: ModelRequest, schema: dict[str, Any] | None) -> _Answer:
         if self.api == "chat":
-            return await self._chat(request, schema)
+            completion = await self._client.chat.completions.create(
+                **self._chat_params(request, schema)
+            )
+            if not completion.choices:
+                raise ModelError(f"openai model {self.name}: the reply has no choices")
+            message = completion.choices[0].message
+            text = message.content or ""
+            u = completion.usage
+            usage = Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens) if u else Usage()
+            calls = tuple(
+                FunctionCall(call_id=c.id, name=c.function.name, arguments=c.function.arguments)
+                for c in message.tool_calls or ()
+                if c.type == "function"
+            )
+            model = completion.model or self.name
+            return _Answer(text, usage, model, calls, reply_items(text, calls))
+        response = await self._client.responses.create(**self._responses_params(request, schema))
+        return self._response_answer(response)
+
+    async def _stream_call(
+        self, request: ModelRequest, schema: dict[str, Any] | None
+    ) -> AsyncGenerator[str | _Answer]:
+        """The text as it comes, then the answer."""
+        if self.api == "chat":
+            chunks = await self._client.chat.completions.create(
+                **self._chat_params(request, schema),
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            read = ChatStream(model=self.name)
+            async with chunks:
+                async for chunk in chunks:
+                    text = read.add(chunk)
+                    if text:
+                        yield text
+            if not read.finished:
+                raise ModelError(f"openai model {self.name}: the stream ended before the reply did")
+            whole, calls = "".join(read.text), read.calls
+            yield _Answer(whole, read.usage, read.model, calls, reply_items(whole, calls))
+            return
+        events = await self._client.responses.create(
+            **self._responses_params(request, schema), stream=True
+        )
+        async with events:
+            async for event in events:
+                said = response_event(event, self.name)
+                if isinstance(said, str):
+                    yield said
+                elif said is not None:
+                    yield self._response_answer(said)
+                    return
+        raise ModelError(f"openai model {self.name}: the stream ended before the reply did")
+
+    def _responses_params(
+        self, request: ModelRequest, schema: dict[str, Any] | None
+    ) -> dict[str, Any]:
         tools: list[dict[str, Any]] = [
             {
                 "type": "function",
@@ -320,13 +427,13 @@ class OpenAIModel:
             for t in request.tools
         ]
         tools += [dict(t) for t in request.hosted_tools]
-        response = await self._client.responses.create(
-            model=self.name,
-            instructions=request.instructions,
-            input=responses_input(request),  # type: ignore[arg-type]
-            tools=tools or openai.omit,  # type: ignore[arg-type]
-            store=False,
-            text=openai.omit
+        return {
+            "model": self.name,
+            "instructions": request.instructions,
+            "input": responses_input(request),
+            "tools": tools or openai.omit,
+            "store": False,
+            "text": openai.omit
             if schema is None
             else {
                 "format": {
@@ -336,7 +443,9 @@ class OpenAIModel:
                     "strict": True,
                 }
             },
-        )
+        }
+
+    def _response_answer(self, response: Response) -> _Answer:
         u = response.usage
         usage = Usage(u.input_tokens, u.output_tokens, u.total_tokens) if u else Usage()
         calls: list[FunctionCall] = []
@@ -361,7 +470,7 @@ class OpenAIModel:
         model = response.model or self.name
         return _Answer(response.output_text, usage, model, tuple(calls), tuple(items))
 
-    async def _chat(self, request: ModelRequest, schema: dict[str, Any] | None) -> _Answer:
+    def _chat_params(self, request: ModelRequest, schema: dict[str, Any] | None) -> dict[str, Any]:
         tools = [
             {
                 "type": "function",
@@ -373,30 +482,17 @@ class OpenAIModel:
             }
             for t in request.tools
         ]
-        completion = await self._client.chat.completions.create(
-            model=self.name,
-            messages=chat_messages(request),  # type: ignore[arg-type]
-            tools=tools or openai.omit,  # type: ignore[arg-type]
-            response_format=openai.omit
+        return {
+            "model": self.name,
+            "messages": chat_messages(request),
+            "tools": tools or openai.omit,
+            "response_format": openai.omit
             if schema is None
             else {
                 "type": "json_schema",
                 "json_schema": {"name": request.schema_name, "schema": schema, "strict": True},
             },
-        )
-        if not completion.choices:
-            raise ModelError(f"openai model {self.name}: the reply has no choices")
-        message = completion.choices[0].message
-        text = message.content or ""
-        u = completion.usage
-        usage = Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens) if u else Usage()
-        calls = tuple(
-            FunctionCall(call_id=c.id, name=c.function.name, arguments=c.function.arguments)
-            for c in message.tool_calls or ()
-            if c.type == "function"
-        )
-        model = completion.model or self.name
-        return _Answer(text, usage, model, calls, reply_items(text, calls))
+        }
 
     async def close(self) -> None:
         await self._client.close()

@@ -3,8 +3,8 @@
 `codec` (the base Struct, encode/decode), `headers` (every header), `agents` (the agent
 protocol), `coordination` (registry, outcomes, dead letters, metrics), `state` (shared-state
 entries), `sessions` (conversation sessions), `runs` (run records, progress, requests),
-`effects` (the effect ledger), `discovery` (`$SRV.INFO` replies), `schema` (JSON Schema of
-them all). This
+`effects` (the effect ledger), `discovery` (`$SRV.INFO` replies), `streams` (the live output
+of tasks), `schema` (JSON Schema of them all). This
 package imports only `chorus.errors`, `chorus.subjects` and `chorus.specs`; the names are
 re-exported here, so `from chorus.messages import Task` is the usual import.
 """
@@ -93,6 +93,7 @@ from chorus.messages.state import (
     LockEntry,
     StateEntry,
 )
+from chorus.messages.streams import ChunkKind, StreamChunk, stream_key
 
 __all__ = [
     "ATTEMPT_HEADER",
@@ -112,6 +113,7 @@ __all__ = [
     "AttemptError",
     "AttemptLog",
     "BreakerState",
+    "ChunkKind",
     "DeadLetter",
     "DelegationPlan",
     "EffectRecord",
@@ -147,6 +149,7 @@ __all__ = [
     "StatusChange",
     "StepRecord",
     "StepStatus",
+    "StreamChunk",
     "Subtask",
     "SubtaskResult",
     "Task",
@@ -164,5 +167,6 @@ __all__ = [
     "now",
     "rejected",
     "schemas",
+    "stream_key",
     "wire_types",
 ]

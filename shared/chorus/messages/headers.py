@@ -147,6 +147,12 @@ def for_rejected(letter: RejectedMessage) -> Headers:
     return _with_run({MSG_ID_HEADER: msg_id}, letter.run_id or "")
 
 
+def for_stream_chunk(publisher: str, seq: int) -> Headers:
+    """A chunk of live output: de-duplicated per publisher (one attempt as one instance runs
+    it), so a retried publish is dropped but the same attempt run again elsewhere is not."""
+    return {MSG_ID_HEADER: f"{publisher}-{seq}"}
+
+
 def for_error(code: str, reason: str) -> Headers:
     """An error reply: the reason and the code's number (the micro convention); the body
     carries the text code."""

@@ -8,7 +8,13 @@ from collections.abc import Awaitable, Callable
 
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
@@ -186,6 +192,29 @@ async def ensure_runs_stream(js: JetStreamContext, subjects: Subjects) -> None:
             storage=StorageType.FILE,
             retention=RetentionPolicy.WORK_QUEUE,
             duplicate_window=DEDUPE_WINDOW_S,
+        ),
+    )
+
+
+async def ensure_chunk_stream(js: JetStreamContext, subjects: Subjects, max_age_s: float) -> None:
+    """The live output of tasks: file storage, so a reader resumes across a server restart;
+    kept `max_age_s` (CHORUS_STREAM_MAX_AGE), oldest dropped first."""
+    if not max_age_s >= 1:
+        from chorus.errors import ConfigError
+
+        raise ConfigError(f"CHORUS_STREAM_MAX_AGE must be at least 1 second, got {max_age_s!r}")
+    await ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.chunk_stream,
+            description="Chorus live output of tasks (text deltas, tool calls, answers)",
+            subjects=[subjects.all_task_streams],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.OLD,
+            max_age=max_age_s,
+            # The window may not be longer than what the stream keeps.
+            duplicate_window=min(DEDUPE_WINDOW_S, max_age_s),
         ),
     )
 
