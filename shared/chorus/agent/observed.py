@@ -7,14 +7,14 @@ Kept out of the host and the loop, which call in with one line each.
 from __future__ import annotations
 
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 from nats.micro.request import Request
 from opentelemetry.trace import SpanKind
 
-from chorus.llm.base import Model, ModelReply, ModelRequest
+from chorus.llm.base import Model, ModelEvent, ModelReply, ModelRequest, TextDelta
 from chorus.llm.factory import split_model
 from chorus.messages import headers as message_headers
 from chorus.telemetry import tracing
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 
 class ObservedModel:
-    """`model`, with every `complete` call traced (`chat <model>`, its usage) and measured
-    (duration and tokens by agent and model). Anything else is the model's own."""
+    """`model`, with every `complete` and `stream` call traced (`chat <model>`, its usage) and
+    measured (duration, time to first token, tokens by agent and model)."""
 
     def __init__(self, model: Model, metrics: AgentInstruments, agent: str, spec_model: str):
         self.model = model
@@ -48,6 +48,27 @@ class ObservedModel:
             self.agent, request.model, time.perf_counter() - started, reply.usage
         )
         return reply
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
+        """`model.stream`, traced and measured like `complete`, plus time to first token."""
+        started = time.perf_counter()
+        first = True
+        with tracing.model_call(self.provider, request.model) as span:
+            try:
+                async for event in self.model.stream(request):
+                    if isinstance(event, TextDelta) and first:
+                        first = False
+                        elapsed = time.perf_counter() - started
+                        self.metrics.first_token(self.agent, request.model, elapsed)
+                    if isinstance(event, ModelReply):
+                        tracing.record_usage(span, event.usage, model=event.model)
+                        self.metrics.model_done(
+                            self.agent, request.model, time.perf_counter() - started, event.usage
+                        )
+                    yield event
+            except BaseException:
+                self.metrics.model_done(self.agent, request.model, time.perf_counter() - started)
+                raise
 
     async def close(self) -> None:
         await self.model.close()
