@@ -53,6 +53,7 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_CLAIM_TIMEOUT": "claim_timeout",
     "CHORUS_MAX_DEPTH": "max_depth",
     "CHORUS_SESSION_TTL": "session_ttl",
+    "CHORUS_DEDUPE_WINDOW": "dedupe_window",
 }
 
 
@@ -99,6 +100,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # agents as tools: an instance refuses a task that came through more hops than this
     max_depth: int = 4
     session_ttl: float = 7 * 24 * 3600.0  # a conversation session untouched this long expires
+    # durable tasks: the dispatch stream drops a resubmitted task id this long (seconds);
+    # later, the recorded outcome answers it (chorus.client.durable)
+    dedupe_window: float = 120.0
 
     @property
     def subjects(self) -> Subjects:

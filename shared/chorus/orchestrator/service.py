@@ -23,7 +23,7 @@ from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from chorus.client import ChorusClient
-from chorus.client.durable import TaskQueue
+from chorus.client.durable import TaskQueue, outcome_deadline
 from chorus.client.runstore import KvRunStore
 from chorus.config import Settings
 from chorus.errors import Conflict, InvalidMessage
@@ -44,7 +44,11 @@ CONSUMER = "orchestrator"
 
 
 class QueueRunner:
-    """Steps as durable tasks: stored, routed by the coordinator, recorded once."""
+    """Steps as durable tasks: stored, routed by the coordinator, recorded once.
+
+    `timeout` is how long a step waits for its outcome: `outcome_deadline` of the settings,
+    so it covers every attempt and backoff of the dispatcher and cannot give up on a task
+    a moment before the coordinator's retry succeeds."""
 
     def __init__(self, queue: TaskQueue, timeout: float) -> None:
         self.queue = queue
@@ -80,6 +84,7 @@ class Orchestrator:
         self._runs: set[asyncio.Task[None]] = set()
         self._handles: dict[str, RunHandle] = {}
         self._cancels: Subscription | None = None
+        self._queue: TaskQueue | None = None
         self._stopping = False
 
     @property
@@ -91,8 +96,9 @@ class Orchestrator:
         js = self.nc.jetstream()
         await ensure_runs_stream(js, self.subjects)
         client = ChorusClient(self.nc, self.subjects, timeout=self.settings.request_timeout)
+        self._queue = TaskQueue(self.nc, self.subjects)
         runner: TaskRunner = (
-            QueueRunner(TaskQueue(self.nc, self.subjects), self.settings.task_timeout)
+            QueueRunner(self._queue, outcome_deadline(self.settings))
             if self.durable_tasks
             else DirectRunner(client)
         )
@@ -131,6 +137,8 @@ class Orchestrator:
         if self._runs:
             await asyncio.wait(set(self._runs), timeout=timeout)
         await self._claims.stop()
+        if self._queue is not None:
+            await self._queue.close()
         log.info("orchestrator stopped")
 
     async def _take_runs(self, consumer: DurableConsumer) -> None:
