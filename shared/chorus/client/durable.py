@@ -23,12 +23,13 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from chorus.config import Settings
@@ -37,13 +38,16 @@ from chorus.messages import Result, Task, TaskOutcome, decode, encode, headers
 from chorus.nats.connection import raise_if_cancelled
 from chorus.nats.jetstream import StreamTail
 from chorus.nats.streams import ensure_dispatch_stream, ensure_tasks_bucket, stream_exists
-from chorus.nats.wire import publish_durably
+from chorus.nats.wire import TRANSIENT, publish_durably
 from chorus.subjects import Subjects, dispatch_target
 
 log = logging.getLogger("chorus.client.durable")
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9_=-]+$")
 MAX_BACKOFF_S = 30.0  # the longest wait between two attempts of a task
+READ_WITHIN_S = 30.0  # how long a lookup of the outcome retries while the server is away
+# A read that can succeed if asked again: the server restarting, JetStream not ready yet.
+_UNAVAILABLE = (*TRANSIENT, ServiceUnavailableError)
 
 
 def retry_delay(retry_backoff: float, failures: int) -> float:
@@ -97,7 +101,7 @@ class TaskQueue:
         target = dispatch_target(capability=capability, agent="" if capability else agent)
         if not _TASK_ID.match(task.task_id):
             raise ConfigError(f"task id {task.task_id!r} may use only letters, digits, - _ =")
-        if await self._stored(task.task_id) is not None:
+        if await self._stored(task.task_id, within=READ_WITHIN_S) is not None:
             return False  # ran already: its outcome is kept for 7 days, and stands
         if not self._stream_ready:
             # Created when missing; never changed here, so the coordinator's settings (the
@@ -116,12 +120,24 @@ class TaskQueue:
         data = await self._stored(task_id)
         return None if data is None else decode(data, TaskOutcome)
 
-    async def _stored(self, task_id: str) -> bytes | None:
-        try:
-            entry = await (await self._tasks()).get(self.subjects.outcome_key(task_id))
-        except KeyNotFoundError:  # also a deleted or expired key
-            return None
-        return entry.value or None
+    async def _stored(self, task_id: str, *, within: float = 0.0) -> bytes | None:
+        """The stored outcome's bytes; a read the server could not answer is asked again
+        (with a backoff) for `within` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        delay = 0.1
+        while True:
+            try:
+                entry = await (await self._tasks()).get(self.subjects.outcome_key(task_id))
+            except KeyNotFoundError:  # also a deleted or expired key
+                return None
+            except _UNAVAILABLE:
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)  # backoff while the server comes back
+                delay = min(delay * 2, 2.0)
+                continue
+            return entry.value or None
 
     # hearing outcomes
 
@@ -174,8 +190,22 @@ class TaskQueue:
     async def wait(self, task_id: str, timeout: float) -> TaskOutcome:
         """Wait for the recorded outcome (it may already be there)."""
         async with self._expecting(task_id) as arrived:
-            known = await self.outcome(task_id)
-            return known if known is not None else await _within(arrived, task_id, timeout)
+            return await _within(self._read_or_hear(task_id, arrived), task_id, timeout)
+
+    async def _read_or_hear(
+        self, task_id: str, arrived: asyncio.Future[TaskOutcome]
+    ) -> TaskOutcome:
+        """What the bucket holds now, or else what the tail hands on. The read is retried
+        while the server is away (the tail covers whatever is stored meanwhile)."""
+        reading = asyncio.ensure_future(self._stored(task_id, within=float("inf")))
+        either: set[asyncio.Future[Any]] = {reading, arrived}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not arrived.done() and (stored := reading.result()) is not None:
+                return decode(stored, TaskOutcome)
+            return await arrived
+        finally:
+            reading.cancel()
 
     async def run(
         self, task: Task, *, capability: str = "", agent: str = "", timeout: float = 600.0
@@ -183,19 +213,19 @@ class TaskQueue:
         """Submit and wait; the result, or TaskFailed naming every attempt's error."""
         async with self._expecting(task.task_id) as arrived:
             if not await self.submit(task, capability=capability, agent=agent):
-                known = await self.outcome(task.task_id)
-                if known is not None:
-                    return result_of(known)
+                # Submitted before: recorded already, or still in the queue.
+                outcome = await _within(
+                    self._read_or_hear(task.task_id, arrived), task.task_id, timeout
+                )
+                return result_of(outcome)
             return result_of(await _within(arrived, task.task_id, timeout))
 
 
-async def _within(
-    arrived: asyncio.Future[TaskOutcome], task_id: str, timeout: float
-) -> TaskOutcome:
+async def _within(outcome: Awaitable[TaskOutcome], task_id: str, timeout: float) -> TaskOutcome:
     raise_if_cancelled()
     try:
         async with asyncio.timeout(timeout):
-            return await arrived
+            return await outcome
     except TimeoutError:
         raise RequestTimeout(
             f"task {task_id} has no outcome after {timeout}s; it stays queued — "

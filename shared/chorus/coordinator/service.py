@@ -96,7 +96,9 @@ class Coordinator:
         log.info("coordinator ready", extra={"targets": self._dispatcher.targets})
 
     async def stop(self) -> None:
-        for sub in self._subscriptions:
+        """Stop taking heartbeats and tasks (idempotent)."""
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for sub in subscriptions:
             await sub.unsubscribe()
         if self._sweeper:
             self._sweeper.cancel()
