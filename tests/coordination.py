@@ -1,15 +1,19 @@
-"""Helpers for coordinator tests: an in-process coordinator and waits on KV and metrics."""
+"""Helpers for coordinator tests: waits on KV and metrics, and a hand-made instance."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import uuid
 from collections.abc import Callable
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
 from chorus.config import Settings
-from chorus.messages import AgentRecord, Metrics, decode
+from chorus.messages import AgentRecord, Heartbeat, InstanceState, Metrics, Task, decode, encode
 from chorus.nats.streams import ensure_agents_bucket
 
 
@@ -74,3 +78,62 @@ async def wait_for_metrics(
     finally:
         for sub in subs:
             await sub.unsubscribe()
+
+
+class FakeInstance:
+    """An instance speaking the protocol by hand: it takes the tasks sent to it and never
+    answers, and its heartbeats list whatever `holding` says (a lost task, a lost reply)."""
+
+    def __init__(self, nc: Client, settings: Settings, *, name: str = "worker") -> None:
+        self.nc = nc
+        self.settings = settings
+        self.name = name
+        self.instance = f"{name}-fake{uuid.uuid4().hex[:6]}"
+        self.holding: list[str] = []
+        self.state: InstanceState = "ready"
+        self.received: asyncio.Queue[Task] = asyncio.Queue()
+        self._subscription: Subscription | None = None
+        self._beating: asyncio.Task[None] | None = None
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            instance=self.instance,
+            name=self.name,
+            capabilities=["work"],
+            in_flight=len(self.holding),
+            max_concurrency=4,
+            processed=0,
+            failed=0,
+            mean_latency_ms=0.0,
+            interval_s=self.settings.heartbeat_interval,
+            started_at=0.0,
+            state=self.state,
+            tasks=list(self.holding),
+        )
+
+    async def beat(self) -> None:
+        subject = self.settings.subjects.heartbeat(self.instance)
+        await self.nc.publish(subject, encode(self.heartbeat()))
+
+    async def start(self) -> None:
+        async def on_task(msg: Msg) -> None:
+            await self.received.put(decode(msg.data, Task))  # and no reply, ever
+
+        subject = self.settings.subjects.agent_task(self.instance)
+        self._subscription = await self.nc.subscribe(subject, cb=on_task)
+        await self.beat()
+
+        async def beating() -> None:
+            while True:
+                await asyncio.sleep(self.settings.heartbeat_interval)  # a schedule
+                await self.beat()
+
+        self._beating = asyncio.create_task(beating())
+
+    async def stop(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beating
+        if self._subscription is not None:
+            await self._subscription.unsubscribe()

@@ -57,6 +57,7 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_METRICS_HOST": "metrics_host",
     "CHORUS_TRACE_FILE": "trace_file",
     "CHORUS_STREAM_MAX_AGE": "stream_max_age",
+    "CHORUS_DEDUPE_WINDOW": "dedupe_window",
 }
 
 
@@ -110,6 +111,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     trace_file: str = ""
     # the live output of tasks (text deltas, tool calls) is kept this long for readers
     stream_max_age: float = 3600.0
+    # durable tasks: the dispatch stream drops a resubmitted task id this long (seconds);
+    # later, the recorded outcome answers it (chorus.client.durable)
+    dedupe_window: float = 120.0
 
     @property
     def subjects(self) -> Subjects:

@@ -172,8 +172,9 @@ class Subjects(msgspec.Struct, frozen=True):
     def outcome(self, task_id: str) -> str:
         """The subject of the outcome's own KV key (`outcome.<task>` in the tasks bucket).
 
-        A core subscriber hears the outcome the moment JetStream stores it: no second
-        message announces it, and nobody hears of an outcome that was not recorded.
+        Submitters follow these subjects through the bucket's stream (`tasks_stream`), not
+        a core subscription: a core subscriber also hears a write the stream refused (a
+        second `create`) and misses what was stored while it was reconnecting.
         """
         return f"$KV.{self.tasks_bucket}.{self.outcome_key(task_id)}"
 
@@ -365,6 +366,10 @@ class Subjects(msgspec.Struct, frozen=True):
     def tasks_bucket(self) -> str:
         """Durable task outcomes (`outcome.<id>`) and attempt logs (`attempts.<id>`)."""
         return f"{self.prefix}-tasks"
+
+    @property
+    def tasks_stream(self) -> str:
+        return f"KV_{self.tasks_bucket}"
 
     # conversation sessions (chorus.agent.sessions): records and turn tickets in one bucket
     @property

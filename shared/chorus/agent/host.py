@@ -4,6 +4,10 @@ It serves tasks sent to the instance and to each capability (queue groups share 
 between replicas), help requests, and the events the agent subscribes to (one durable
 consumer per agent name, so replicas see each event once). It never runs more than
 `max_concurrency` handlers at once, publishes heartbeats, and drains on stop.
+
+Every heartbeat lists the tasks the instance holds, from the moment one arrives until its
+reply is sent: that is how a dispatcher learns, in a heartbeat interval, of a task that
+never arrived or whose reply was lost (chorus.coordinator.dispatch).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from chorus.messages import (
     encode,
     headers,
 )
+from chorus.messages.agents import MAX_LISTED_TASKS
 from chorus.nats import wire
 from chorus.nats.connection import ClosedHandler, connect
 from chorus.nats.jetstream import ClaimKeeper, DurableConsumer, backoff
@@ -171,6 +176,7 @@ class AgentHost:
         self._ledger: EffectLedger | None = None
         self._claims = ClaimKeeper(EVENT_ACK_WAIT_S / 3)
         self._streams: TaskStreams | None = None  # the tasks' live output, once connected
+        self._held: dict[str, int] = {}  # task id -> copies received and not yet answered
 
     @property
     def nc(self) -> Client:
@@ -297,6 +303,8 @@ class AgentHost:
             await self._respond_error(request, exc)
             log.warning("rejected request", extra={"subject": request.subject, "error": str(exc)})
             return
+        if isinstance(message, Task):
+            self._held[message.task_id] = self._held.get(message.task_id, 0) + 1
         self._spawn(handling(self._serve(message, request), request, self))
 
     def _check_depth(self, task: Task, header_depth: int) -> Task:
@@ -323,6 +331,21 @@ class AgentHost:
             await wire.respond(request, body, headers.for_result(task_id, message.run_id))
         except ChorusError as exc:  # a failed handler, or a result too large to send
             await self._respond_error(request, exc, task_id)
+        finally:
+            if isinstance(message, Task):
+                self._release(task_id)
+
+    def _release(self, task_id: str) -> None:
+        """The task is answered (or abandoned): heartbeats stop listing it."""
+        left = self._held.get(task_id, 0) - 1
+        if left > 0:
+            self._held[task_id] = left
+        else:
+            self._held.pop(task_id, None)
+
+    def held_tasks(self) -> list[str] | None:
+        """The task ids a heartbeat lists; None when there are too many to list."""
+        return list(self._held) if len(self._held) <= MAX_LISTED_TASKS else None
 
     async def _run(self, message: Task | HelpRequest) -> bytes:
         """Run one handler under the concurrency limit; failures become ChorusErrors."""
@@ -556,6 +579,7 @@ class AgentHost:
             waiting=self.stats.waiting,
             usage=self.stats.usage,
             version=__version__,
+            tasks=self.held_tasks(),
         )
 
     async def _publish_heartbeat(self, state: InstanceState) -> None:
@@ -564,7 +588,10 @@ class AgentHost:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await self._publish_heartbeat("draining" if self._draining else "ready")
+            # Not while reconnecting: nats-py would buffer it and send it late, telling of
+            # tasks held (or not) at a time long past.
+            if self.nc.is_connected:
+                await self._publish_heartbeat("draining" if self._draining else "ready")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), self.settings.heartbeat_interval)
                 return
@@ -598,6 +625,8 @@ class AgentHost:
         await self.model.close()
         if self._state is not None:
             await self._state.close()
+        if self._queue is not None:
+            await self._queue.close()
         await self.nc.flush(timeout=5)
         if self._owns_connection:
             # Everything is unsubscribed; drain() can hang on JetStream pull inboxes.

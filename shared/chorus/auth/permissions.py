@@ -254,13 +254,13 @@ def orchestrator(subjects: Subjects, *, principal: str) -> Permissions:
         *stream_ensure(s.dispatch_stream),
         *stream_ensure(tasks_kv),
         *stream_read(tasks_kv),  # outcomes: read, never written
+        *ephemeral_consumers(tasks_kv),  # the tail on the outcome keys (chorus.client.durable)
         *stream_own(s.events_stream),
         *ephemeral_consumers(s.events_stream),
     ]
     subscribe = [
         f"{inbox(principal)}.>",
         s.all_run_cancels,
-        s.all_outcomes,
         s.all_runs,
         *micro_discovery(s.role_service("orchestrator")),
     ]

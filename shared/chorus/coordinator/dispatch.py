@@ -3,11 +3,18 @@
 One pull consumer per target (`cap.<capability>` or `agent.<name>`), shared by coordinator
 replicas. A task is fetched only when some candidate has a free slot, sent to the chosen
 instance by request-reply, and acknowledged only after its outcome is recorded in KV with a
-create (so a task is recorded once, however often it is delivered). While the instance
-works, the claim is kept alive with in-progress acks; if the instance dies (the registry
-marks it dead) the task is handed back and goes elsewhere. Failures are retried with
-backoff up to `max_attempts`, then the task and every attempt's error go to the
-dead-letter subject.
+create (so a task is recorded once, however often it is delivered). Each fetch's tasks are
+looked up in the outcome bucket together before any runs: a redelivery whose ack was lost,
+or the same task id submitted again after the stream's de-duplication window, runs nothing.
+
+While the instance works, the claim is kept alive with in-progress acks. The reply can be
+lost (a nats-server restart between the instance and us), and so can the task on its way:
+instances list the tasks they hold in every heartbeat, so a task the instance does not hold
+goes back to the queue at once, not after `task_timeout`. It never arrived: not an attempt.
+It was held, then dropped without a reply reaching us: an attempt (it ran), retried at once.
+If the instance dies (the registry marks it dead) the task is handed back and goes
+elsewhere. Failures are retried with backoff up to `max_attempts`, then the task and every
+attempt's error go to the dead-letter subject.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from chorus.client.durable import retry_delay
 from chorus.config import Settings
 from chorus.coordinator.observed import dispatching
-from chorus.coordinator.registry import InstanceView, Registry, targets_of
+from chorus.coordinator.registry import InstanceView, Registry, clamp_interval, targets_of
 from chorus.coordinator.routing import Router
 from chorus.errors import DepthExceeded, InstanceLost, InvalidMessage, TaskTimedOut
 from chorus.messages import (
@@ -54,12 +62,14 @@ from chorus.telemetry.metrics import DispatchInstruments
 log = logging.getLogger("chorus.coordinator.dispatch")
 
 MAX_BATCH = 64
-MAX_BACKOFF_S = 30.0
 # Refusals that every attempt would meet again, and that say nothing of the instance.
 PERMANENT = frozenset({DepthExceeded.code})
 # Deliveries beyond the attempts: hand-backs that are not attempts (an instance gone or
 # draining) and coordinator crashes. A task delivered that often is dead-lettered.
 EXTRA_DELIVERIES = 5
+# "Not held" is believed only from a heartbeat received this long (at least one heartbeat
+# interval) after the first one that followed the task: that one may have crossed it.
+MIN_HELD_GRACE_S = 0.5
 
 
 class Lost(InstanceLost):
@@ -71,6 +81,16 @@ class Lost(InstanceLost):
         super().__init__(reason)
         self.code = code
         self.gone = gone
+
+
+class NotHeld(Lost):
+    """The instance's heartbeats say it does not hold the task and no reply came. `started`:
+    an earlier heartbeat listed it, so it ran there and its reply was lost; otherwise the
+    task never reached the instance."""
+
+    def __init__(self, reason: str, *, started: bool) -> None:
+        super().__init__(InstanceLost.code, reason)
+        self.started = started
 
 
 class Counters(msgspec.Struct):
@@ -110,7 +130,9 @@ class Dispatcher:
         return sorted(self._targets)
 
     async def start(self) -> None:
-        await ensure_dispatch_stream(self.js, self.subjects)
+        await ensure_dispatch_stream(
+            self.js, self.subjects, dedupe_window=self.settings.dedupe_window
+        )
         await ensure_dead_letter_stream(self.js, self.subjects)
         self._claims.start()
         # Targets that already have a consumer (from an earlier run) resume at once.
@@ -180,34 +202,62 @@ class Dispatcher:
                 return 0
             return min(free, MAX_BATCH)
 
-        async def assign(msg: Msg) -> None:
-            await self._assign(target, msg)
+        async def assign(batch: list[Msg]) -> None:
+            recorded = await self._look_up(batch)
+            for msg, done in zip(batch, recorded, strict=True):
+                await self._assign(target, msg, done)
 
         consumer = self._consumer(target)
-        await consumer.run(room, assign, stopping=lambda: self._stopping)
+        await consumer.run_batches(room, assign, stopping=lambda: self._stopping)
 
-    async def _assign(self, target: str, msg: Msg) -> None:
+    async def _look_up(self, batch: list[Msg]) -> list[bool | None]:
+        """For each message, whether its task has an outcome already (None: not known, the
+        dispatch looks again); one lookup per message, all at once, so a batch costs one
+        round trip and its tasks still start in order."""
+
+        async def one(msg: Msg) -> bool | None:
+            task_id = headers.read(msg.headers).task_id
+            if not task_id:
+                return None  # not from a TaskQueue: decoded and looked up in the dispatch
+            return await self._recorded(task_id) is not None
+
+        found = await asyncio.gather(*(one(m) for m in batch), return_exceptions=True)
+        return [f if isinstance(f, bool) else None for f in found]
+
+    async def _assign(self, target: str, msg: Msg, recorded: bool | None = None) -> None:
         """Give `msg` to the best instance, waiting (claim kept alive) while none is free."""
         if delivered_for_the_last_time(msg, self.max_deliver):
             await self._give_up(target, msg)
+            return
+        if recorded:
+            # Ran already (a redelivery whose ack was lost, or the same task id submitted
+            # after the de-duplication window): the outcome stands, nothing runs.
+            await msg.ack_sync(timeout=5)
             return
         with self._claims.holding(msg):
             while (view := self.router.choose(self.registry.serving(target), target)) is None:
                 await self.registry.changed.wait(timeout=1.0)
         view.reserved += 1
         work = asyncio.create_task(
-            dispatching(self._dispatch(target, msg, view), msg, target, self.metrics)
+            dispatching(
+                self._dispatch(target, msg, view, looked_up=recorded is False),
+                msg,
+                target,
+                self.metrics,
+            )
         )
         self._work.add(work)
         work.add_done_callback(self._work.discard)
 
     # one task
 
-    async def _dispatch(self, target: str, msg: Msg, view: InstanceView) -> None:
+    async def _dispatch(
+        self, target: str, msg: Msg, view: InstanceView, *, looked_up: bool = False
+    ) -> None:
         self.counters.active += 1
         self._claims.hold(msg)
         try:
-            await self._attempt(target, msg, view)
+            await self._attempt(target, msg, view, looked_up=looked_up)
         except Exception:
             log.exception("dispatch failed; the task will be redelivered", extra={"target": target})
         finally:
@@ -216,7 +266,9 @@ class Dispatcher:
             self.counters.active -= 1
             self.registry.changed.fire()
 
-    async def _attempt(self, target: str, msg: Msg, view: InstanceView) -> None:
+    async def _attempt(
+        self, target: str, msg: Msg, view: InstanceView, *, looked_up: bool = False
+    ) -> None:
         try:
             task = decode(msg.data, Task)
         except InvalidMessage as exc:
@@ -225,14 +277,12 @@ class Dispatcher:
             error = AttemptError(attempt=1, code=exc.code, reason=exc.reason)
             await self._bury(target, msg, poison, [error])
             return
-        # A first delivery has no history: skip the lookups, so dispatch stays quick and in order.
-        redelivered = msg.metadata.num_delivered > 1
-        recorded = await self._recorded(task.task_id) if redelivered else None
-        if recorded is not None:
-            # A redelivery of a finished task (its ack was lost): run nothing.
+        if not looked_up and await self._recorded(task.task_id) is not None:
+            # Ran already: its outcome stands (see `_assign`).
             self.router.released(view)
             await msg.ack_sync(timeout=5)
             return
+        redelivered = msg.metadata.num_delivered > 1
         attempts = (
             await self._attempt_log(task.task_id)
             if redelivered
@@ -242,6 +292,23 @@ class Dispatcher:
         started = time.monotonic()
         try:
             reply = await self.metrics.timed(target, self._request(view, task))
+        except NotHeld as dropped:
+            self.router.released(view)  # a lost message says nothing of the instance
+            if not dropped.started:
+                log.info(
+                    "task never reached its instance; queued again",
+                    extra={"task_id": task.task_id, "instance": view.instance},
+                )
+                await msg.nak()  # not an attempt: it never ran
+                return
+            error = AttemptError(
+                attempt=task.attempt,
+                code=dropped.code,
+                reason=dropped.reason,
+                instance=view.instance,
+            )
+            await self._retry_or_bury(target, msg, task, attempts, error, delay=0.0)
+            return
         except Lost as lost:
             if lost.gone:
                 # Nobody listens on the instance's subject: it is gone, and the task never
@@ -288,6 +355,10 @@ class Dispatcher:
         await self._retry_or_bury(target, msg, task, attempts, error)
 
     async def _request(self, view: InstanceView, task: Task) -> Result | ErrorReply:
+        """Send the task and wait for the reply, the instance's death, or its heartbeats
+        saying it does not hold the task (then a moment more: the reply may be just behind
+        the heartbeat)."""
+        grace = max(clamp_interval(view.heartbeat.interval_s), MIN_HELD_GRACE_S)
         request = asyncio.ensure_future(
             wire.request(
                 self.nc,
@@ -298,13 +369,27 @@ class Dispatcher:
             )
         )
         lost = asyncio.ensure_future(view.lost.wait())
+        unheld = asyncio.ensure_future(_until_unheld(view, task.task_id, grace))
         try:
-            done, _ = await asyncio.wait({request, lost}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {request, lost, unheld}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if unheld in done and request not in done:
+                await asyncio.wait({request}, timeout=grace / 2)
         finally:
-            for future in (request, lost):
+            for future in (request, lost, unheld):
                 if not future.done():
                     future.cancel()
-        if request not in done:
+        if not request.done() and unheld.done():
+            started = unheld.result()
+            raise NotHeld(
+                f"instance {view.instance} no longer holds the task and its reply never "
+                "came (lost on the way, in a reconnect?)"
+                if started
+                else f"the task never reached instance {view.instance} (lost on the way)",
+                started=started,
+            )
+        if not request.done():
             raise Lost(
                 InstanceLost.code,
                 f"instance {view.instance} stopped heartbeating while running the task",
@@ -326,8 +411,17 @@ class Dispatcher:
             return ErrorReply(code=exc.code, reason=f"unreadable reply: {exc.reason}")
 
     async def _retry_or_bury(
-        self, target: str, msg: Msg, task: Task, attempts: AttemptLog, error: AttemptError
+        self,
+        target: str,
+        msg: Msg,
+        task: Task,
+        attempts: AttemptLog,
+        error: AttemptError,
+        *,
+        delay: float | None = None,
     ) -> None:
+        """Log the failed attempt and queue the task again after `delay` (by default the
+        backoff of its attempt); after the last attempt, dead-letter it."""
         errors = [*attempts.errors, error]
         tracing.mark_failed(error.code, error.reason)  # this attempt's dispatch span
         log.warning(
@@ -343,8 +437,9 @@ class Dispatcher:
         )
         self.counters.retried += 1
         self.metrics.retries.labels(target).inc()
-        delay = min(MAX_BACKOFF_S, self.settings.retry_backoff * 2 ** (len(errors) - 1))
-        await msg.nak(delay=delay)
+        if delay is None:
+            delay = retry_delay(self.settings.retry_backoff, len(errors))
+        await msg.nak(delay=delay or None)
 
     async def _give_up(self, target: str, msg: Msg) -> None:
         """The last delivery the consumer allows: dead-letter the task with its errors."""
@@ -402,16 +497,45 @@ class Dispatcher:
         return decode(entry.value or b"{}", AttemptLog)
 
     async def _record(self, outcome: TaskOutcome) -> None:
-        """Record the outcome once; a second recorder (a redelivery) finds it there."""
+        """Record the outcome once; a second recorder (two deliveries of one task in flight
+        at once) is refused and the first outcome stands.
+
+        Storing it is announcing it: submitters follow the outcome keys through the bucket's
+        stream, which never carries the refused write (chorus.client.durable)."""
         key = self.subjects.outcome_key(outcome.task_id)
         try:
-            # Storing it is announcing it: submitters listen on the key's subject.
             await self.tasks.create(key, encode(outcome))
             self.metrics.recorded(outcome)  # once: a second recorder finds it there
         except KeyWrongLastSequenceError:
-            # Submitted again after the de-duplication window: the first outcome stands, and
-            # is written once more (same content) so the new submitter hears it.
             log.info("outcome already recorded", extra={"task_id": outcome.task_id})
-            first = await self._recorded(outcome.task_id)
-            if first is not None:
-                await self.tasks.put(key, first)
+
+
+async def _until_unheld(view: InstanceView, task_id: str, grace: float) -> bool:
+    """Return once the instance's heartbeats show it does not hold `task_id`: True when an
+    earlier one listed it (it started there), False when none did. Never returns for an
+    instance whose heartbeats list no tasks (an older version).
+
+    A heartbeat can cross the task on its way (sent before the task arrived), and after a
+    reconnect the instance's buffered heartbeats arrive together; so "never listed" is
+    believed only from a heartbeat received `grace` after the first one that came after the
+    task was sent.
+    """
+    beats = view.beats
+    started = False
+    reference: float | None = None
+    while True:
+        await view.beat.wait(timeout=grace * 4)
+        if view.beats == beats:
+            continue
+        beats = view.beats
+        held = view.held
+        if held is None:
+            continue
+        if task_id in held:
+            started = True
+        elif started:
+            return True
+        elif reference is None:
+            reference = view.last_seen
+        elif view.last_seen - reference >= grace:
+            return False

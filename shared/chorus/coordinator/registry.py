@@ -3,7 +3,12 @@
 Health is measured, not assumed: an instance is `healthy` while its heartbeats arrive,
 `unhealthy` after `unhealthy_after` missed intervals and `dead` after `dead_after`. An
 instance the dispatcher found gone (no responders) is dead at once, until a heartbeat sent
-later than the last one seen shows it is back.
+later than the last one seen shows it is back. Entries restored from the registry bucket
+at start (an earlier coordinator's) are judged by the age of their last heartbeat and are
+never healthy until a heartbeat of their own arrives.
+
+Each heartbeat may list the tasks the instance holds (`Heartbeat.tasks`): the dispatcher
+waits on `InstanceView.beat` to learn that a task it sent is not there.
 
 A heartbeat is untrusted input: its interval is clamped to MIN_INTERVAL_S..MAX_INTERVAL_S
 (a ghost saying `interval_s: 1e308` must still die) and it may name at most
@@ -25,6 +30,7 @@ import msgspec
 from chorus.coordinator.pulse import Pulse
 from chorus.errors import ConfigError
 from chorus.messages import AgentRecord, BreakerState, Health, Heartbeat, StatusChange
+from chorus.messages.agents import MAX_LISTED_TASKS
 from chorus.subjects import check_token
 
 log = logging.getLogger("chorus.coordinator")
@@ -59,6 +65,12 @@ class InstanceView:
     trial_in_flight: bool = False
     gone_after: float | None = None  # set by `gone`: the `sent_at` a heartbeat must beat
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    # The task ids its last heartbeat listed (None: it did not list them); `beats` counts
+    # the heartbeats taken and `beat` fires on each, for dispatches waiting on the list.
+    held: frozenset[str] | None = None
+    beats: int = 0
+    beat: Pulse = field(default_factory=Pulse)
+    restored: bool = False  # from the registry bucket, no heartbeat of its own seen yet
 
     @property
     def instance(self) -> str:
@@ -147,7 +159,9 @@ def sanitize(hb: Heartbeat) -> tuple[Heartbeat | None, str]:
         )
     interval = clamp_interval(hb.interval_s)
     capabilities = list(dict.fromkeys(c for c in hb.capabilities[:MAX_CAPABILITIES] if _is_name(c)))
-    if interval == hb.interval_s and capabilities == hb.capabilities:
+    # A list longer than an instance sends is not read as complete: as if none were given.
+    tasks = hb.tasks if hb.tasks is None or len(hb.tasks) <= MAX_LISTED_TASKS else None
+    if interval == hb.interval_s and capabilities == hb.capabilities and tasks is hb.tasks:
         return hb, ""
     problems = []
     if interval != hb.interval_s:
@@ -157,9 +171,11 @@ def sanitize(hb: Heartbeat) -> tuple[Heartbeat | None, str]:
             f"{len(hb.capabilities)} capabilities cut to {len(capabilities)} (at most "
             f"{MAX_CAPABILITIES}, valid and distinct)"
         )
-    return msgspec.structs.replace(hb, interval_s=interval, capabilities=capabilities), (
-        "; ".join(problems)
-    )
+    if tasks is not hb.tasks:
+        problems.append(f"{len(hb.tasks or [])} tasks listed (at most {MAX_LISTED_TASKS}): ignored")
+    return msgspec.structs.replace(
+        hb, interval_s=interval, capabilities=capabilities, tasks=tasks
+    ), "; ".join(problems)
 
 
 @dataclass(frozen=True)
@@ -239,6 +255,7 @@ class Registry:
         if view is None:
             view = InstanceView(heartbeat=hb, last_seen=now, last_seen_wall=self.wall_clock())
             self._index(view)
+            _took(view, hb)
             self.changed.fire()
             return Change(view, "", "up")
         if view.gone_after is not None:
@@ -256,6 +273,7 @@ class Registry:
             self._index(view)
         view.last_seen = now
         view.last_seen_wall = self.wall_clock()
+        _took(view, hb)
         if view.health != HEALTHY or view.free > had_room:
             # Only a heartbeat that may open a slot wakes the dispatchers: with a thousand
             # instances beating every second, waking on each one is most of the CPU.
@@ -264,6 +282,47 @@ class Registry:
             previous, view.health = view.health, HEALTHY
             return Change(view, previous, HEALTHY)
         return None
+
+    def restore(self, record: AgentRecord, interval_s: float) -> InstanceView | None:
+        """Take an entry an earlier coordinator left in the registry bucket.
+
+        It is judged by the age of its `last_seen` (heartbeats every `interval_s`): dead when
+        older than `dead_after` intervals, unhealthy otherwise, and healthy (routable) only
+        once a heartbeat of its own arrives: a `chorus up` restarted on an old folder must
+        not send tasks to the previous run's instances. None when the instance is known
+        already (its heartbeat came first) or the entry cannot name an instance.
+        """
+        if record.instance in self._views:
+            return None
+        hb = Heartbeat(
+            instance=record.instance,
+            name=record.name,
+            capabilities=record.capabilities,
+            in_flight=record.in_flight,
+            max_concurrency=record.max_concurrency,
+            processed=record.processed,
+            failed=record.failed,
+            mean_latency_ms=record.mean_latency_ms,
+            interval_s=interval_s,
+            started_at=record.started_at,
+            sent_at=record.last_seen,
+            state="ready" if record.state == "ready" else "draining",
+            usage=record.usage,
+        )
+        safe, _ = sanitize(hb)
+        if safe is None:
+            return None
+        interval = clamp_interval(safe.interval_s)
+        age = max(0.0, self.wall_clock() - record.last_seen)
+        view = InstanceView(
+            heartbeat=safe,
+            last_seen=self.clock() - age,
+            last_seen_wall=record.last_seen,
+            health=DEAD if age / interval > self.dead_after else UNHEALTHY,
+            restored=True,
+        )
+        self._index(view)
+        return view
 
     def gone(self, instance: str) -> bool:
         """Mark an instance dead now, on certain evidence it is gone (no responders).
@@ -296,7 +355,7 @@ class Registry:
                 DEAD
                 if silent > self.dead_after or view.gone_after is not None
                 else UNHEALTHY
-                if silent > self.unhealthy_after
+                if silent > self.unhealthy_after or view.restored
                 else HEALTHY
             )
             if health != view.health:
@@ -308,3 +367,11 @@ class Registry:
                 self._forget(view)
                 changes.append(Change(view, DEAD, "forgotten"))
         return changes
+
+
+def _took(view: InstanceView, hb: Heartbeat) -> None:
+    """Note a heartbeat taken: the tasks it lists, and a beat for whoever waits on them."""
+    view.restored = False
+    view.held = None if hb.tasks is None else frozenset(hb.tasks)
+    view.beats += 1
+    view.beat.fire()

@@ -2,7 +2,9 @@
 
 It can restart at any time: queued tasks wait in JetStream, tasks in flight are redelivered
 after their claim lapses (their outcome is recorded once), and the registry is rebuilt from
-the next heartbeats (the KV copy is read at start so `chorus agents` never goes blank).
+the next heartbeats. The KV copy is read at start so `chorus agents` never goes blank, but
+each entry is judged by its age and rewritten at once: none is healthy (or gets a task)
+until a heartbeat of its own arrives.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -23,11 +26,12 @@ from nats.micro.service import EndpointConfig, Service
 from chorus import __version__
 from chorus.config import Settings
 from chorus.coordinator.dispatch import Dispatcher
-from chorus.coordinator.registry import DEAD, Change, Clock, InstanceView, Registry
+from chorus.coordinator.registry import DEAD, HEALTHY, Change, Clock, InstanceView, Registry
 from chorus.coordinator.routing import Router, Weights
 from chorus.errors import InvalidMessage
 from chorus.messages import (
     AgentMetrics,
+    AgentRecord,
     AgentStatusChange,
     Heartbeat,
     Metrics,
@@ -95,6 +99,7 @@ class Coordinator:
         self._dispatcher = Dispatcher(
             self.nc, self.settings, self.registry, self.router, tasks, self.dispatch_metrics
         )
+        await self._restore_registry(self._agents)
         await self._dispatcher.start()
         self._subscriptions = [
             await self.nc.subscribe(self.subjects.all_heartbeats, cb=self._on_heartbeat),
@@ -121,7 +126,9 @@ class Coordinator:
         log.info("coordinator ready", extra={"targets": self._dispatcher.targets})
 
     async def stop(self) -> None:
-        for sub in self._subscriptions:
+        """Stop taking heartbeats and tasks (idempotent)."""
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for sub in subscriptions:
             await sub.unsubscribe()
         if self._service is not None:
             await self._service.stop()
@@ -155,10 +162,35 @@ class Coordinator:
         if change is not None:
             await self._changed(change)
 
+    async def _restore_registry(self, agents: KeyValue) -> None:
+        """Read the entries an earlier coordinator left, judged by age, and rewrite them at
+        once with that health: readers of the bucket must not see the previous run's
+        instances as healthy for the rest of the entries' TTL."""
+        try:
+            keys = await agents.keys()
+        except NoKeysError:
+            return
+        for key in keys:
+            try:
+                entry = await agents.get(key)
+                record = decode(entry.value or b"", AgentRecord)
+            except (KeyNotFoundError, KeyDeletedError):
+                continue
+            except InvalidMessage as exc:
+                log.warning("unreadable registry entry", extra={"key": key, "error": exc.reason})
+                continue
+            view = self.registry.restore(record, self.settings.heartbeat_interval)
+            if view is not None:
+                log.info(
+                    "registry entry restored",
+                    extra={"instance": view.instance, "health": view.health},
+                )
+                await self._write(view.instance)
+
     async def _changed(self, change: Change) -> None:
         view = change.view
-        if change.health == "up":
-            self.dispatcher.serve_instance(view)
+        if change.health in ("up", HEALTHY):
+            self.dispatcher.serve_instance(view)  # idempotent; a restored entry beat again
         log.info(
             "agent status",
             extra={"instance": view.instance, "health": change.health, "previous": change.previous},

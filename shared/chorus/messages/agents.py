@@ -133,6 +133,13 @@ class Heartbeat(Message, tag="heartbeat"):
     waiting: int = 0
     usage: Usage = Usage()  # tokens used by this instance since it started
     version: str = ""
+    # Ids of the tasks the instance holds (received, not yet answered), so a dispatcher can
+    # tell a task that never arrived or whose reply was lost from one still running. None:
+    # the instance does not say (an older version, or more than MAX_LISTED_TASKS).
+    tasks: list[str] | None = None
+
+
+MAX_LISTED_TASKS = 256  # a heartbeat lists at most this many held tasks, or none
 
 
 class AgentInfo(Message, tag="agent_info"):

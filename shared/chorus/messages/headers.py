@@ -33,6 +33,12 @@ MARKER_REASON_HEADER: Final = "Nats-Marker-Reason"  # set on markers the server 
 # The NATS micro convention for error replies, set beside the JSON error body.
 SERVICE_ERROR_HEADER: Final = "Nats-Service-Error"
 SERVICE_ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
+# What nats-server puts on the status messages of a push consumer (nats-py parses the
+# status line into STATUS_HEADER): an idle heartbeat is status 100 and names the last
+# delivery sequence the consumer sent.
+STATUS_HEADER: Final = "Status"
+LAST_CONSUMER_HEADER: Final = "Nats-Last-Consumer"
+IDLE_HEARTBEAT_STATUS: Final = "100"
 
 Headers = dict[str, str]
 
@@ -194,3 +200,14 @@ def kv_operation(headers: Mapping[str, str] | None) -> str:
     if headers.get(KV_OPERATION_HEADER):
         return headers[KV_OPERATION_HEADER]
     return "MARKER" if headers.get(MARKER_REASON_HEADER) else "PUT"
+
+
+def status(headers: Mapping[str, str] | None) -> str:
+    """The status code of a server status message ("100": idle heartbeat); "" otherwise."""
+    return (headers or {}).get(STATUS_HEADER, "")
+
+
+def last_delivered(headers: Mapping[str, str] | None) -> int:
+    """The last delivery sequence a consumer's idle heartbeat says it sent (0 when absent)."""
+    value = (headers or {}).get(LAST_CONSUMER_HEADER, "")
+    return int(value) if value.isdigit() else 0

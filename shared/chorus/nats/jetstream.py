@@ -22,6 +22,9 @@ reconnect, resuming after the last message it delivered.
 with a pull consumer, whose pending count is exact: nats-py's KV `watch` signals "caught up"
 from the push consumer's pending count, which is already 0 once the server has pushed
 everything, so a watch over many keys sometimes reports none (1 in 30 reads of 1,000 keys).
+
+`StreamTail` follows what a stream stores from now on (the task outcomes a submitter waits
+for), in order and once, across reconnects and server restarts.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -49,6 +53,7 @@ REBIND_BACKOFF_S = 0.5
 Room = Callable[[], Awaitable[int]]
 """Waits until the caller can take messages; returns how many (0: ask again)."""
 Handler = Callable[[Msg], Awaitable[None]]
+BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 
 
 def backoff(attempt: int, *, base: float = 1.0, most: float = 30.0) -> float:
@@ -111,16 +116,29 @@ class DurableConsumer:
         """Fetch while there is room and hand each message to `handle`, until `stopping()`.
 
         `handle` should return quickly (start the work in a task of its own), or the next
-        fetch waits for it: which is what a caller that must place each message before
-        taking the next (the dispatcher) wants."""
+        fetch waits for it."""
+
+        async def each(batch: list[Msg]) -> None:
+            for msg in batch:
+                await handle(msg)
+
+        await self.run_batches(room, each, stopping=stopping)
+
+    async def run_batches(
+        self, room: Room, handle: BatchHandler, *, stopping: Callable[[], bool]
+    ) -> None:
+        """`run`, handing each fetch's messages over together (never an empty batch): for a
+        caller that looks them up at once and must place each before taking the next (the
+        dispatcher)."""
         while not stopping():
             wanted = await room()
             if stopping():
                 break
             if wanted < 1:
                 continue
-            for msg in await self.fetch(wanted):
-                await handle(msg)
+            batch = await self.fetch(wanted)
+            if batch:
+                await handle(batch)
             await asyncio.sleep(0)  # let the work just started send before the next pull
 
     async def unsubscribe(self) -> None:
@@ -224,3 +242,132 @@ async def ordered_watch(
         inactive_threshold=inactive_threshold,
     )
     return await js.subscribe(subject, stream=stream, cb=cb, ordered_consumer=True, config=config)
+
+
+TAIL_HEARTBEAT_S = 1.0  # idle heartbeats of a tail's consumer; two missed re-create it
+TAIL_INACTIVE_S = 30.0  # the server drops a tail's consumer this long after nobody listens
+
+
+class StreamTail:
+    """Every message `stream` stores under `subject` after `start()`, handed to `handle` once
+    each and in stream order, across reconnects and server restarts.
+
+    An ephemeral push consumer (no acks, in memory) from the next stream sequence. A gap in
+    its delivery sequence, an idle heartbeat naming a delivery we never saw, or heartbeats
+    that stop (a restarted server has forgotten the consumer) re-create it from the sequence
+    after the last message handled, so nothing stored is missed and nothing is handed twice.
+    nats-py's ordered consumer does the same, except that its reset before a first message
+    starts again from sequence 1: the whole stream.
+
+    Unlike a core subscription on the stored subjects, it never hears a write the stream
+    refused (a KV `create` of an existing key), and it misses nothing stored while the
+    client was away.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        stream: str,
+        subject: str,
+        handle: Callable[[Msg], None],
+        *,
+        heartbeat: float = TAIL_HEARTBEAT_S,
+    ) -> None:
+        self.js = js
+        self.nc = js._nc
+        self.stream = stream
+        self.subject = subject
+        self.handle = handle
+        self.heartbeat = heartbeat
+        self._next = 0  # the stream sequence to start from when (re-)creating the consumer
+        self._delivered = 0  # delivery sequence of the last message seen from the consumer
+        self._subscription: Subscription | None = None
+        self._alive = False  # anything heard from the consumer since the last check
+        self._stale = asyncio.Event()  # a gap: re-create the consumer now
+        self._watchdog: asyncio.Task[None] | None = None
+
+    @property
+    def position(self) -> int:
+        """The next stream sequence this tail will hand on."""
+        return self._next
+
+    async def start(self) -> None:
+        """Follow from the message after the last one stored now."""
+        info = await self.js.stream_info(self.stream)
+        self._next = info.state.last_seq + 1
+        await self._follow()
+        self._watchdog = asyncio.create_task(self._watch(), name=f"tail-{self.stream}")
+
+    async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+        await self._drop_subscription()
+
+    async def _drop_subscription(self) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+
+    async def _follow(self) -> None:
+        """(Re-)create the consumer from `_next`, delivering to a fresh inbox."""
+        await self._drop_subscription()
+        self._stale.clear()
+        inbox = self.nc.new_inbox()
+        self._delivered = 0
+        self._subscription = await self.nc.subscribe(inbox, cb=self._on_message)
+        config = ConsumerConfig(
+            deliver_subject=inbox,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self._next,
+            filter_subject=self.subject,
+            ack_policy=AckPolicy.NONE,
+            idle_heartbeat=self.heartbeat,
+            inactive_threshold=TAIL_INACTIVE_S,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        await self.js.add_consumer(self.stream, config)
+        self._alive = True
+
+    async def _on_message(self, msg: Msg) -> None:
+        # Only the current consumer's messages get here: replacing it unsubscribed the old
+        # inbox, and nats-py discards what that subscription had not handed on yet.
+        self._alive = True
+        status = headers.status(msg.headers)
+        if status:
+            missed = headers.last_delivered(msg.headers) != self._delivered
+            if status == headers.IDLE_HEARTBEAT_STATUS and missed:
+                self._stale.set()  # a delivery we never received
+            return
+        sequence = msg.metadata.sequence
+        if sequence.consumer != self._delivered + 1:
+            self._stale.set()  # a gap: start again after the last message handled
+            return
+        self._delivered = sequence.consumer
+        if sequence.stream < self._next:
+            return  # handed on before the consumer was re-created
+        self._next = sequence.stream + 1
+        self.handle(msg)
+
+    async def _watch(self) -> None:
+        while not self.nc.is_closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stale.wait(), self.heartbeat * 2)
+            if self._alive and not self._stale.is_set():
+                self._alive = False  # the next heartbeat sets it again
+                continue
+            try:
+                await self._follow()
+                log.info(
+                    "stream tail re-created",
+                    extra={"stream": self.stream, "from_sequence": self._next},
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the server is still away: the next check retries
+                self._stale.clear()
+                log.debug("stream tail not re-created", extra={"error": repr(exc)})

@@ -106,8 +106,14 @@ async def ensure_events_stream(js: JetStreamContext, subjects: Subjects) -> None
     )
 
 
-async def ensure_dispatch_stream(js: JetStreamContext, subjects: Subjects) -> None:
-    """Submitted tasks wait here until an instance is free; each is removed once acked."""
+async def ensure_dispatch_stream(
+    js: JetStreamContext, subjects: Subjects, *, dedupe_window: float = DEDUPE_WINDOW_S
+) -> None:
+    """Submitted tasks wait here until an instance is free; each is removed once acked.
+
+    `dedupe_window` (`Settings.dedupe_window`, CHORUS_DEDUPE_WINDOW): how long a task id
+    submitted again is dropped by the stream itself; idempotency beyond it comes from the
+    recorded outcome (chorus.client.durable)."""
     await ensure_stream(
         js,
         StreamConfig(
@@ -115,7 +121,7 @@ async def ensure_dispatch_stream(js: JetStreamContext, subjects: Subjects) -> No
             subjects=[subjects.all_dispatch],
             storage=StorageType.FILE,
             retention=RetentionPolicy.WORK_QUEUE,
-            duplicate_window=DEDUPE_WINDOW_S,
+            duplicate_window=dedupe_window,
         ),
     )
 

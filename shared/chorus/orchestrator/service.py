@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanKind
 
 from chorus import __version__
 from chorus.client import ChorusClient
-from chorus.client.durable import TaskQueue
+from chorus.client.durable import TaskQueue, outcome_deadline
 from chorus.client.runstore import KvRunStore
 from chorus.config import Settings
 from chorus.errors import Conflict, InvalidMessage
@@ -56,7 +56,11 @@ RUN_MAX_DELIVER = 10
 
 
 class QueueRunner:
-    """Steps as durable tasks: stored, routed by the coordinator, recorded once."""
+    """Steps as durable tasks: stored, routed by the coordinator, recorded once.
+
+    `timeout` is how long a step waits for its outcome: `outcome_deadline` of the settings,
+    so it covers every attempt and backoff of the dispatcher and cannot give up on a task
+    a moment before the coordinator's retry succeeds."""
 
     def __init__(self, queue: TaskQueue, timeout: float) -> None:
         self.queue = queue
@@ -93,6 +97,7 @@ class Orchestrator:
         self._handles: dict[str, RunHandle] = {}
         self._cancels: Subscription | None = None
         self._service: Service | None = None
+        self._queue: TaskQueue | None = None
         self._stopping = False
         self._dead_letters_ready = False
         self.metrics = RunInstruments()  # a registry of its own: /metrics (process.py)
@@ -106,8 +111,9 @@ class Orchestrator:
         js = self.nc.jetstream()
         await ensure_runs_stream(js, self.subjects)
         client = ChorusClient(self.nc, self.subjects, timeout=self.settings.request_timeout)
+        self._queue = TaskQueue(self.nc, self.subjects)
         runner: TaskRunner = (
-            QueueRunner(TaskQueue(self.nc, self.subjects), self.settings.task_timeout)
+            QueueRunner(self._queue, outcome_deadline(self.settings))
             if self.durable_tasks
             else DirectRunner(client)
         )
@@ -158,6 +164,8 @@ class Orchestrator:
         if self._runs:
             await asyncio.wait(set(self._runs), timeout=timeout)
         await self._claims.stop()
+        if self._queue is not None:
+            await self._queue.close()
         log.info("orchestrator stopped")
 
     async def _take_runs(self, consumer: DurableConsumer) -> None:
