@@ -255,8 +255,10 @@ class AgentHost:
             self._loops.append(
                 asyncio.create_task(self._consume_events(self._events), name="events")
             )
-        self._loops.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeats"))
+        # Routed first, then announced: a heartbeat says "ready", and whoever hears it may
+        # send a task (or a SIGTERM) at once.
         await self._served()
+        self._loops.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeats"))
         log.info(
             "agent ready",
             extra={"agent": spec.name, "instance": self.instance, "caps": spec.capabilities},
