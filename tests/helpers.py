@@ -5,6 +5,7 @@ Fixtures live in conftest.py; what tests import lives here.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -12,7 +13,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
 from chorus.config import Settings
+from chorus.messages import Heartbeat, decode
 
 if TYPE_CHECKING:
     from chorus.agent.host import AgentHost
@@ -77,3 +82,16 @@ def write_spec(directory: Path, name: str, text: str) -> Path:
     path = directory / f"{name}.yaml"
     path.write_text(text)
     return path
+
+
+async def first_busy_instance(nc: Client, settings: Settings) -> asyncio.Future[str]:
+    """A future for the first instance whose heartbeat says it has a task in flight."""
+    busy: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def on_beat(msg: Msg) -> None:
+        beat = decode(msg.data, Heartbeat)
+        if beat.in_flight and not busy.done():
+            busy.set_result(beat.instance)
+
+    await nc.subscribe(settings.subjects.all_heartbeats, cb=on_beat)
+    return busy

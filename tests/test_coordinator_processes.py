@@ -17,7 +17,7 @@ from chorus.coordinator.service import Coordinator
 from chorus.messages import Heartbeat, Task, decode
 from chorus.nats.streams import ensure_tasks_bucket
 from tests.coordination import wait_for_record
-from tests.helpers import Reap, SpawnAgent, child_env, stop_child, write_spec
+from tests.helpers import Reap, SpawnAgent, child_env, first_busy_instance, stop_child, write_spec
 
 SLOW = """
 name: slow
@@ -36,14 +36,7 @@ async def test_killed_agent_task_completes_elsewhere_and_is_recorded_once(
 ) -> None:
     spec = write_spec(tmp_path, "slow", SLOW)
     agents = {a.instance: a for a in [await spawn_agent(spec), await spawn_agent(spec)]}
-    busy: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    async def on_beat(msg: Msg) -> None:
-        beat = decode(msg.data, Heartbeat)
-        if beat.in_flight and not busy.done():
-            busy.set_result(beat.instance)
-
-    await nc.subscribe(settings.subjects.all_heartbeats, cb=on_beat)
+    busy = await first_busy_instance(nc, settings)
     queue = TaskQueue(nc, settings.subjects)
     task = Task(input="survive", data=1.0)
     run = asyncio.create_task(queue.run(task, capability="slow", timeout=30))

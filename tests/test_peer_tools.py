@@ -10,18 +10,17 @@ from pathlib import Path
 import msgspec
 import pytest
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from chorus.agent import Agent, Context
 from chorus.client import ChorusClient, TaskQueue
 from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
 from chorus.errors import ConfigError, ToolFailed
-from chorus.messages import Heartbeat, Task, decode
+from chorus.messages import Task
 from chorus.specs.agent import load_spec
 from chorus.tools.base import ToolCallContext
 from chorus.tools.peers import DEFAULT_INPUT_SCHEMA, PeerTools, PeerToolSpec, peer_tool
-from tests.helpers import SpawnAgent, StartHost, write_spec
+from tests.helpers import SpawnAgent, StartHost, first_busy_instance, write_spec
 
 SCHEMA = {
     "type": "object",
@@ -221,14 +220,7 @@ async def test_peer_killed_mid_durable_call_answers_from_another_instance(
 ) -> None:
     spec = write_spec(tmp_path, "slow", SLOW)
     agents = {a.instance: a for a in [await spawn_agent(spec), await spawn_agent(spec)]}
-    busy: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    async def on_beat(msg: Msg) -> None:
-        beat = decode(msg.data, Heartbeat)
-        if beat.in_flight and not busy.done():
-            busy.set_result(beat.instance)
-
-    await nc.subscribe(settings.subjects.all_heartbeats, cb=on_beat)
+    busy = await first_busy_instance(nc, settings)
     tool = peer_tool({"capability": "slow", "timeout_s": 30})
     ctx = caller_ctx(client, TaskQueue(nc, settings.subjects))
     call = asyncio.create_task(tool.call({"input": "survive"}, ctx))
