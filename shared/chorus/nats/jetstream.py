@@ -38,6 +38,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -244,6 +245,7 @@ async def ordered_watch(
     return await js.subscribe(subject, stream=stream, cb=cb, ordered_consumer=True, config=config)
 
 
+START_WITHIN_S = 30.0  # a tail started while the server restarts keeps trying this long
 TAIL_HEARTBEAT_S = 1.0  # idle heartbeats of a tail's consumer; two missed re-create it
 TAIL_INACTIVE_S = 30.0  # the server drops a tail's consumer this long after nobody listens
 
@@ -291,11 +293,34 @@ class StreamTail:
         """The next stream sequence this tail will hand on."""
         return self._next
 
-    async def start(self) -> None:
-        """Follow from the message after the last one stored now."""
-        info = await self.js.stream_info(self.stream)
+    async def start(self, *, within: float = START_WITHIN_S) -> None:
+        """Follow from the message after the last one stored now.
+
+        While the server is away (a restart) reading where the stream ends is tried again
+        with a backoff, for `within` seconds. Once that position is known, a consumer that
+        cannot be created yet is left to the watchdog, which re-creates it from the same
+        position: nothing stored after `start()` began is missed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        delay = 0.1
+        while True:
+            try:
+                info = await self.js.stream_info(self.stream)
+                break
+            except (NatsTimeout, NoRespondersError, TimeoutError):
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)  # backoff while the server comes back
+                delay = min(delay * 2, 2.0)
         self._next = info.state.last_seq + 1
-        await self._follow()
+        try:
+            await self._follow()
+        except (NatsTimeout, NoRespondersError, TimeoutError) as exc:
+            self._alive = False  # the watchdog's first check re-creates the consumer
+            log.info(
+                "stream tail consumer not created yet, the watchdog retries",
+                extra={"stream": self.stream, "error": repr(exc)},
+            )
         self._watchdog = asyncio.create_task(self._watch(), name=f"tail-{self.stream}")
 
     async def stop(self) -> None:
