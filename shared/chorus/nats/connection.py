@@ -129,7 +129,10 @@ async def connect(
     )
     report = options["error_cb"]
 
+    reported: list[Exception] = []  # the last error nats-py reported, for the final message
+
     async def on_error(exc: Exception) -> None:
+        reported[:] = [exc]
         await report(exc)
         # Refused while reconnecting: our user was removed or its key rotated. nats-py would
         # retry that for ever; the process is as good as closed (its stop() closes it).
@@ -156,6 +159,9 @@ async def connect(
             raise _tls_failed(settings, exc) from None
         except (TimeoutError, NoServersError, OSError) as exc:
             if time.monotonic() + delay > deadline:
+                reset = bool(reported) and isinstance(reported[-1], ConnectionResetError)
+                if reset and _uses_tls(settings):
+                    raise _tls_reset(settings) from None
                 raise NatsUnreachable(
                     f"cannot reach NATS at {redact_url(settings.nats_url)} "
                     f"({exc.__class__.__name__}): "
@@ -215,6 +221,22 @@ def _tls_failed(settings: Settings, exc: ssl.SSLError) -> NatsTlsFailed:
         f"TLS with NATS at {redact_url(settings.nats_url)} failed ({why}): set NATS_TLS_CA to "
         "the CA that signed the server's certificate, and NATS_TLS_CERT and NATS_TLS_KEY when "
         "the server requires client certificates"
+    )
+
+
+def _uses_tls(settings: Settings) -> bool:
+    return bool(settings.tls_ca or settings.tls_cert) or settings.nats_url.startswith("tls://")
+
+
+def _tls_reset(settings: Settings) -> NatsTlsFailed:
+    """The server reset the connection during the TLS handshake: in TLS 1.3 a server that
+    requires client certificates refuses one without after the handshake, and the client
+    sees either the alert or only the reset, depending on timing."""
+    return NatsTlsFailed(
+        f"TLS with NATS at {redact_url(settings.nats_url)} failed (the server reset the "
+        "connection during the handshake): set NATS_TLS_CERT and NATS_TLS_KEY when the "
+        "server requires client certificates, and NATS_TLS_CA to the CA that signed the "
+        "server's certificate"
     )
 
 
