@@ -53,6 +53,8 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_CLAIM_TIMEOUT": "claim_timeout",
     "CHORUS_MAX_DEPTH": "max_depth",
     "CHORUS_SESSION_TTL": "session_ttl",
+    "CHORUS_LIMITS": "limits",
+    "CHORUS_PRICES": "prices",
 }
 
 
@@ -99,6 +101,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # agents as tools: an instance refuses a task that came through more hops than this
     max_depth: int = 4
     session_ttl: float = 7 * 24 * 3600.0  # a conversation session untouched this long expires
+    # spend (chorus.spend): the shared provider limits file, and a price table that
+    # overrides the shipped one
+    limits: str = ""
+    prices: str = ""
 
     @property
     def subjects(self) -> Subjects:

@@ -46,6 +46,9 @@ class Context:
         self.effect_scope = task_id
         # A session's earlier turns, given to the model before this task's input.
         self.history: tuple[Item, ...] = ()
+        # The agent's models as this task uses them: charged to its run's budget, and
+        # counting what each model used (chorus.llm.limited).
+        self.task_model = host.model.for_task(run_id)
         self.log = logging.getLogger(f"chorus.agent.{host.agent.name}")
 
     @property
@@ -58,7 +61,13 @@ class Context:
 
     @property
     def model(self) -> Model:
-        return self._host.model
+        """The agent's model for this task (its fallbacks, limits and budgets included)."""
+        return self.task_model
+
+    @property
+    def own_usage(self) -> Usage:
+        """What this task's own model calls used (`usage` also counts delegated work)."""
+        return self.task_model.usage
 
     @property
     def client(self) -> ChorusClient:
@@ -86,7 +95,7 @@ class Context:
             json_schema=json_schema,
             schema_name=schema_name,
         )
-        reply = await self._host.model.complete(request)
+        reply = await self.task_model.complete(request)
         self.usage = self.usage + reply.usage
         return reply
 
@@ -118,7 +127,7 @@ class Context:
         )
         try:
             result = await run_loop(
-                self._host.model,
+                self.task_model,
                 request,
                 toolbox,
                 self._call_context,

@@ -31,6 +31,7 @@ from chorus.agent.api import Agent, Reply
 from chorus.agent.context import Context
 from chorus.agent.conversation import in_session
 from chorus.agent.sessions import SessionStore
+from chorus.agent.spending import agent_model, attach_spend
 from chorus.agent.toolbox import build_toolbox
 from chorus.client import ChorusClient, TaskQueue
 from chorus.config import Settings
@@ -44,9 +45,10 @@ from chorus.errors import (
     PayloadTooLarge,
     TaskFailed,
 )
-from chorus.llm import Model, create_model
+from chorus.llm import Model
 from chorus.llm.base import Item
 from chorus.llm.factory import split_model
+from chorus.llm.limited import LimitedModel
 from chorus.messages import (
     ErrorReply,
     Event,
@@ -88,7 +90,7 @@ class InstanceStats(msgspec.Struct):
     waiting: int = 0
     peak_in_flight: int = 0
     total_latency_ms: float = 0.0
-    usage: Usage = Usage()  # tokens of every model call this instance made
+    usage: Usage = Usage()  # tokens (and dollars) of every model call this instance made
 
     @property
     def mean_latency_ms(self) -> float:
@@ -138,8 +140,9 @@ class AgentHost:
         self.instance = instance or new_instance_id(agent.name)
         check_instance_id(self.instance, agent.name)
         self.model_name = split_model(agent.spec.model)[1]
-        # Built here, not mid-task, so a missing API key fails at start-up.
-        self.model: Model = model if model is not None else create_model(agent.spec.model)
+        # Built here, not mid-task, so a missing API key fails at start-up. The spec's model
+        # and its fallbacks, behind the shared limits, budgets and prices (chorus.spend).
+        self.model: LimitedModel = agent_model(agent.spec, settings, model)
         self.toolbox = build_toolbox(agent.spec, self, agent.tools)
         self.stats = InstanceStats()
         self.started_at = time.time()
@@ -189,8 +192,9 @@ class AgentHost:
         if self._nc is None:
             self._nc = await connect(self.settings, f"agent:{self.instance}", service=True)
         # Connected: MCP servers start, peers are described, side effects go through the
-        # effect ledger.
+        # effect ledger, model calls through the shared limits and budgets.
         await self.toolbox.start(self.model, EffectLedger(self.nc, self.subjects))
+        await attach_spend(self.model, self.nc, self.settings, self.instance)
         spec = self.agent.spec
         self._service = await add_service(
             self.nc,
@@ -316,13 +320,13 @@ class AgentHost:
                 else:
                     reply = await self.agent.handle_help(message, ctx)
             except ChorusError:
-                self._finish(started, ok=False, usage=ctx.usage)
+                self._finish(started, ok=False, usage=ctx.own_usage)
                 raise
             except Exception as exc:
-                self._finish(started, ok=False, usage=ctx.usage)
+                self._finish(started, ok=False, usage=ctx.own_usage)
                 log.exception("handler failed", extra={"instance": self.instance})
                 raise TaskFailed(f"{type(exc).__name__}: {exc}") from exc
-            duration_ms = self._finish(started, ok=True, usage=ctx.usage)
+            duration_ms = self._finish(started, ok=True, usage=ctx.own_usage)
         if isinstance(message, Task):
             return encode(
                 Result(
@@ -335,6 +339,8 @@ class AgentHost:
                     duration_ms=duration_ms,
                     events=ctx.events,
                     tool_calls=ctx.tool_calls,
+                    model=ctx.task_model.last_model,
+                    by_model=ctx.task_model.by_model,
                 )
             )
         return encode(
@@ -468,7 +474,7 @@ class AgentHost:
                         ctx.events[0] = msgspec.structs.replace(ctx.events[0], usage=ctx.usage)
                     await self._publish_events(ctx.events)
                 except Exception as exc:
-                    self._finish(started, ok=False, usage=ctx.usage)
+                    self._finish(started, ok=False, usage=ctx.own_usage)
                     attempt = msg.metadata.num_delivered
                     log.warning(
                         "event handler failed",
@@ -476,7 +482,7 @@ class AgentHost:
                     )
                     await msg.nak(delay=backoff(attempt, base=2.0))
                     return
-                self._finish(started, ok=True, usage=ctx.usage)
+                self._finish(started, ok=True, usage=ctx.own_usage)
             await msg.ack_sync(timeout=5)
 
     # heartbeats

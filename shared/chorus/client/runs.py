@@ -73,6 +73,7 @@ class RunClient:
             kind=workflow.kind,
             input=request.input,
             data=request.data,
+            budget=request.budget or workflow.budget,
         )
         store = await self.store()
         existing = await store.load(request.run_id)

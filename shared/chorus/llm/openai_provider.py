@@ -23,7 +23,7 @@ from typing import Any, Literal
 import msgspec
 import openai
 
-from chorus.errors import ConfigError, MissingApiKey, ModelError
+from chorus.errors import ConfigError, MissingApiKey, ModelError, RateLimited
 from chorus.llm.base import (
     AssistantMessage,
     FunctionCall,
@@ -36,6 +36,7 @@ from chorus.llm.base import (
     reply_items,
 )
 from chorus.messages import Usage
+from chorus.spend.limits import account_id
 
 Api = Literal["responses", "chat"]
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -211,8 +212,13 @@ class OpenAIModel:
         retry_cap: float = 8.0,
         retry_after_cap: float = 30.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        retry_rate_limits: bool = True,
     ) -> None:
         self.name = name
+        # False: a 429 raises RateLimited at once, for chorus.llm.limited to pause every
+        # process sharing the key and to retry through the shared limits.
+        self.retry_rate_limits = retry_rate_limits
+        self.account = account_id(api_key)
         self.api: Api = api
         self.hosted_tools = api == "responses"  # chat completions has no hosted tools
         self.max_retries = max_retries
@@ -261,6 +267,10 @@ class OpenAIModel:
                 break
             except openai.APIStatusError as exc:
                 status, message = exc.status_code, _error_message(exc)
+                if status == 429 and not self.retry_rate_limits:
+                    raise RateLimited(
+                        f"openai model {self.name}: HTTP 429: {message}", _retry_after(exc)
+                    ) from exc
                 if status == 401:
                     raise ModelError(
                         f"openai model {self.name}: HTTP 401 unauthorized: {message}; "
@@ -339,6 +349,10 @@ class OpenAIModel:
         )
         u = response.usage
         usage = Usage(u.input_tokens, u.output_tokens, u.total_tokens) if u else Usage()
+        if u and u.input_tokens_details:  # prompt-cache hits, priced lower
+            usage = msgspec.structs.replace(
+                usage, cached_tokens=u.input_tokens_details.cached_tokens
+            )
         calls: list[FunctionCall] = []
         items: list[Item] = []
         for output in response.output:
@@ -390,6 +404,10 @@ class OpenAIModel:
         text = message.content or ""
         u = completion.usage
         usage = Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens) if u else Usage()
+        if u and u.prompt_tokens_details and u.prompt_tokens_details.cached_tokens:
+            usage = msgspec.structs.replace(
+                usage, cached_tokens=u.prompt_tokens_details.cached_tokens
+            )
         calls = tuple(
             FunctionCall(call_id=c.id, name=c.function.name, arguments=c.function.arguments)
             for c in message.tool_calls or ()

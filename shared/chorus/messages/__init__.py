@@ -3,8 +3,8 @@
 `codec` (the base Struct, encode/decode), `headers` (every header), `agents` (the agent
 protocol), `coordination` (registry, outcomes, dead letters, metrics), `state` (shared-state
 entries), `sessions` (conversation sessions), `runs` (run records, progress, requests),
-`effects` (the effect ledger), `discovery` (`$SRV.INFO` replies), `schema` (JSON Schema of
-them all). This
+`effects` (the effect ledger), `spend` (rate-limit windows, pauses, budget accounts),
+`discovery` (`$SRV.INFO` replies), `schema` (JSON Schema of them all). This
 package imports only `chorus.errors`, `chorus.subjects` and `chorus.specs`; the names are
 re-exported here, so `from chorus.messages import Task` is the usual import.
 """
@@ -83,6 +83,12 @@ from chorus.messages.sessions import (
     SessionPolicy,
     TurnTicket,
 )
+from chorus.messages.spend import (
+    BudgetAccount,
+    BudgetHold,
+    LimitWindow,
+    RatePause,
+)
 from chorus.messages.state import (
     LockEntry,
     StateEntry,
@@ -105,6 +111,8 @@ __all__ = [
     "AgentStatusChange",
     "AttemptError",
     "AttemptLog",
+    "BudgetAccount",
+    "BudgetHold",
     "DeadLetter",
     "DelegationPlan",
     "EffectRecord",
@@ -115,11 +123,13 @@ __all__ = [
     "HelpReply",
     "HelpRequest",
     "InstanceState",
+    "LimitWindow",
     "LockEntry",
     "Message",
     "Metrics",
     "PlanResults",
     "ProgressKind",
+    "RatePause",
     "Result",
     "RunCancel",
     "RunFields",

@@ -79,6 +79,10 @@ class Result(Message, tag="result"):
     duration_ms: float = 0.0
     events: list[Event] = []
     tool_calls: list[ToolCallRecord] = []
+    # The model that gave the final answer (a fallback's, when the first could not), and
+    # this agent's own model calls by model (delegated work is in `usage` only).
+    model: str = ""
+    by_model: dict[str, Usage] = {}
 
 
 class ErrorReply(Message, tag="error"):

@@ -6,11 +6,11 @@ from typing import Any
 
 import msgspec
 
-from chorus.messages import agents, coordination, effects, runs, sessions, state
+from chorus.messages import agents, coordination, effects, runs, sessions, spend, state
 from chorus.messages.codec import Message
 
 # Imported for their Message subclasses: every wire type is defined in one of these.
-_MODULES = (agents, coordination, effects, runs, sessions, state)
+_MODULES = (agents, coordination, effects, runs, sessions, spend, state)
 
 
 def wire_types() -> list[type[Message]]:

@@ -30,6 +30,7 @@ from chorus.errors import Conflict, InvalidMessage
 from chorus.messages import Result, RunCancel, RunRequest, Task, decode, now
 from chorus.nats.jetstream import ClaimKeeper, DurableConsumer
 from chorus.nats.streams import ensure_runs_stream
+from chorus.spend.budgets import BudgetLedger
 from chorus.workflows.directory import DiscoveryDirectory
 from chorus.workflows.engine import Engine, RunHandle, new_record
 from chorus.workflows.events import NatsEventBus
@@ -103,6 +104,7 @@ class Orchestrator:
             events=NatsEventBus(client),
             directory=DiscoveryDirectory(client),
             processors=self.processors,
+            budgets=await BudgetLedger.open(js, self.subjects),
         )
         config = ConsumerConfig(
             durable_name=CONSUMER,
@@ -175,7 +177,11 @@ class Orchestrator:
                 await msg.term()
                 return
             record = new_record(
-                request.workflow, request.input, data=request.data, run_id=request.run_id
+                request.workflow,
+                request.input,
+                data=request.data,
+                run_id=request.run_id,
+                budget=request.budget,
             )
         if record.finished:
             await msg.ack_sync(timeout=5)
