@@ -204,7 +204,10 @@ async def spawn_agent(settings: Settings, nc: Client, tmp_path: Path) -> AsyncIt
     """Start an agent process and wait for its first heartbeat (it is then serving)."""
     processes: list[AgentProcess] = []
 
-    async def spawn(spec: str | Path, *, ready_timeout: float = 20) -> AgentProcess:
+    async def spawn(
+        spec: str | Path, *, ready_timeout: float = 20, env: dict[str, str] | None = None
+    ) -> AgentProcess:
+        """`env`: more environment for the child (an API key, CHORUS_LIMITS...)."""
         name = load_agent(str(spec)).name
         instance = f"{name}-p{len(processes)}{uuid.uuid4().hex[:6]}"
         ready = asyncio.Event()
@@ -218,7 +221,7 @@ async def spawn_agent(settings: Settings, nc: Client, tmp_path: Path) -> AsyncIt
         with log.open("wb") as sink:
             process = subprocess.Popen(
                 [sys.executable, "-m", "chorus", "agent", "run", str(spec), "--instance", instance],
-                env=child_env(settings),
+                env={**child_env(settings), **(env or {})},
                 stdout=sink,
                 stderr=subprocess.STDOUT,
             )

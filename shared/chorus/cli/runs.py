@@ -28,6 +28,7 @@ from chorus.cli.run_progress import (
     steps_done,
     when,
 )
+from chorus.cli.usage import budget_text, dollars, spend_text
 from chorus.client.runs import RunClient
 from chorus.config import Settings
 from chorus.errors import ConfigError, InvalidMessage, NotFound, RequestTimeout
@@ -269,7 +270,7 @@ def print_result(record: RunRecord) -> None:
     console.print(
         f"[{style}]{record.status}[/] run {record.run_id} · {escape(record.workflow.name)} "
         f"({record.kind}) · {steps_done(record)} steps · {record.usage.total_tokens} tokens · "
-        f"{duration(record)}"
+        f"{dollars(record.usage.usd)} · {duration(record)}"
     )
     if record.error:
         print(f"chorus: run {record.status}: {record.error}", file=sys.stderr)
@@ -309,8 +310,9 @@ def runs_table(records: list[RunHead]) -> Table:
     from rich.table import Table
 
     view = Table(title="runs, most recent first", title_justify="left")
-    for column in ("run", "workflow", "kind", "status", "steps", "started", "duration", "tokens"):
-        view.add_column(column, justify="right" if column in ("steps", "tokens") else "left")
+    columns = ("run", "workflow", "kind", "status", "steps", "started", "duration", "tokens", "usd")
+    for column in columns:
+        view.add_column(column, justify="right" if column in ("steps", "tokens", "usd") else "left")
     for record in records:
         style = STATUS_STYLE.get(record.status, "white")
         view.add_row(
@@ -322,6 +324,7 @@ def runs_table(records: list[RunHead]) -> Table:
             when(record.started_at or record.created_at),
             duration(record),
             str(record.usage.total_tokens),
+            dollars(record.usage.usd),
         )
     return view
 
@@ -357,19 +360,18 @@ def run_view(record: RunRecord) -> list[RenderableType]:
         ("started", when(record.started_at)),
         ("ended", when(record.ended_at)),
         ("duration", duration(record)),
-        (
-            "tokens",
-            f"{record.usage.total_tokens} ({record.usage.input_tokens} in, "
-            f"{record.usage.output_tokens} out)",
-        ),
+        ("spend", spend_text(record.usage)),
+        *((f"  {escape(model)}", spend_text(u)) for model, u in sorted(record.by_model.items())),
+        ("budget", escape(budget_text(record) or "none")),
         ("input", escape(short(record.input, 120))),
     ):
         head.add_row(f"[bold]{label}[/]", value)
     parts: list[RenderableType] = [head]
     if record.steps:
         steps = Table(title="steps", title_justify="left")
-        for column in ("step", "status", "agent / instance", "attempts", "duration", "result"):
-            steps.add_column(column, justify="right" if column == "attempts" else "left")
+        columns = ("step", "status", "agent / instance", "model", "attempts", "duration", "usd")
+        for column in (*columns, "result"):
+            steps.add_column(column, justify="right" if column in ("attempts", "usd") else "left")
         for step in record.steps:
             step_style = STATUS_STYLE.get(step.status, "white")
             who = step.agent or (f"capability {step.capability}" if step.capability else "")
@@ -380,8 +382,10 @@ def run_view(record: RunRecord) -> list[RenderableType]:
                 escape(step.name),
                 f"[{step_style}]{step.status}[/]",
                 escape(f"{who} / {step.instance}" if step.instance else who),
+                escape(step.model or "-"),
                 str(step.attempts),
                 seconds_text(step.duration_ms / 1000) if step.ended_at else "-",
+                dollars(step.usage.usd),
                 result,
             )
         parts.append(steps)
