@@ -115,6 +115,13 @@ class FakeOpenAI:
         with self._lock:
             self._failures.extend([(status, retry_after, model)] * count)
 
+    def reset(self) -> None:
+        """Forget what arrived so far (requests, headers, arrivals)."""
+        with self._lock:
+            self.requests.clear()
+            self.headers.clear()
+            self.arrivals.clear()
+
     def wait_for(self, count: int, timeout: float) -> list[Arrival]:
         """Block until at least `count` requests arrived (run it in a thread from async
         code); AssertionError after `timeout` seconds."""
@@ -165,7 +172,7 @@ class FakeOpenAI:
             def log_message(self, format: str, *args: Any) -> None:
                 return None
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
         )
@@ -246,6 +253,14 @@ class FakeOpenAI:
                 for index, c in enumerate(calls)
             ]
         return 200, response, {}
+
+
+class _Server(ThreadingHTTPServer):
+    # The stdlib's backlog of 5 drops connections past it, and the client's retry of the SYN
+    # comes a second later: many agents calling at once would see 1 s stalls that are the
+    # fake's, not theirs.
+    request_queue_size = 256
+    daemon_threads = True
 
 
 def _error(status: int, message: str) -> dict[str, Any]:
