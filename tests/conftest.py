@@ -49,6 +49,15 @@ def fake_openai() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture
+def openai_environ(fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> FakeOpenAI:
+    """The fake server as this process's OpenAI (OPENAI_API_KEY, OPENAI_BASE_URL), for
+    agents whose spec says `model: openai:...`."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-shared")
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    return fake_openai
+
+
+@pytest.fixture
 def own_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A server of this test's own, for tests that stop or kill it."""
     server = NatsServer(tmp_path / "jetstream").start()

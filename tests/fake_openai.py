@@ -89,6 +89,7 @@ class FakeOpenAI:
         self.reply: Callable[[str, dict[str, Any]], str | list[FakeCall]] = default_reply
         self.disable_responses = False
         self.delay = 0.0  # seconds every successful answer takes
+        self.cached_tokens = 0  # of each prompt, reported as served from the prompt cache
         self.arrivals: list[Arrival] = []
         self._failures: list[tuple[int, float | None, str | None]] = []
         self._lock = threading.Lock()
@@ -240,6 +241,8 @@ class FakeOpenAI:
                 ]
             return 200, completion, {}
         response = _response(number, model, text, prompt_tokens, output_tokens)
+        cached = min(self.cached_tokens, prompt_tokens)
+        response["usage"]["input_tokens_details"]["cached_tokens"] = cached
         if calls:
             response["output"] = [
                 {

@@ -112,13 +112,6 @@ async def test_a_429_with_retry_after_pauses_all_four_processes(
     assert after == {f"You are {name}." for name in names}  # and all four went on after
 
 
-@pytest.fixture
-def openai_environ(fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> FakeOpenAI:
-    for key, value in openai_env(fake_openai).items():
-        monkeypatch.setenv(key, value)
-    return fake_openai
-
-
 async def test_a_rate_limited_model_falls_back_and_the_answer_says_which_model(
     openai_environ: FakeOpenAI, settings: Settings, client: ChorusClient, engine: Engine
 ) -> None:
