@@ -16,10 +16,12 @@ class LimitWindow(Message, tag="limit_window"):
     `slots` holds `[slot, requests, tokens]` for the slots still in the window (a slot is
     `window_s / 60` seconds; slot n starts at n x that, Unix time). `leases` are the calls in
     flight, for the concurrency limit: lease id -> the time the lease lapses if its process
-    never ends it."""
+    never ends it. `writers`: the processes that wrote in the last window (id -> when), so
+    each can size its share."""
 
     slots: list[tuple[int, int, int]] = []
     leases: dict[str, float] = {}
+    writers: dict[str, float] = {}
     updated_at: float = msgspec.field(default_factory=now)
 
 

@@ -2,27 +2,32 @@
 
 Mechanism (numbers in docs/performance.md, "Limits, budgets and costs"): each limit is one
 KV key holding its sliding window (`chorus.spend.window`). Every process mirrors the key
-with a watch; a call books itself with one compare-and-set on the revision it saw (a
-conflict reads the key and tries again) and corrects its tokens in the background once the
-call ended. A provider's 429 writes a pause key that every process calling that model with
+with a watch, and one writer task per limit per process folds every call waiting for room,
+every correction of tokens and every ended lease into its next compare-and-set on the
+revision it saw (a conflict reads the key and tries again). A process that calls often
+books a few calls ahead, within its share of what is left, so most of its calls go with no
+round trip. A provider's 429 writes a pause key that every process calling that model with
 that API key mirrors too: they all wait until it ends, woken by the watch.
 
     limiter = await Limiter.open(js, subjects, LimitsFile.load(settings.limits), env, instance)
     gate = await limiter.gate("openai:gpt-5", account)       # once per model and key
     permit = await gate.admit(expected_tokens, wait=None)    # waits for room (and pauses)
     ...                                                      # the model call
-    permit.settle(reply.usage.total_tokens)                  # in the background
+    permit.settle(reply.usage.total_tokens)                  # written with the next write
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, Final, NamedTuple
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, NamedTuple
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -41,8 +46,9 @@ from chorus.subjects import Subjects
 log = logging.getLogger("chorus.spend.limiter")
 
 Clock = Callable[[], float]
-SETTLE_ATTEMPTS: Final = 50
 PAUSE_ATTEMPTS: Final = 20
+RATE_SAMPLE: Final = 32  # recent calls a process's call rate is measured over
+MAX_IDLE_S: Final = 5.0  # a writer with nothing to do looks at its key at least this often
 
 
 class Booking(NamedTuple):
@@ -54,67 +60,274 @@ class Booking(NamedTuple):
     lease: str
 
 
+@dataclass
+class _Waiter:
+    tokens: int
+    lease: str
+    future: asyncio.Future[Booking]
+
+
+@dataclass
+class _Slice:
+    """Calls booked ahead in the window, let through from this process without a write."""
+
+    slot: int
+    requests: int
+    tokens: int
+    expires: float
+
+
 class SharedLimit:
-    """One limit shared by every process: its window in KV (`limit.<name>`)."""
+    """One limit shared by every process: its window in KV (`limit.<name>`).
+
+    In each process one writer task owns the key: every call waiting for room, every
+    settle and every lease to end goes into its next compare-and-set, so a process has at
+    most one write in flight per limit however many calls it makes. A process calling
+    often books a few calls ahead (a slice, within its share of what is left, used within
+    `Rates.slice_s` or given back), so most of its calls go without a round trip.
+    """
 
     def __init__(
-        self, kv: KeyValue, key: str, rates: Rates, *, lease_s: float, clock: Clock
+        self,
+        kv: KeyValue,
+        key: str,
+        rates: Rates,
+        *,
+        lease_s: float,
+        clock: Clock,
+        writer: str,
     ) -> None:
         self.key = key
         self.rates = rates
         self.lease_s = lease_s
         self.clock = clock
+        self.writer = writer
         self.mirror = KeyMirror(kv, key, LimitWindow)
         self.conflicts = 0  # compare-and-set retries, for the bench
+        self.writes = 0
+        self._waiting: deque[_Waiter] = deque()
+        self._adjust: dict[int, list[int]] = {}  # slot -> [requests, tokens] to correct
+        self._ended: set[str] = set()
+        self._slice: _Slice | None = None
+        self._recent: deque[float] = deque(maxlen=RATE_SAMPLE)  # times of recent calls
+        self._tokens_seen: deque[int] = deque(maxlen=RATE_SAMPLE)
+        self._kick = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.mirror.start()
+        self._task = asyncio.create_task(self._run(), name=f"limit {self.key}")
 
     async def book(self, tokens: int, deadline: float) -> Booking:
         """Room for one call expected to use `tokens`; waits for it until `deadline` (Unix
-        time), then raises RateLimited saying when there would have been room."""
-        lease = uuid.uuid4().hex[:12]
+        time), then raises RateLimited saying when there might be room."""
+        t = self.clock()
+        self._recent.append(t)
+        self._tokens_seen.append(tokens)
+        taken = self._from_slice(tokens, t)
+        if taken is not None:
+            return taken
+        lease = uuid.uuid4().hex[:12] if self.rates.concurrent else ""
+        waiter = _Waiter(tokens, lease, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
+        self._wake()
+        try:
+            if math.isinf(deadline):
+                return await asyncio.shield(waiter.future)
+            return await asyncio.wait_for(asyncio.shield(waiter.future), deadline - t)
+        except TimeoutError:
+            raise RateLimited(
+                f"shared limit {self.key} had no room within {deadline - t:.1f}s",
+                retry_after=max(0.0, self._room_at - self.clock()),
+            ) from None
+        finally:
+            if not waiter.future.done():
+                waiter.future.cancel()  # the writer drops it, or gives its booking back
+
+    def _from_slice(self, tokens: int, t: float) -> Booking | None:
+        chunk = self._slice
+        if chunk is None or chunk.expires <= t or chunk.requests < 1:
+            return None
+        tokens = window.clamp_tokens(tokens, self.rates)
+        if self.rates.tokens and chunk.tokens < tokens:
+            return None
+        chunk.requests -= 1
+        chunk.tokens -= tokens
+        return Booking(self, chunk.slot, tokens, "")
+
+    def settle(self, booking: Booking, actual: int) -> None:
+        """Correct the call's tokens to `actual` and end its lease, in the next write."""
+        if self.rates.tokens and actual != booking.tokens:
+            self._add(booking.slot, 0, actual - booking.tokens)
+        if booking.lease:
+            self._ended.add(booking.lease)
+        self._wake()
+
+    def release(self, booking: Booking) -> None:
+        """Give back a booking whose call never went."""
+        self._add(booking.slot, -1, -booking.tokens)
+        if booking.lease:
+            self._ended.add(booking.lease)
+        self._wake()
+
+    def _add(self, slot: int, requests: int, tokens: int) -> None:
+        change = self._adjust.setdefault(slot, [0, 0])
+        change[0] += requests
+        change[1] += tokens
+
+    def _wake(self) -> None:
+        self._idle.clear()
+        self._kick.set()
+
+    async def flush(self, timeout: float) -> None:
+        """Until every settle so far is written (or `timeout` passes)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.mirror.close()
+
+    # the writer
+
+    _room_at = 0.0
+
+    async def _run(self) -> None:
         while True:
             changed = self.mirror.changed
-            current, revision = await self.mirror.current()
-            t = self.clock()
-            outcome = window.admit(
-                current or LimitWindow(), t, tokens, self.rates, lease, self.lease_s
-            )
-            if isinstance(outcome, float):
-                if outcome > deadline:
-                    raise RateLimited(
-                        f"shared limit {self.key} has no room for {outcome - t:.1f}s",
-                        retry_after=outcome - t,
-                    )
-                await self.mirror.wait_changed(changed, outcome - t)
-                continue
+            wake_at = self._wake_at()
+            if not self._has_work(self.clock()):
+                self._idle.set()
+                wake_at = self._slice.expires if self._slice is not None else math.inf
+            await self._wait(changed, wake_at)
+            self._kick.clear()
             try:
-                await self.mirror.write(outcome, revision)
-            except KeyWrongLastSequenceError:
-                self.conflicts += 1
-                continue
-            return Booking(
-                self, window.slot_of(t, self.rates), window.clamp_tokens(tokens, self.rates), lease
-            )
+                await self._round()
+            except nats.errors.Error as exc:  # NATS away: keep the work, try again shortly
+                log.warning("limit write failed", extra={"key": self.key, "error": repr(exc)})
+                await self._wait(self.mirror.changed, self.clock() + 1.0)
+            except Exception as exc:  # a bug here must not leave callers waiting for ever
+                log.exception("limit writer failed", extra={"key": self.key})
+                for waiter in self._waiting:
+                    if not waiter.future.done():
+                        waiter.future.set_exception(exc)
+                self._waiting.clear()
 
-    def needs_settle(self, booking: Booking, actual: int) -> bool:
-        return bool(self.rates.concurrent or (self.rates.tokens and actual != booking.tokens))
+    def _has_work(self, t: float) -> bool:
+        waiting = any(not w.future.done() for w in self._waiting)
+        chunk = self._slice
+        spent = chunk is not None and (chunk.expires <= t or not chunk.requests)
+        return waiting or bool(self._adjust) or bool(self._ended) or spent
 
-    async def settle(self, booking: Booking, actual: int) -> None:
-        """Correct the booked tokens to `actual` and end the call's lease."""
-        for _ in range(SETTLE_ATTEMPTS):
-            current, revision = await self.mirror.current()
-            if current is None:
-                return
-            t = self.clock()
-            settled = window.settle(
-                current, t, self.rates, booking.slot, booking.tokens, actual, booking.lease
+    def _wake_at(self) -> float:
+        """When to look again without news: room may have come, or the slice lapses."""
+        times = [self._room_at] if self._waiting else []
+        if self._slice is not None:
+            times.append(self._slice.expires)
+        return min(times, default=math.inf)
+
+    async def _wait(self, changed: asyncio.Event, until: float) -> None:
+        timeout = until - self.clock()
+        if self._kick.is_set() or timeout <= 0:
+            return
+        kick = asyncio.ensure_future(self._kick.wait())
+        news = asyncio.ensure_future(changed.wait())
+        try:
+            await asyncio.wait(
+                {kick, news},
+                timeout=None if math.isinf(timeout) else min(timeout, MAX_IDLE_S),
+                return_when=asyncio.FIRST_COMPLETED,
             )
-            try:
-                await self.mirror.write(settled, revision)
-                return
-            except KeyWrongLastSequenceError:
-                self.conflicts += 1
-        # Left as booked (and the lease lapses by itself): the window errs on the safe side.
-        log.warning("could not settle a call in its limit", extra={"key": self.key})
+        finally:
+            kick.cancel()
+            news.cancel()
+
+    async def _round(self) -> None:
+        """One compare-and-set: this process's corrections, ended leases, given-back slice,
+        the calls waiting that fit, and a slice ahead when it calls often."""
+        current, revision = await self.mirror.current()
+        t = self.clock()
+        change = window.Round(current or LimitWindow(), t, self.rates)
+        adjust, self._adjust = self._adjust, {}
+        ended, self._ended = self._ended, set()
+        chunk = self._slice
+        # A slice is given back once it lapsed or its calls are all taken (its tokens left).
+        returned = (
+            chunk if chunk is not None and (chunk.expires <= t or not chunk.requests) else None
+        )
+        for slot, (requests, tokens) in adjust.items():
+            change.adjust(slot, requests, tokens)
+        for lease in ended:
+            change.end_lease(lease)
+        if returned is not None:
+            change.adjust(returned.slot, -returned.requests, -returned.tokens)
+        admitted: list[tuple[_Waiter, Booking]] = []
+        waiting = [w for w in self._waiting if not w.future.done()]
+        while waiting and change.fits(1, waiting[0].tokens):
+            waiter = waiting.pop(0)
+            slot = change.book(1, waiter.tokens, waiter.lease, self.lease_s)
+            tokens = window.clamp_tokens(waiter.tokens, self.rates)
+            admitted.append((waiter, Booking(self, slot, tokens, waiter.lease)))
+        ahead = self._ahead(change, returned, t)
+        change.wrote(self.writer)
+        if waiting:
+            self._room_at = change.room_at(waiting[0].tokens)
+        try:
+            if admitted or adjust or ended or returned or ahead:
+                await self.mirror.write(change.window(), revision)
+                self.writes += 1
+        except KeyWrongLastSequenceError:
+            self.conflicts += 1
+            for slot, (requests, tokens) in adjust.items():  # keep them for the next try
+                self._add(slot, requests, tokens)
+            self._ended |= ended
+            self._kick.set()
+            return
+        if returned is not None and self._slice is returned:
+            self._slice = None
+        if ahead is not None:
+            self._slice = ahead
+        # Calls that came during the write wait on; the ones let through leave the queue.
+        let_through = {id(waiter) for waiter, _ in admitted}
+        self._waiting = deque(
+            w for w in self._waiting if id(w) not in let_through and not w.future.done()
+        )
+        for waiter, booking in admitted:
+            if waiter.future.done():  # its caller stopped waiting: give the booking back
+                self._add(booking.slot, -1, -booking.tokens)
+                if booking.lease:
+                    self._ended.add(booking.lease)
+                self._kick.set()
+            else:
+                waiter.future.set_result(booking)
+
+    def _ahead(self, change: window.Round, returned: _Slice | None, t: float) -> _Slice | None:
+        """A slice for the calls this process will make within `slice_s`, at its call rate,
+        within its share of what is left; None when it calls too seldom to need one."""
+        if self.rates.concurrent or len(self._recent) < RATE_SAMPLE // 4:
+            return None
+        if self._slice is not None and self._slice is not returned:
+            return None  # the current one still has calls
+        span = t - self._recent[0]
+        rate = len(self._recent) / span if span > 0 else 0.0
+        wanted = math.floor(rate * self.rates.slice_s)
+        if wanted < 2:
+            return None
+        share = max(1, len(change.writers | {self.writer: t}))
+        left_requests, left_tokens = change.left()
+        per_call = max(1, max(self._tokens_seen))
+        count = min(
+            wanted, math.floor(left_requests / share), math.floor(left_tokens / share / per_call)
+        )
+        if count < 2:
+            return None
+        slot = change.book(count, count * per_call)
+        return _Slice(slot, count, count * per_call, t + self.rates.slice_s)
 
 
 class ProviderPause:
@@ -172,11 +385,15 @@ class Permit:
         self.bookings = bookings
 
     def settle(self, actual_tokens: int) -> None:
-        """Correct each limit's tokens to what the call used (0 for a call that sent
-        nothing useful) and end its leases, in the background."""
+        """Correct each limit's tokens to what the call used (0 for a call the provider
+        refused: it still counts as a request) and end its leases, in the next writes."""
         for booking in self.bookings:
-            if booking.limit.needs_settle(booking, actual_tokens):
-                self._limiter.background(booking.limit.settle(booking, actual_tokens))
+            booking.limit.settle(booking, actual_tokens)
+
+    def release(self) -> None:
+        """The call never went: give its bookings back."""
+        for booking in self.bookings:
+            booking.limit.release(booking)
 
 
 class Gate:
@@ -200,7 +417,7 @@ class Gate:
             for limit in self.limits:
                 bookings.append(await limit.book(tokens, deadline))
         except BaseException:
-            Permit(self._limiter, bookings).settle(0)
+            Permit(self._limiter, bookings).release()
             raise
         return Permit(self._limiter, bookings)
 
@@ -233,7 +450,8 @@ class Limiter:
         self._gates: dict[tuple[str, str], Gate] = {}
         self._limits: dict[str, SharedLimit] = {}
         self._pauses: dict[str, ProviderPause] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        # How this process is named in the windows' `writers` (its share of a slice).
+        self.writer = instance or uuid.uuid4().hex[:12]
 
     @classmethod
     async def open(
@@ -260,9 +478,14 @@ class Limiter:
             key = self.subjects.limit_key(spec.name)
             if key not in self._limits:
                 limit = SharedLimit(
-                    self.kv, key, rates, lease_s=self.config.lease_s, clock=self.clock
+                    self.kv,
+                    key,
+                    rates,
+                    lease_s=self.config.lease_s,
+                    clock=self.clock,
+                    writer=self.writer,
                 )
-                await limit.mirror.start()
+                await limit.start()
                 self._limits[key] = limit
             limits.append(self._limits[key])
         pause = None
@@ -280,30 +503,20 @@ class Limiter:
     def conflicts(self) -> int:
         return sum(limit.conflicts for limit in self._limits.values())
 
-    def background(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run a settle in a task this limiter owns (finished or cancelled by `close`)."""
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("settle failed", extra={"error": repr(task.exception())})
+    @property
+    def writes(self) -> int:
+        return sum(limit.writes for limit in self._limits.values())
 
     async def drain(self, timeout: float = 5.0) -> None:
-        """Wait for the settles in flight."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
+        """Until every settle so far is written (or `timeout` passes)."""
+        await asyncio.gather(*(limit.flush(timeout) for limit in self._limits.values()))
 
     async def close(self) -> None:
         await self.drain()
-        for task in list(self._tasks):
-            task.cancel()
-        mirrors: list[KeyMirror[Any]] = [limit.mirror for limit in self._limits.values()]
-        mirrors += [pause.mirror for pause in self._pauses.values()]
-        for mirror in mirrors:
+        for limit in self._limits.values():
+            await limit.stop()
+        for pause in self._pauses.values():
             try:
-                await mirror.close()
+                await pause.mirror.close()
             except nats.errors.Error as exc:
-                log.warning("limit watch not closed", extra={"error": repr(exc)})
+                log.warning("pause watch not closed", extra={"error": repr(exc)})

@@ -1,22 +1,25 @@
 """The sliding window of one shared limit, as pure functions over a `LimitWindow` value.
 
 A window counts requests and tokens in slots of `window_s / 60` seconds. A call is let
-through at time t when the slots from `slot(t - window_s - margin_s)` to `slot(t)`, plus
-this call, stay within the limits: whole slots are counted, so every interval of
-`window_s + margin_s` seconds holds at most the limit (the margin absorbs the time between
-letting a call through and the provider receiving it). In steady state the window lets
-through at least `window_s / (window_s + margin_s + slot)` of the limit: 96.7% with the
-default margin of one slot.
+through at time t when the slots from `slot(t - window_s - margin_s - slice_s)` to
+`slot(t)`, plus this call, stay within the limits: whole slots are counted, so every
+interval of `window_s + margin_s` seconds holds at most the limit, even for a call a
+process booked ahead (a slice, used within `slice_s`) and for the time from letting a call
+through to the provider receiving it (`margin_s`, default one slot). In steady state the
+window lets through at least `window_s / (window_s + margin_s + slice_s + slot)` of the
+limit: 96% with 60 s windows and the defaults.
 
-Tokens are booked as expected before the call and corrected to what it used after
-(`settle`), so the window's tokens are exact once calls end; while they run, the ceiling on
-tokens holds as far as the expectation is not below what a call uses.
+Tokens are booked as expected before the call and corrected to what it used after, so the
+window's tokens are exact once calls end; while they run, the ceiling on tokens holds as
+far as the expectation is not below what a call uses.
+
+`Round` is one compare-and-set's worth of changes (corrections, ended leases, calls let
+through, a slice booked ahead), applied to the window as last read.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Final
 
 import msgspec
@@ -24,8 +27,7 @@ import msgspec
 from chorus.messages import LimitWindow
 
 SLOTS: Final = 60  # per window
-
-Slot = tuple[int, int, int]  # slot number, requests, tokens
+MAX_SLICE_S: Final = 0.25
 
 
 class Rates(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,33 +48,18 @@ class Rates(msgspec.Struct, frozen=True, kw_only=True):
         return self.slot_s if self.margin_s is None else self.margin_s
 
     @property
-    def counts_calls(self) -> bool:
-        """Whether calls must be booked in KV at all (a pause-only limit needs no window)."""
-        return bool(self.requests or self.tokens or self.concurrent)
+    def slice_s(self) -> float:
+        """How long a call booked ahead may wait in its process before it goes."""
+        return min(MAX_SLICE_S, self.slot_s)
+
+    @property
+    def counted_s(self) -> float:
+        """How far back bookings count at the time of a new one."""
+        return self.window_s + self.margin + self.slice_s
 
 
 def slot_of(t: float, rates: Rates) -> int:
     return math.floor(t / rates.slot_s)
-
-
-def first_counted(t: float, rates: Rates) -> int:
-    """The oldest slot that still counts at time t."""
-    return slot_of(t - rates.window_s - rates.margin, rates)
-
-
-def pruned(window: LimitWindow, t: float, rates: Rates) -> LimitWindow:
-    """Without the slots that no longer count and the leases that lapsed."""
-    oldest = first_counted(t, rates)
-    return LimitWindow(
-        slots=[s for s in window.slots if s[0] >= oldest],
-        leases={k: v for k, v in window.leases.items() if v > t},
-        updated_at=t,
-    )
-
-
-def used(window: LimitWindow) -> tuple[int, int]:
-    """Requests and tokens booked in the (pruned) window."""
-    return sum(s[1] for s in window.slots), sum(s[2] for s in window.slots)
 
 
 def clamp_tokens(tokens: int, rates: Rates) -> int:
@@ -81,51 +68,106 @@ def clamp_tokens(tokens: int, rates: Rates) -> int:
     return min(tokens, rates.tokens) if rates.tokens else tokens
 
 
+class Round:
+    """Changes to a window as read at time `t`, then `window()` to write back."""
+
+    def __init__(self, window: LimitWindow, t: float, rates: Rates) -> None:
+        self.t = t
+        self.rates = rates
+        oldest = slot_of(t - rates.counted_s, rates)
+        self.slots: dict[int, list[int]] = {
+            n: [requests, tokens] for n, requests, tokens in window.slots if n >= oldest
+        }
+        self.leases = {k: v for k, v in window.leases.items() if v > t}
+        self.writers = {k: v for k, v in window.writers.items() if v > t - rates.window_s}
+
+    def used(self) -> tuple[int, int]:
+        """Requests and tokens booked in the slots that count."""
+        return (
+            sum(s[0] for s in self.slots.values()),
+            sum(s[1] for s in self.slots.values()),
+        )
+
+    def left(self) -> tuple[float, float]:
+        """Requests and tokens that could still be booked now (inf: no limit)."""
+        requests, tokens = self.used()
+        return (
+            self.rates.requests - requests if self.rates.requests else math.inf,
+            self.rates.tokens - tokens if self.rates.tokens else math.inf,
+        )
+
+    def fits(self, requests: int, tokens: int) -> bool:
+        left_requests, left_tokens = self.left()
+        if requests > left_requests or clamp_tokens(tokens, self.rates) > left_tokens:
+            return False
+        return not (self.rates.concurrent and len(self.leases) >= self.rates.concurrent)
+
+    def book(self, requests: int, tokens: int, lease: str = "", lease_s: float = 0.0) -> int:
+        """Book calls at time t (checked with `fits` first); returns the slot."""
+        slot = slot_of(self.t, self.rates)
+        booked = self.slots.setdefault(slot, [0, 0])
+        booked[0] += requests
+        booked[1] += clamp_tokens(tokens, self.rates)
+        if lease:
+            self.leases[lease] = self.t + lease_s
+        return slot
+
+    def adjust(self, slot: int, requests: int, tokens: int) -> None:
+        """Correct a slot's bookings (a settled call, a slice given back), if it still counts."""
+        booked = self.slots.get(slot)
+        if booked is not None:
+            booked[0] = max(0, booked[0] + requests)
+            booked[1] = max(0, booked[1] + tokens)
+
+    def end_lease(self, lease: str) -> None:
+        self.leases.pop(lease, None)
+
+    def wrote(self, writer: str) -> None:
+        self.writers[writer] = self.t
+
+    def room_at(self, tokens: int) -> float:
+        """When a call of `tokens` could fit, as far as this window knows (others' settles
+        may free room sooner)."""
+        requests_used, tokens_used = self.used()
+        tokens = clamp_tokens(tokens, self.rates)
+        times = [self.t + self.rates.slot_s]
+        if self.rates.requests and requests_used + 1 > self.rates.requests:
+            times.append(self._freed_at(0, requests_used + 1 - self.rates.requests))
+        if self.rates.tokens and tokens_used + tokens > self.rates.tokens:
+            times.append(self._freed_at(1, tokens_used + tokens - self.rates.tokens))
+        if self.rates.concurrent and len(self.leases) >= self.rates.concurrent:
+            times.append(min(self.leases.values()))
+        return max(times)
+
+    def _freed_at(self, measure: int, excess: int) -> float:
+        freed = 0
+        for slot in sorted(self.slots):
+            freed += self.slots[slot][measure]
+            if freed >= excess:
+                # slot n counts while n >= slot_of(t - counted_s): until that is n + 1
+                return (slot + 1) * self.rates.slot_s + self.rates.counted_s
+        return self.t + self.rates.slot_s
+
+    def window(self) -> LimitWindow:
+        slots = [(n, r, tk) for n, (r, tk) in sorted(self.slots.items()) if r or tk]
+        return LimitWindow(slots=slots, leases=self.leases, writers=self.writers, updated_at=self.t)
+
+
+def used(window: LimitWindow) -> tuple[int, int]:
+    """Requests and tokens booked in a window, all its slots."""
+    return sum(s[1] for s in window.slots), sum(s[2] for s in window.slots)
+
+
 def admit(
     window: LimitWindow, t: float, tokens: int, rates: Rates, lease: str, lease_s: float
 ) -> LimitWindow | float:
     """The window with one call of `tokens` booked at time t (and its lease, when the limit
     counts concurrency), or, when it does not fit, the time at which to look again."""
-    current = pruned(window, t, rates)
-    requests_used, tokens_used = used(current)
-    tokens = clamp_tokens(tokens, rates)
-    retry_at: list[float] = []
-    if rates.requests and requests_used + 1 > rates.requests:
-        retry_at.append(
-            _room_at(current, rates, lambda s: s[1], requests_used + 1 - rates.requests)
-        )
-    if rates.tokens and tokens_used + tokens > rates.tokens:
-        retry_at.append(
-            _room_at(current, rates, lambda s: s[2], tokens_used + tokens - rates.tokens)
-        )
-    if rates.concurrent and len(current.leases) >= rates.concurrent:
-        retry_at.append(min(current.leases.values()))
-    if retry_at:
-        return max(retry_at)
-    slot = slot_of(t, rates)
-    slots = list(current.slots)
-    if slots and slots[-1][0] == slot:
-        _, requests, booked = slots[-1]
-        slots[-1] = (slot, requests + 1, booked + tokens)
-    else:
-        slots.append((slot, 1, tokens))
-    leases = dict(current.leases)
-    if rates.concurrent:
-        leases[lease] = t + lease_s
-    return LimitWindow(slots=slots, leases=leases, updated_at=t)
-
-
-def _room_at(
-    window: LimitWindow, rates: Rates, measure: Callable[[Slot], int], excess: int
-) -> float:
-    """When enough of the oldest slots have left the window to free `excess`."""
-    freed = 0
-    for slot in window.slots:
-        freed += measure(slot)
-        if freed >= excess:
-            # slot n counts while n >= slot_of(t - window - margin): until that is n + 1
-            return (slot[0] + 1) * rates.slot_s + rates.window_s + rates.margin
-    return window.updated_at + rates.slot_s  # booked tokens were refunded meanwhile
+    booking = Round(window, t, rates)
+    if not booking.fits(1, tokens):
+        return booking.room_at(tokens)
+    booking.book(1, tokens, lease if rates.concurrent else "", lease_s)
+    return booking.window()
 
 
 def settle(
@@ -133,10 +175,7 @@ def settle(
 ) -> LimitWindow:
     """The window once a call booked in `slot` ended: its tokens corrected from `booked` to
     `actual` (while its slot still counts) and its lease gone."""
-    current = pruned(window, t, rates)
-    slots = [
-        (n, requests, max(0, tokens + actual - booked)) if n == slot else (n, requests, tokens)
-        for n, requests, tokens in current.slots
-    ]
-    leases = {k: v for k, v in current.leases.items() if k != lease}
-    return LimitWindow(slots=slots, leases=leases, updated_at=t)
+    change = Round(window, t, rates)
+    change.adjust(slot, 0, actual - booked)
+    change.end_lease(lease)
+    return change.window()
