@@ -48,6 +48,7 @@ RPM, TPM = 60, 20_000
 
 @dataclass(frozen=True)
 class Sizes:
+    smoke: bool
     processes: tuple[int, ...]
     calls: int  # per caller, cost phase
     callers: int
@@ -58,8 +59,10 @@ class Sizes:
 
 def sizes(args: argparse.Namespace) -> Sizes:
     if args.smoke:
-        return Sizes((1, 4, 16), calls=20, callers=2, model_ms=20, window_s=2.0, windows=3)
-    return Sizes((1, 4, 16), calls=200, callers=4, model_ms=50, window_s=args.window, windows=3)
+        return Sizes(True, (1, 4, 16), calls=20, callers=2, model_ms=20, window_s=2.0, windows=3)
+    return Sizes(
+        False, (1, 4, 16), calls=200, callers=4, model_ms=50, window_s=args.window, windows=3
+    )
 
 
 async def workers(count: int, args: list[str], workdir: Path, name: str) -> list[dict[str, Any]]:
@@ -184,7 +187,8 @@ async def cost(url: str, size: Sizes, workdir: Path) -> None:
     plain = write_limits(workdir / "limits-cost.yaml", 60, 10**9, 10**12, 0, 0)
     concurrent = write_limits(workdir / "limits-cost-conc.yaml", 60, 10**9, 10**12, 10**6, 0)
     cases = [(n, plain, "") for n in size.processes]
-    cases.append((size.processes[-1], concurrent, ", with a concurrency limit"))
+    if not size.smoke:
+        cases.append((size.processes[-1], concurrent, ", with a concurrency limit"))
     rows = []
     for n, limits, what in cases:
         prefix = f"benchcost{n}{'c' if what else ''}"
@@ -272,40 +276,43 @@ CASES = (
 async def ceiling(url: str, size: Sizes, workdir: Path) -> None:
     rows = []
     window = size.window_s
-    for case in CASES:
-        for n in (4, 16):
-            # expected output = the input's words: the echo (the fake's tokens are words)
-            reserve = case.words + 8
-            limits = write_limits(workdir / "limits-ceiling.yaml", window, RPM, TPM, 0, reserve)
-            callers = 4 if n == 4 else 2
-            with FakeOpenAI() as fake:
-                prefix = f"benchceil{n}{case.binding}"
-                seconds = window * size.windows
-                args = [
-                    "demand",
-                    url,
-                    prefix,
-                    str(limits),
-                    str(callers),
-                    str(seconds),
-                    str(case.words),
-                    fake.base_url,
-                ]
-                results = await workers(n, args, workdir, f"ceiling-{n}-{case.binding}")
-                arrivals = sorted(a for a in fake.arrivals if a.model == "gpt-bench")
-            calls = sum(r["calls"] for r in results)
-            most_requests, most_tokens = peak(arrivals, window)
-            used = steady_use(arrivals, window, case.binding)
-            rows.append(
-                [
-                    f"{n} processes, {case.label}",
-                    f"{calls}",
-                    case.binding,
-                    f"{most_requests} (limit {RPM})",
-                    f"{most_tokens:,} (limit {TPM:,})",
-                    "—" if used is None else f"{used:.1%}",
-                ]
-            )
+    # The smoke run starts 16 processes once: 4 with small calls, 16 with large ones.
+    plan = [(c, n) for c in CASES for n in (4, 16)]
+    if size.smoke:
+        plan = [(CASES[0], 4), (CASES[1], 16)]
+    for case, n in plan:
+        # expected output = the input's words: the echo (the fake's tokens are words)
+        reserve = case.words + 8
+        limits = write_limits(workdir / "limits-ceiling.yaml", window, RPM, TPM, 0, reserve)
+        callers = 4 if n == 4 else 2
+        with FakeOpenAI() as fake:
+            prefix = f"benchceil{n}{case.binding}"
+            seconds = window * size.windows
+            args = [
+                "demand",
+                url,
+                prefix,
+                str(limits),
+                str(callers),
+                str(seconds),
+                str(case.words),
+                fake.base_url,
+            ]
+            results = await workers(n, args, workdir, f"ceiling-{n}-{case.binding}")
+            arrivals = sorted(a for a in fake.arrivals if a.model == "gpt-bench")
+        calls = sum(r["calls"] for r in results)
+        most_requests, most_tokens = peak(arrivals, window)
+        used = steady_use(arrivals, window, case.binding)
+        rows.append(
+            [
+                f"{n} processes, {case.label}",
+                f"{calls}",
+                case.binding,
+                f"{most_requests} (limit {RPM})",
+                f"{most_tokens:,} (limit {TPM:,})",
+                "—" if used is None else f"{used:.1%}",
+            ]
+        )
     margin = margin_for(window)
     print(
         f"## Shared {RPM} RPM / {TPM:,} TPM limit over {window:g} s windows "
@@ -329,16 +336,19 @@ async def ceiling(url: str, size: Sizes, workdir: Path) -> None:
 
 
 def steady_use(arrivals: list[Any], window: float, binding: str) -> float | None:
-    """The share of the binding limit used after the first window: what arrived after it,
-    per window of the time from the first arrival to the last. (The first window's burst
-    is left out: with a backlog, every window opens with one.)"""
-    if len(arrivals) < 2 or arrivals[-1].time - arrivals[0].time < window:
+    """The share of the binding limit used: what arrived per window, from the first
+    arrival to the start of the last burst (with a backlog, calls go in bursts as the
+    oldest slot leaves the window: the last burst ends the measured time, uncounted)."""
+    if len(arrivals) < 2:
         return None
-    later = [a for a in arrivals if a.time >= arrivals[0].time + window]
-    windows = (arrivals[-1].time - arrivals[0].time) / window
+    last_burst = min(a.time for a in arrivals if a.time >= arrivals[-1].time - window / 20)
+    before = [a for a in arrivals if a.time < last_burst]
+    span = last_burst - arrivals[0].time
+    if span < window:
+        return None
     if binding == "requests":
-        return len(later) / (windows * RPM)
-    return sum(a.tokens for a in later) / (windows * TPM)
+        return len(before) * window / span / RPM
+    return sum(a.tokens for a in before) * window / span / TPM
 
 
 def peak(arrivals: list[Any], window: float) -> tuple[int, int]:
