@@ -28,7 +28,8 @@ from chorus.specs.tools import ToolSpec
 from chorus.specs.workflow import Parallel, ParallelTask, Pipeline, Step
 from chorus.tools import tool
 from chorus.workflows.engine import Engine, new_record
-from tests.conftest import StartHost
+from tests.cli import achorus
+from tests.conftest import StartHost, StartOrchestrator
 
 PER_CALL = Usage(40, 10, 50)  # what every scripted model call uses
 
@@ -193,3 +194,20 @@ async def test_an_agent_budget_per_hour_stops_its_calls_across_tasks(
         await client.run_task(Task(input="one more"), agent="thrifty")
 
     assert [r.output for r in answered] == ["ok", "ok", "ok"]
+
+
+async def test_chorus_run_with_a_token_budget_fails_saying_what_was_spent(
+    start_host: StartHost,
+    start_orchestrator: StartOrchestrator,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    await start_host(researcher(), model=OfflineModel(script=researching()))
+    await start_orchestrator(durable_tasks=False)
+    workflow = tmp_path / "dig.yaml"
+    workflow.write_text("type: pipeline\nname: dig\nsteps:\n  - agent: researcher\n")
+
+    done = await achorus(settings, "run", str(workflow), "NATS", "--budget-tokens", "120")
+
+    assert done.returncode == 1
+    assert "budget exceeded: 150 of 120 tokens spent" in done.stderr

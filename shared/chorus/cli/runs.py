@@ -34,6 +34,7 @@ from chorus.config import Settings
 from chorus.errors import ConfigError, InvalidMessage, NotFound, RequestTimeout
 from chorus.messages import RunHead, RunProgress, RunRecord, RunRequest, decode, encode
 from chorus.nats.connection import connect
+from chorus.specs.budget import RunBudget
 from chorus.specs.workflow import WorkflowSpec, find_workflow, load_workflow
 from chorus.subjects import check_token
 
@@ -81,6 +82,18 @@ def register(sub: Any) -> None:
         help=f"seconds to wait for the run to end (default {DEFAULT_TIMEOUT:g})",
     )
     run.add_argument("--json", action="store_true", help="print the finished run record as JSON")
+    run.add_argument(
+        "--budget-tokens",
+        type=_positive(int),
+        help="most tokens the run may spend (instead of the workflow's budget)",
+    )
+    run.add_argument("--budget-usd", type=_positive(float), help="most dollars it may spend")
+    run.add_argument(
+        "--budget-policy",
+        choices=["stop", "wrap_up"],
+        help="when the budget is spent: fail the run (stop, the default) or give the agent "
+        "one last turn without tools and end there (wrap_up)",
+    )
     run.set_defaults(func=run_workflow)
 
     runs = sub.add_parser(
@@ -163,6 +176,23 @@ def data_of(argument: str | None) -> Any:
         raise ConfigError(f"--data is not JSON: {exc}") from None
 
 
+def budget_of(args: argparse.Namespace, workflow: WorkflowSpec) -> RunBudget | None:
+    """The run's budget from --budget-*, on top of the workflow's; None: the workflow's."""
+    given = {
+        "tokens": args.budget_tokens,
+        "usd": args.budget_usd,
+        "policy": args.budget_policy,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    base = msgspec.to_builtins(workflow.budget) if workflow.budget else {}
+    try:
+        return msgspec.convert({**base, **given}, RunBudget)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"--budget-*: {exc}") from None
+
+
 def record_json(record: RunRecord | list[RunHead]) -> str:
     return msgspec.json.format(encode(record), indent=2).decode()
 
@@ -173,7 +203,12 @@ def record_json(record: RunRecord | list[RunHead]) -> str:
 async def run_workflow(args: argparse.Namespace, settings: Settings) -> int:
     # Everything the user gave is checked before anything is sent.
     workflow = workflow_of(args.file, settings)
-    request = RunRequest(workflow=workflow, input=text_of(args.input), data=data_of(args.data))
+    request = RunRequest(
+        workflow=workflow,
+        input=text_of(args.input),
+        data=data_of(args.data),
+        budget=budget_of(args, workflow),
+    )
     nc = await connect(settings, "chorus-run")
     try:
         runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
