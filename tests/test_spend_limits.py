@@ -16,9 +16,13 @@ from chorus.agent import Agent
 from chorus.agent.host import AgentHost
 from chorus.client import ChorusClient
 from chorus.config import Settings
-from chorus.messages import Result, Task
+from chorus.errors import RateLimited
+from chorus.messages import LimitWindow, Result, Task
+from chorus.nats.connection import connect
 from chorus.specs.agent import AgentSpec
 from chorus.specs.workflow import Pipeline, Step
+from chorus.spend.limiter import Limiter
+from chorus.spend.limits import LimitsFile, LimitSpec, account_id
 from chorus.workflows.engine import Engine, new_record
 from tests.conftest import SpawnAgent, write_spec
 from tests.fake_openai import FakeOpenAI
@@ -143,3 +147,41 @@ async def test_a_rate_limited_model_falls_back_and_the_answer_says_which_model(
     [step] = record.steps
     assert step.model == "gpt-small"
     assert set(record.by_model) == {"gpt-small"}
+
+
+async def test_a_call_that_cannot_wait_for_room_is_told_when_there_will_be_some(
+    settings: Settings,
+) -> None:
+    config = LimitsFile(
+        window_s=WINDOW_S,
+        limits=[LimitSpec(name="tiny", api_key="KEY", requests_per_minute=2)],
+    )
+    env = {"KEY": "sk-tiny"}
+    connections = [await connect(settings, f"process-{i}") for i in range(2)]
+    limiters = [
+        await Limiter.open(nc.jetstream(), settings.subjects, config, env, instance=f"p{i}")
+        for i, nc in enumerate(connections)
+    ]
+    try:
+        gates = [
+            await limiter.gate("openai:gpt-test", account_id("sk-tiny")) for limiter in limiters
+        ]
+        first = await gates[0].admit(10, wait=None)
+        second = await gates[1].admit(10, wait=None)  # the other process: the last room
+
+        with pytest.raises(RateLimited) as refused:
+            await gates[0].admit(10, wait=0.3)
+
+        assert refused.value.retry_after is not None
+        assert 0 < refused.value.retry_after <= WINDOW_S + 0.2
+        for permit in (first, second):
+            permit.settle(10)
+        await asyncio.gather(*(limiter.drain() for limiter in limiters))
+        stored = await limiters[1].kv.get(settings.subjects.limit_key("tiny"))
+        window = msgspec.json.decode(stored.value or b"", type=LimitWindow)
+        assert sum(requests for _, requests, _ in window.slots) == 2  # the refused one left none
+    finally:
+        for limiter in limiters:
+            await limiter.close()
+        for nc in connections:
+            await nc.close()

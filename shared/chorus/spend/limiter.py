@@ -49,6 +49,7 @@ Clock = Callable[[], float]
 PAUSE_ATTEMPTS: Final = 20
 RATE_SAMPLE: Final = 32  # recent calls a process's call rate is measured over
 MAX_IDLE_S: Final = 5.0  # a writer with nothing to do looks at its key at least this often
+FLUSH_S: Final = 0.05  # corrections of tokens wait this long for company in one write
 
 
 class Booking(NamedTuple):
@@ -158,16 +159,21 @@ class SharedLimit:
         return Booking(self, chunk.slot, tokens, "")
 
     def settle(self, booking: Booking, actual: int) -> None:
-        """Correct the call's tokens to `actual` and end its lease, in the next write."""
+        """Correct the call's tokens to `actual` and end its lease. An ended lease is
+        written at once (another call may wait for the slot); a correction of tokens within
+        FLUSH_S, with whatever else this process writes by then."""
         if self.rates.tokens and actual != booking.tokens:
             self._add(booking.slot, 0, actual - booking.tokens)
+            self._flush_at = min(self._flush_at, self.clock() + FLUSH_S)
+            self._idle.clear()
         if booking.lease:
             self._ended.add(booking.lease)
-        self._wake()
+            self._wake()
 
     def release(self, booking: Booking) -> None:
         """Give back a booking whose call never went."""
         self._add(booking.slot, -1, -booking.tokens)
+        self._flush_at = self.clock()
         if booking.lease:
             self._ended.add(booking.lease)
         self._wake()
@@ -182,7 +188,10 @@ class SharedLimit:
         self._kick.set()
 
     async def flush(self, timeout: float) -> None:
-        """Until every settle so far is written (or `timeout` passes)."""
+        """Write every settle so far now; returns once written (or after `timeout`)."""
+        if self._adjust:
+            self._flush_at = self.clock()
+            self._wake()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
 
@@ -196,15 +205,19 @@ class SharedLimit:
     # the writer
 
     _room_at = 0.0
+    _flush_at = math.inf
 
     async def _run(self) -> None:
+        news = False  # another process wrote the window: room may have come
         while True:
             changed = self.mirror.changed
-            wake_at = self._wake_at()
-            if not self._has_work(self.clock()):
-                self._idle.set()
-                wake_at = self._slice.expires if self._slice is not None else math.inf
-            await self._wait(changed, wake_at)
+            if not self._due(self.clock(), news):
+                if not (self._adjust or self._ended or self._live_waiters()):
+                    self._idle.set()
+                await self._wait(changed, self._wake_at())
+                news = changed.is_set()
+                continue
+            news = False
             self._kick.clear()
             try:
                 await self._round()
@@ -218,17 +231,26 @@ class SharedLimit:
                         waiter.future.set_exception(exc)
                 self._waiting.clear()
 
-    def _has_work(self, t: float) -> bool:
-        waiting = any(not w.future.done() for w in self._waiting)
+    def _live_waiters(self) -> bool:
+        return any(not w.future.done() for w in self._waiting)
+
+    def _due(self, t: float, news: bool) -> bool:
+        """Whether there is something to write now: calls waiting (new ones, or room may
+        have come: news, or its time), leases ended, a slice to give back, corrections due."""
         chunk = self._slice
         spent = chunk is not None and (chunk.expires <= t or not chunk.requests)
-        return waiting or bool(self._adjust) or bool(self._ended) or spent
+        fresh = self._kick.is_set() or news or self._room_at <= t
+        waiting = self._live_waiters() and fresh
+        return waiting or bool(self._ended) or spent or (bool(self._adjust) and self._flush_at <= t)
 
     def _wake_at(self) -> float:
-        """When to look again without news: room may have come, or the slice lapses."""
-        times = [self._room_at] if self._waiting else []
+        """When to look again without news: room may have come, the slice lapses, or the
+        corrections are due."""
+        times = [self._room_at] if self._live_waiters() else []
         if self._slice is not None:
             times.append(self._slice.expires)
+        if self._adjust:
+            times.append(self._flush_at)
         return min(times, default=math.inf)
 
     async def _wait(self, changed: asyncio.Event, until: float) -> None:
@@ -288,6 +310,8 @@ class SharedLimit:
             self._ended |= ended
             self._kick.set()
             return
+        if not self._adjust:
+            self._flush_at = math.inf
         if returned is not None and self._slice is returned:
             self._slice = None
         if ahead is not None:
@@ -300,6 +324,7 @@ class SharedLimit:
         for waiter, booking in admitted:
             if waiter.future.done():  # its caller stopped waiting: give the booking back
                 self._add(booking.slot, -1, -booking.tokens)
+                self._flush_at = self.clock()
                 if booking.lease:
                     self._ended.add(booking.lease)
                 self._kick.set()
