@@ -5,7 +5,8 @@ One embedded nats-server; every contending process is a real child (`bench.limit
 
 1. Cost per call: N processes (1, 4, 16), each with CALLERS concurrent loops of admit ->
    a simulated model call -> settle, on one shared limit (requests, tokens and concurrency,
-   never full, so the figure is the mechanism's, not a wait). Against, in the same run: a
+   never full, so the figure is the mechanism's, not a wait), then the same loops holding
+   and settling each call in one run's budget account. Against, in the same run: a
    raw KV get + compare-and-set (one process), and a raw cross-process core request-reply
    (the least a limiter service would cost per call).
 2. Ceiling and usage: N processes (4, 16) calling the fake OpenAI server (in this process)
@@ -40,6 +41,9 @@ from bench.harness.fleet import child_env
 from bench.harness.stats import pct
 from bench.harness.tables import environment_lines, markdown_table
 from chorus.nats.server import NatsServer
+from chorus.specs.budget import RunBudget
+from chorus.spend.budgets import BudgetLedger
+from chorus.subjects import Subjects
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 120.0
@@ -213,6 +217,39 @@ async def cost(url: str, size: Sizes, workdir: Path) -> None:
                 us(pct(admits, 0.99)),
                 f"{writes / len(admits):.2f}",
                 f"{conflicts / max(1, writes):.2f}",
+            ]
+        )
+    budget_cases = [(1, size.callers, size.calls, size.model_ms, "")]
+    budget_cases.append((size.processes[-1], size.callers, size.calls, size.model_ms, ""))
+    if not size.smoke:  # the same fleet at the pace of real model calls
+        budget_cases.append((size.processes[-1], 4, 10, 1000.0, ", 1 s model calls"))
+    for n, callers, calls, model_ms, what in budget_cases:
+        prefix = f"benchbudget{n}{'slow' if what else ''}"
+        nc = await nats.connect(url)
+        ledger = await BudgetLedger.open(nc.jetstream(), Subjects(prefix))
+        await ledger.open_run("bench", RunBudget(tokens=10**12))
+        await nc.close()
+        args = [
+            "budget",
+            url,
+            prefix,
+            "bench",
+            str(callers),
+            str(calls),
+            str(model_ms),
+        ]
+        results = await workers(n, args, workdir, f"cost-{prefix}")
+        holds = [x for r in results for x in r["hold_ns"]]
+        settles = [x for r in results for x in r["settle_ns"]]
+        conflicts = sum(r["conflicts"] for r in results)
+        rows.append(
+            [
+                f"budget hold + settle, {n} process{'es' if n > 1 else ''}, one run{what}",
+                f"{len(holds)}",
+                f"{us(pct(holds, 0.5))} + {us(pct(settles, 0.5))}",
+                f"{us(pct(holds, 0.99))} + {us(pct(settles, 0.99))}",
+                "2",
+                f"{conflicts / (2 * len(holds)):.2f}",
             ]
         )
     kv = await raw_cas(url, 200 if size.calls > 20 else 50)

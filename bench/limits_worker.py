@@ -2,10 +2,12 @@
 does its part and prints one JSON line of figures.
 
     python -m bench.limits_worker latency URL PREFIX LIMITS CALLERS CALLS MODEL_MS
+    python -m bench.limits_worker budget URL PREFIX RUN_ID CALLERS CALLS MODEL_MS
     python -m bench.limits_worker demand URL PREFIX LIMITS CALLERS SECONDS WORDS BASE_URL
 
 `latency`: CALLERS concurrent loops, each CALLS times: admit (timed) -> a simulated model
-call of MODEL_MS -> settle (in the background, timed apart). `demand`: CALLERS loops call
+call of MODEL_MS -> settle (written with a later write). `budget`: the same with a hold
+and a settle in one run's budget account (both timed). `demand`: CALLERS loops call
 the real OpenAIModel behind a LimitedModel (the fake server at BASE_URL) for SECONDS.
 """
 
@@ -22,6 +24,8 @@ import nats
 from chorus.llm.base import ModelRequest
 from chorus.llm.limited import Choice, LimitedModel
 from chorus.llm.openai_provider import OpenAIModel
+from chorus.messages import Usage
+from chorus.spend.budgets import AccountRef, BudgetLedger
 from chorus.spend.limiter import Limiter
 from chorus.spend.limits import LimitsFile, account_id
 from chorus.spend.prices import PriceTable
@@ -60,6 +64,33 @@ async def latency(
     await limiter.close()
     await nc.close()
     return out
+
+
+async def budget(
+    url: str, prefix: str, run_id: str, callers: int, calls: int, model_ms: float
+) -> dict[str, Any]:
+    """Hold and settle each call in one run's budget account (the parent opened it)."""
+    nc = await nats.connect(url, name="bench-budgets")
+    subjects = Subjects(prefix)
+    ledger = await BudgetLedger.open(nc.jetstream(), subjects)
+    refs = [AccountRef(subjects.run_budget_key(run_id))]
+    holds: list[int] = []
+    settles: list[int] = []
+    await ready_then_go()
+
+    async def loop() -> None:
+        for _ in range(calls):
+            started = time.perf_counter_ns()
+            reservation = await ledger.reserve(refs, 500, 0.001, fits_only=False)
+            holds.append(time.perf_counter_ns() - started)
+            await asyncio.sleep(model_ms / 1000)
+            started = time.perf_counter_ns()
+            await ledger.settle(reservation, Usage(200, 100, 300, usd=0.0005))
+            settles.append(time.perf_counter_ns() - started)
+
+    await asyncio.gather(*(loop() for _ in range(callers)))
+    await nc.close()
+    return {"hold_ns": holds, "settle_ns": settles, "conflicts": ledger.conflicts}
 
 
 async def demand(
@@ -104,6 +135,9 @@ def main() -> int:
     if mode == "latency":
         url, prefix, limits, callers, calls, model_ms = args
         out = asyncio.run(latency(url, prefix, limits, int(callers), int(calls), float(model_ms)))
+    elif mode == "budget":
+        url, prefix, run_id, callers, calls, model_ms = args
+        out = asyncio.run(budget(url, prefix, run_id, int(callers), int(calls), float(model_ms)))
     else:
         url, prefix, limits, callers, seconds, words, base_url = args
         out = asyncio.run(

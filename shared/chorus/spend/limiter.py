@@ -214,6 +214,7 @@ class SharedLimit:
             if not self._due(self.clock(), news):
                 if not (self._adjust or self._ended or self._live_waiters()):
                     self._idle.set()
+                self._kick.clear()  # looked: nothing to write (a kick for a caller gone)
                 await self._wait(changed, self._wake_at())
                 news = changed.is_set()
                 continue
