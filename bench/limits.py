@@ -18,6 +18,7 @@ One embedded nats-server; every contending process is a real child (`bench.limit
     python -m bench.limits                  # 60 s windows, 3 of them per case: ~13 min
     python -m bench.limits --window 10      # scaled-down windows: ~2.5 min
     python -m bench.limits --smoke          # 2 s windows, fewer calls: ~1 min
+    python -m bench.limits --only budgets   # one part: limits, budgets or ceiling
 """
 
 from __future__ import annotations
@@ -187,12 +188,14 @@ def us(ns: float) -> str:
     return f"{ns / 1000:.0f} µs" if ns < 10_000_000 else f"{ns / 1e6:.1f} ms"
 
 
-async def cost(url: str, size: Sizes, workdir: Path) -> None:
+async def cost(url: str, size: Sizes, workdir: Path, only: str | None = None) -> None:
     plain = write_limits(workdir / "limits-cost.yaml", 60, 10**9, 10**12, 0, 0)
     concurrent = write_limits(workdir / "limits-cost-conc.yaml", 60, 10**9, 10**12, 10**6, 0)
     cases = [(n, plain, "") for n in size.processes]
     if not size.smoke:
         cases.append((size.processes[-1], concurrent, ", with a concurrency limit"))
+    if only == "budgets":
+        cases = []
     rows = []
     for n, limits, what in cases:
         prefix = f"benchcost{n}{'c' if what else ''}"
@@ -223,6 +226,8 @@ async def cost(url: str, size: Sizes, workdir: Path) -> None:
     budget_cases.append((size.processes[-1], size.callers, size.calls, size.model_ms, ""))
     if not size.smoke:  # the same fleet at the pace of real model calls
         budget_cases.append((size.processes[-1], 4, 10, 1000.0, ", 1 s model calls"))
+    if only == "limits":
+        budget_cases = []
     for n, callers, calls, model_ms, what in budget_cases:
         prefix = f"benchbudget{n}{'slow' if what else ''}"
         nc = await nats.connect(url)
@@ -409,13 +414,20 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> None:
         print(line)
     print()
     with NatsServer(workdir / "jetstream") as server:
-        await cost(server.url, size, workdir)
-        await ceiling(server.url, size, workdir)
+        if args.only != "ceiling":
+            await cost(server.url, size, workdir, args.only)
+        if args.only in (None, "ceiling"):
+            await ceiling(server.url, size, workdir)
 
 
 def main() -> int:
     parser = cli.parser("bench.limits", __doc__)
     parser.add_argument("--window", type=float, default=60.0, help="seconds (default 60)")
+    parser.add_argument(
+        "--only",
+        choices=["limits", "budgets", "ceiling"],
+        help="one part: the limiter's cost, the budgets' cost, or the ceiling and usage",
+    )
     return cli.run(main_async, parser.parse_args(), "chorus-limits-")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections import OrderedDict
@@ -75,6 +76,12 @@ class Reservation:
         return not self.spent and not self.too_big
 
 
+async def _backoff(attempt: int) -> None:
+    """After a lost compare-and-set: a short random pause, growing, so processes that
+    collided do not collide again in step."""
+    await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+
+
 def _held(account: BudgetAccount) -> tuple[int, float]:
     return (
         sum(h.tokens for h in account.holds.values()),
@@ -110,6 +117,7 @@ class BudgetLedger:
         # The last value and revision seen per key: a reserve tries its write on it first.
         self._seen: OrderedDict[str, tuple[BudgetAccount, int]] = OrderedDict()
         self._absent: OrderedDict[str, None] = OrderedDict()  # run keys without an account
+        self._locks: dict[str, asyncio.Lock] = {}
         self.conflicts = 0
 
     @classmethod
@@ -181,53 +189,69 @@ class BudgetLedger:
     async def _reserve_one(
         self, ref: AccountRef, hold_id: str, tokens: int, usd: float, fits_only: bool
     ) -> tuple[Outcome, BudgetAccount | None]:
-        for _ in range(CAS_ATTEMPTS):
+        for attempt in range(CAS_ATTEMPTS):
             if ref.create is None and ref.key in self._absent:
                 return "none", None
-            found = self._seen.get(ref.key) or await self._read(ref.key)
-            if found is None:
-                if ref.create is None:
-                    self._note_absent(ref.key)
-                    return "none", None
-                account, revision = ref.create, 0
+            # One change at a time per account in this process: its other calls queue here
+            # instead of racing each other's compare-and-set.
+            async with self._lock(ref.key):
+                found = self._seen.get(ref.key) or await self._read(ref.key)
+                if found is None:
+                    if ref.create is None:
+                        self._note_absent(ref.key)
+                        return "none", None
+                    account, revision = ref.create, 0
+                else:
+                    account, revision = found
+                t = self.clock()
+                live = {k: h for k, h in account.holds.items() if h.expires > t}
+                account = msgspec.structs.replace(account, holds=live)
+                if account.exhausted:
+                    return "spent", account
+                wait_s = 0.0
+                if not fits(account, tokens, usd):
+                    if fits_only:
+                        return "too_big", account
+                    if account.holds:
+                        wait_s = min(h.expires for h in account.holds.values()) - t
+                    # nothing else in flight: this call goes, as the account's last
+                if not wait_s:
+                    held = BudgetHold(tokens=tokens, usd=usd, expires=t + self.hold_s)
+                    account = msgspec.structs.replace(account, holds={**live, hold_id: held})
+                    if await self._write(ref.key, account, revision):
+                        return "held", account
+            if wait_s:
+                await self._wait_change(ref.key, revision, wait_s)
             else:
-                account, revision = found
-            t = self.clock()
-            account = msgspec.structs.replace(
-                account, holds={k: h for k, h in account.holds.items() if h.expires > t}
-            )
-            if account.exhausted:
-                return "spent", account
-            if not fits(account, tokens, usd):
-                if fits_only:
-                    return "too_big", account
-                if account.holds:
-                    earliest = min(h.expires for h in account.holds.values())
-                    await self._wait_change(ref.key, revision, earliest - t)
-                    continue
-                # nothing else in flight: this call goes, as the account's last
-            held = BudgetHold(tokens=tokens, usd=usd, expires=t + self.hold_s)
-            account = msgspec.structs.replace(account, holds={**account.holds, hold_id: held})
-            if await self._write(ref.key, account, revision):
-                return "held", account
+                await _backoff(attempt)
         raise RuntimeError(f"budget {ref.key}: no write went through in {CAS_ATTEMPTS} tries")
 
     async def _change(self, key: str, hold_id: str, usage: Usage | None) -> None:
-        for _ in range(CAS_ATTEMPTS):
-            found = self._seen.get(key) or await self._read(key)
-            if found is None:
-                return  # the account expired meanwhile: nothing left to charge
-            account, revision = found
-            holds = {k: h for k, h in account.holds.items() if k != hold_id}
-            if usage is None:
-                changed = msgspec.structs.replace(account, holds=holds)
-            else:
-                changed = msgspec.structs.replace(
-                    account, holds=holds, spent=account.spent + usage, calls=account.calls + 1
-                )
-            if await self._write(key, changed, revision):
-                return
+        for attempt in range(CAS_ATTEMPTS):
+            async with self._lock(key):
+                found = self._seen.get(key) or await self._read(key)
+                if found is None:
+                    return  # the account expired meanwhile: nothing left to charge
+                account, revision = found
+                holds = {k: h for k, h in account.holds.items() if k != hold_id}
+                if usage is None:
+                    changed = msgspec.structs.replace(account, holds=holds)
+                else:
+                    changed = msgspec.structs.replace(
+                        account, holds=holds, spent=account.spent + usage, calls=account.calls + 1
+                    )
+                if await self._write(key, changed, revision):
+                    return
+            await _backoff(attempt)
         log.warning("could not settle a budget hold", extra={"key": key})
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            if len(self._locks) > CACHE_SIZE:  # forget the idle ones
+                self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
 
     async def _read(self, key: str) -> tuple[BudgetAccount, int] | None:
         try:
