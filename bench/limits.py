@@ -408,7 +408,7 @@ def peak(arrivals: list[Any], window: float) -> tuple[int, int]:
 async def main_async(args: argparse.Namespace, workdir: Path) -> None:
     size = sizes(args)
     for line in environment_lines(
-        f"python -m bench.limits{' --smoke' if args.smoke else ''}",
+        " ".join(["python -m bench.limits", *sys.argv[1:]]),
         ("nats-py", "msgspec", "openai"),
     ):
         print(line)
