@@ -75,6 +75,7 @@ async def test_four_agent_processes_never_exceed_their_shared_limit_in_any_windo
     limits = tmp_path / "limits.yaml"
     limits.write_text(
         f"window_s: {WINDOW_S}\n"
+        "reserve_output_tokens: 20\n"  # what the echo answers: requests bind, not tokens
         "limits:\n"
         "  - name: shared-key\n"
         "    api_key: OPENAI_API_KEY\n"
