@@ -54,6 +54,15 @@ def fake_openai() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture
+def openai_environ(fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> FakeOpenAI:
+    """The fake server as this process's OpenAI (OPENAI_API_KEY, OPENAI_BASE_URL), for
+    agents whose spec says `model: openai:...`."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-shared")
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    return fake_openai
+
+
+@pytest.fixture
 def own_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A server of this test's own, for tests that stop or kill it."""
     server = NatsServer(tmp_path / "jetstream").start()
@@ -166,7 +175,10 @@ async def spawn_agent(settings: Settings, nc: Client, tmp_path: Path) -> AsyncIt
     """Start an agent process and wait for its first heartbeat (it is then serving)."""
     processes: list[AgentProcess] = []
 
-    async def spawn(spec: str | Path, *, ready_timeout: float = 20) -> AgentProcess:
+    async def spawn(
+        spec: str | Path, *, ready_timeout: float = 20, env: dict[str, str] | None = None
+    ) -> AgentProcess:
+        """`env`: more environment for the child (an API key, CHORUS_LIMITS...)."""
         name = load_agent(str(spec)).name
         instance = f"{name}-p{len(processes)}{uuid.uuid4().hex[:6]}"
         ready = asyncio.Event()
@@ -180,7 +192,7 @@ async def spawn_agent(settings: Settings, nc: Client, tmp_path: Path) -> AsyncIt
         with log.open("wb") as sink:
             process = subprocess.Popen(
                 [sys.executable, "-m", "chorus", "agent", "run", str(spec), "--instance", instance],
-                env=child_env(settings),
+                env={**child_env(settings), **(env or {})},
                 stdout=sink,
                 stderr=subprocess.STDOUT,
             )

@@ -3,9 +3,12 @@
 Speaks `POST /v1/responses` and `POST /v1/chat/completions`, records every request, replies
 with scripted text (by default an echo, or a sample valid for the requested JSON schema) or
 scripted function calls (a `reply` that returns a list of `FakeCall`), and can fail the next
-requests with an OpenAI-style error body. A request with `stream: true` is answered with
-Server-Sent Events (tests/fake_openai_stream.py), `stream_delay` seconds apart, and cut off
-after `cut_stream_after` events when that is set. Stdlib only.
+requests (of one model, or any) with an OpenAI-style error body and a `retry-after`. A
+request with `stream: true` is answered with Server-Sent Events (tests/fake_openai_stream.py),
+`stream_delay` seconds apart, and cut off after `cut_stream_after` events when that is set.
+Each request's arrival time and tokens are kept (`arrivals`), so a test can ask what the
+server received in any window (`peak`), as a provider's rate limit would count it. `delay`
+makes every answer take that long (a model's latency). Stdlib only.
 """
 
 from __future__ import annotations
@@ -29,6 +32,16 @@ _ERROR_KINDS = {
     404: ("invalid_request_error", "not_found"),
     429: ("requests", "rate_limit_exceeded"),
 }
+
+
+class Arrival(NamedTuple):
+    """One request as the server received it."""
+
+    time: float  # time.time() when it arrived
+    model: str
+    status: int
+    tokens: int  # input + output, as the reply's usage says (0 for a failure)
+    instructions: str
 
 
 class FakeCall(NamedTuple):
@@ -80,8 +93,12 @@ class FakeOpenAI:
         self.disable_responses = False
         self.stream_delay = 0.0  # between the events of a streamed reply
         self.cut_stream_after: int | None = None  # events, then the connection is dropped
-        self._failures: list[tuple[int, float | None]] = []
+        self.delay = 0.0  # seconds every successful answer takes
+        self.cached_tokens = 0  # of each prompt, reported as served from the prompt cache
+        self.arrivals: list[Arrival] = []
+        self._failures: list[tuple[int, float | None, str | None]] = []
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -91,10 +108,49 @@ class FakeOpenAI:
         assert self._server is not None, "FakeOpenAI is not started"
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
-    def fail_next(self, status: int, count: int = 1, *, retry_after: float | None = None) -> None:
-        """Answer the next `count` requests with HTTP `status` (and a `retry-after` header)."""
+    def fail_next(
+        self,
+        status: int,
+        count: int = 1,
+        *,
+        retry_after: float | None = None,
+        model: str | None = None,
+    ) -> None:
+        """Answer the next `count` requests (for `model` only, when given) with HTTP
+        `status` and, when given, a `retry-after` header."""
         with self._lock:
-            self._failures.extend([(status, retry_after)] * count)
+            self._failures.extend([(status, retry_after, model)] * count)
+
+    def reset(self) -> None:
+        """Forget what arrived so far (requests, headers, arrivals)."""
+        with self._lock:
+            self.requests.clear()
+            self.headers.clear()
+            self.arrivals.clear()
+
+    def wait_for(self, count: int, timeout: float) -> list[Arrival]:
+        """Block until at least `count` requests arrived (run it in a thread from async
+        code); AssertionError after `timeout` seconds."""
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: len(self.arrivals) >= count, timeout):
+                raise AssertionError(f"{len(self.arrivals)} requests arrived, not {count}")
+            return list(self.arrivals)
+
+    def peak(self, window_s: float) -> tuple[int, int]:
+        """The most requests, and the most tokens, that arrived within any `window_s`."""
+        with self._lock:
+            arrivals = sorted(self.arrivals)
+        most_requests = most_tokens = 0
+        end = 0
+        tokens = 0
+        for start, first in enumerate(arrivals):
+            while end < len(arrivals) and arrivals[end].time < first.time + window_s:
+                tokens += arrivals[end].tokens
+                end += 1
+            most_requests = max(most_requests, end - start)
+            most_tokens = max(most_tokens, tokens)
+            tokens -= first.tokens
+        return most_requests, most_tokens
 
     def paths(self) -> list[str]:
         with self._lock:
@@ -138,7 +194,7 @@ class FakeOpenAI:
             def log_message(self, format: str, *args: Any) -> None:
                 return None
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
         )
@@ -169,23 +225,34 @@ class FakeOpenAI:
     def _handle(
         self, path: str, body: dict[str, Any], headers: dict[str, str]
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        arrived = time.time()
+        model = str(body.get("model", "fake-model"))
+        instructions, user_input = prompt_of(path, body)
         with self._lock:
             self.requests.append((path, body))
             self.headers.append(headers)
-            failure = self._failures.pop(0) if self._failures else None
+            failure = next((f for f in self._failures if f[2] in (None, model)), None)
+            if failure is not None:
+                self._failures.remove(failure)
+                self.arrivals.append(Arrival(arrived, model, failure[0], 0, instructions))
+                self._arrived.notify_all()
             number = next(self._ids)
         if failure is not None:
-            status, retry_after = failure
+            status, retry_after, _ = failure
             extra = {} if retry_after is None else {"retry-after": str(retry_after)}
             return status, _error(status, f"fake failure {status}"), extra
         if path not in (RESPONSES, CHAT) or (path == RESPONSES and self.disable_responses):
             return 404, _error(404, f"Invalid URL (POST {path})"), {}
-        instructions, user_input = prompt_of(path, body)
         answer = self.reply(path, body)
         text, calls = (answer, []) if isinstance(answer, str) else ("", answer)
         prompt_tokens, output_tokens = _words(instructions) + _words(user_input), _words(text)
         output_tokens += sum(_words(c.arguments) for c in calls)
-        model = str(body.get("model", "fake-model"))
+        with self._lock:
+            tokens = prompt_tokens + output_tokens
+            self.arrivals.append(Arrival(arrived, model, 200, tokens, instructions))
+            self._arrived.notify_all()
+        if self.delay:
+            time.sleep(self.delay)  # the model's latency, in the server's own thread
         if path == CHAT:
             completion = _chat_completion(number, model, text, prompt_tokens, output_tokens)
             if calls:
@@ -202,6 +269,8 @@ class FakeOpenAI:
                 ]
             return 200, completion, {}
         response = _response(number, model, text, prompt_tokens, output_tokens)
+        cached = min(self.cached_tokens, prompt_tokens)
+        response["usage"]["input_tokens_details"]["cached_tokens"] = cached
         if calls:
             response["output"] = [
                 {
@@ -215,6 +284,14 @@ class FakeOpenAI:
                 for index, c in enumerate(calls)
             ]
         return 200, response, {}
+
+
+class _Server(ThreadingHTTPServer):
+    # The stdlib's backlog of 5 drops connections past it, and the client's retry of the SYN
+    # comes a second later: many agents calling at once would see 1 s stalls that are the
+    # fake's, not theirs.
+    request_queue_size = 256
+    daemon_threads = True
 
 
 def _error(status: int, message: str) -> dict[str, Any]:

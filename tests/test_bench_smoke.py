@@ -54,6 +54,14 @@ KEY_LINES: dict[str, list[str]] = {
         "| peer tool direct p50 vs raw request-reply p50 |",
         "| peer tool durable p50 vs raw work-queue p50 |",
     ],
+    "limits": [
+        "| limiter admit, 1 process |",
+        "| limiter admit, 16 processes |",
+        "| raw core request-reply (a limiter service's floor) |",
+        "| 4 processes, small calls (~60 tokens) |",
+        "| 16 processes, large calls (~900 tokens) |",
+        "most requests in any window",
+    ],
     "orchestration": [
         "| cross-process core request-reply, sequential |",
         "per step / raw WQ p50",

@@ -58,6 +58,8 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_TRACE_FILE": "trace_file",
     "CHORUS_STREAM_MAX_AGE": "stream_max_age",
     "CHORUS_DEDUPE_WINDOW": "dedupe_window",
+    "CHORUS_LIMITS": "limits",
+    "CHORUS_PRICES": "prices",
 }
 
 
@@ -114,6 +116,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # durable tasks: the dispatch stream drops a resubmitted task id this long (seconds);
     # later, the recorded outcome answers it (chorus.client.durable)
     dedupe_window: float = 120.0
+    # spend (chorus.spend): the shared provider limits file, and a price table that
+    # overrides the shipped one
+    limits: str = ""
+    prices: str = ""
 
     @property
     def subjects(self) -> Subjects:

@@ -87,6 +87,25 @@ class ModelError(ChorusError):
     code = "model_error"
 
 
+class RateLimited(ModelError):
+    """The provider answered 429 (too many requests or tokens). `retry_after` is its
+    `retry-after` in seconds, None when it gave none."""
+
+    code = "rate_limited"
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class BudgetExceeded(ChorusError):
+    """A run's or an agent's budget (tokens or dollars) is spent, and its policy is `stop`
+    (or the `wrap_up` turn was already given). The reason says which budget and what was
+    spent."""
+
+    code = "budget_exceeded"
+
+
 class MissingApiKey(ChorusError):
     code = "missing_api_key"
 

@@ -58,6 +58,14 @@ def stream_token(value: str, what: str) -> str:
     return value
 
 
+def model_token(model: str) -> str:
+    """A model name (`gpt-4.1`, `openai:gpt-5`) as one key token: other characters become `_`."""
+    return _NOT_TOKEN.sub("_", model)[:MAX_TOKEN_LENGTH] or "_"
+
+
+_NOT_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+
+
 def check_topic(value: str) -> str:
     """An event topic: dot-separated tokens, optionally ending in a wildcard."""
     if not _TOPIC.match(value):
@@ -403,6 +411,30 @@ class Subjects(msgspec.Struct, frozen=True):
     def effects_bucket(self) -> str:
         """The effect ledger: one key per side-effect tool call (chorus.tools.ledger)."""
         return f"{self.prefix}-effects"
+
+    # spend controls (chorus.spend): shared rate limits and provider pauses, budgets
+    @property
+    def limits_bucket(self) -> str:
+        return f"{self.prefix}-limits"
+
+    def limit_key(self, name: str) -> str:
+        """A shared limit's window (`LimitWindow`), by the limit's name in limits.yaml."""
+        return f"limit.{check_token(name, 'limit name')}"
+
+    def pause_key(self, account: str, model: str) -> str:
+        """A provider's 429 pause (`RatePause`) of one model on one API key (its hash)."""
+        return f"pause.{check_token(account, 'account')}.{model_token(model)}"
+
+    @property
+    def budgets_bucket(self) -> str:
+        return f"{self.prefix}-budgets"
+
+    def run_budget_key(self, run_id: str) -> str:
+        return f"run.{check_token(run_id, 'run id')}"
+
+    def agent_budget_key(self, agent: str, period: str, stamp: str) -> str:
+        """An agent's budget for one clock hour or day: `agent.<name>.hour.2026123114`."""
+        return f"agent.{check_token(agent, 'agent name')}.{period}.{check_token(stamp, 'stamp')}"
 
     @property
     def micro_service(self) -> str:

@@ -50,6 +50,9 @@ class Context:
         # The task's live output (None for events and help requests): `run_loop` streams
         # the model into it; a handler may add text of its own with `stream.delta(text)`.
         self.stream: TaskStream | None = None
+        # The agent's models as this task uses them: charged to its run's budget, and
+        # counting what each model used (chorus.llm.limited).
+        self.task_model = host.model.for_task(run_id)
         self.log = logging.getLogger(f"chorus.agent.{host.agent.name}")
 
     @property
@@ -62,7 +65,13 @@ class Context:
 
     @property
     def model(self) -> Model:
-        return self._host.model
+        """The agent's model for this task (its fallbacks, limits and budgets included)."""
+        return self.task_model
+
+    @property
+    def own_usage(self) -> Usage:
+        """What this task's own model calls used (`usage` also counts delegated work)."""
+        return self.task_model.usage
 
     @property
     def client(self) -> ChorusClient:
@@ -90,7 +99,7 @@ class Context:
             json_schema=json_schema,
             schema_name=schema_name,
         )
-        reply = await self._host.model.complete(request)
+        reply = await self.task_model.complete(request)
         self.usage = self.usage + reply.usage
         return reply
 
@@ -122,7 +131,7 @@ class Context:
         )
         try:
             result = await run_loop(
-                self._host.model,
+                self.task_model,
                 request,
                 toolbox,
                 self._call_context,

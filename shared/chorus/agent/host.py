@@ -37,6 +37,7 @@ from chorus.agent.context import Context
 from chorus.agent.conversation import in_session
 from chorus.agent.observed import ObservedModel, handling
 from chorus.agent.sessions import SessionStore
+from chorus.agent.spending import agent_model, attach_spend
 from chorus.agent.streaming import TaskStreams
 from chorus.agent.toolbox import build_toolbox
 from chorus.client import ChorusClient, TaskQueue
@@ -51,9 +52,10 @@ from chorus.errors import (
     PayloadTooLarge,
     TaskFailed,
 )
-from chorus.llm import Model, create_model
+from chorus.llm import Model
 from chorus.llm.base import Item
 from chorus.llm.factory import split_model
+from chorus.llm.limited import LimitedModel
 from chorus.messages import (
     ErrorReply,
     Event,
@@ -98,7 +100,7 @@ class InstanceStats(msgspec.Struct):
     waiting: int = 0
     peak_in_flight: int = 0
     total_latency_ms: float = 0.0
-    usage: Usage = Usage()  # tokens of every model call this instance made
+    usage: Usage = Usage()  # tokens (and dollars) of every model call this instance made
 
     @property
     def mean_latency_ms(self) -> float:
@@ -150,10 +152,18 @@ class AgentHost:
         self.instance = instance or new_instance_id(agent.name)
         check_instance_id(self.instance, agent.name)
         self.model_name = split_model(agent.spec.model)[1]
-        # Built here, not mid-task, so a missing API key fails at start-up.
-        self.model: Model = model if model is not None else create_model(agent.spec.model)
+        # Built here, not mid-task, so a missing API key fails at start-up. The spec's model
+        # and its fallbacks, each traced and measured, behind the shared limits, budgets and
+        # prices (chorus.spend).
         self.metrics = AgentInstruments()  # a registry of its own: /metrics (agent.process)
-        self.model = ObservedModel(self.model, self.metrics, agent.name, agent.spec.model)
+        self.model: LimitedModel = agent_model(
+            agent.spec,
+            settings,
+            model,
+            observe=lambda provider, spec_model: ObservedModel(
+                provider, self.metrics, agent.name, spec_model
+            ),
+        )
         self.toolbox = build_toolbox(agent.spec, self, agent.tools)
         self.stats = InstanceStats()
         self.metrics.follow(lambda: self.stats.in_flight, lambda: self.stats.waiting)
@@ -213,9 +223,10 @@ class AgentHost:
                 on_closed=self._on_closed,
             )
         # Connected: MCP servers start, peers are described, side effects go through the
-        # effect ledger.
+        # effect ledger, model calls through the shared limits and budgets.
         self._ledger = EffectLedger(self.nc, self.subjects)
         await self.toolbox.start(self.model, self._ledger)
+        await attach_spend(self.model, self.nc, self.settings, self.instance)
         self._streams = TaskStreams(self.nc, self.subjects, max_age_s=self.settings.stream_max_age)
         await self._streams.ready()  # checked now, not on the first task's first token
         spec = self.agent.spec
@@ -375,13 +386,13 @@ class AgentHost:
                 else:
                     reply = await self.agent.handle_help(message, ctx)
             except ChorusError:
-                self._finish(started, ok=False, usage=ctx.usage)
+                self._finish(started, ok=False, usage=ctx.own_usage)
                 raise
             except Exception as exc:
-                self._finish(started, ok=False, usage=ctx.usage)
+                self._finish(started, ok=False, usage=ctx.own_usage)
                 log.exception("handler failed", extra={"instance": self.instance})
                 raise TaskFailed(f"{type(exc).__name__}: {exc}") from exc
-            duration_ms = self._finish(started, ok=True, usage=ctx.usage)
+            duration_ms = self._finish(started, ok=True, usage=ctx.own_usage)
         if isinstance(message, Task):
             return encode(
                 Result(
@@ -395,7 +406,8 @@ class AgentHost:
                     events=ctx.events,
                     tool_calls=ctx.tool_calls,
                     in_doubt=await self._in_doubt(ctx),
-                    model=self.agent.spec.model,
+                    model=ctx.task_model.last_model or self.agent.spec.model,
+                    by_model=ctx.task_model.by_model,
                 )
             )
         return encode(
@@ -551,7 +563,7 @@ class AgentHost:
                         ctx.events[0] = msgspec.structs.replace(ctx.events[0], usage=ctx.usage)
                     await self._publish_events(ctx.events)
                 except Exception as exc:
-                    self._finish(started, ok=False, usage=ctx.usage)
+                    self._finish(started, ok=False, usage=ctx.own_usage)
                     attempt = msg.metadata.num_delivered
                     log.warning(
                         "event handler failed",
@@ -559,7 +571,7 @@ class AgentHost:
                     )
                     await msg.nak(delay=backoff(attempt, base=2.0))
                     return
-                self._finish(started, ok=True, usage=ctx.usage)
+                self._finish(started, ok=True, usage=ctx.own_usage)
             await msg.ack_sync(timeout=5)
 
     # heartbeats

@@ -180,6 +180,7 @@ def agent(
     if grant.subscribes:
         publish += stream_info(s.events_stream)
         publish += one_consumer(s.events_stream, s.event_consumer(grant.name))
+    publish += spend_buckets(s)
     if grant.state:
         publish += stream_info(s.state_stream)
         for prefix in grant.state:
@@ -192,6 +193,18 @@ def agent(
         subscribe=_unique(subscribe),
         responses=Responses(expires_s=reply_within_s),
     )
+
+
+def spend_buckets(s: Subjects) -> list[str]:
+    """Model calls draw on the shared limits and pauses and charge the budget accounts
+    (chorus.spend): any key of both buckets, since a run's account is charged by every agent
+    the run reaches. A key of these buckets is trusted by every agent: see docs/security.md."""
+    publish = []
+    for bucket in (s.limits_bucket, s.budgets_bucket):
+        stream = f"KV_{bucket}"
+        publish += [f"$KV.{bucket}.>", *stream_ensure(stream), *stream_read(stream)]
+        publish += ephemeral_consumers(stream)
+    return publish
 
 
 def coordinator(subjects: Subjects, *, principal: str) -> Permissions:
@@ -257,6 +270,10 @@ def orchestrator(subjects: Subjects, *, principal: str) -> Permissions:
         *ephemeral_consumers(tasks_kv),  # the tail on the outcome keys (chorus.client.durable)
         *stream_own(s.events_stream),
         *ephemeral_consumers(s.events_stream),
+        # runs' budget accounts: opened when a run starts, read before each step
+        f"$KV.{s.budgets_bucket}.>",
+        *stream_ensure(f"KV_{s.budgets_bucket}"),
+        *stream_read(f"KV_{s.budgets_bucket}"),
     ]
     subscribe = [
         f"{inbox(principal)}.>",

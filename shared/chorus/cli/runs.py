@@ -30,12 +30,14 @@ from chorus.cli.run_progress import (
     when,
 )
 from chorus.cli.text import for_stream, plain, safe
+from chorus.cli.usage import budget_text, dollars, spend_text
 from chorus.client import ChorusClient
 from chorus.client.runs import RunClient
 from chorus.config import Settings
 from chorus.errors import ConfigError, InvalidMessage, NotFound, RequestTimeout
 from chorus.messages import RunHead, RunProgress, RunRecord, RunRequest, decode, encode
 from chorus.nats.connection import connect
+from chorus.specs.budget import RunBudget
 from chorus.specs.workflow import WorkflowSpec, find_workflow, load_workflow
 from chorus.subjects import check_token
 
@@ -83,6 +85,18 @@ def register(sub: Any) -> None:
         help=f"seconds to wait for the run to end (default {DEFAULT_TIMEOUT:g})",
     )
     run.add_argument("--json", action="store_true", help="print the finished run record as JSON")
+    run.add_argument(
+        "--budget-tokens",
+        type=_positive(int),
+        help="most tokens the run may spend (instead of the workflow's budget)",
+    )
+    run.add_argument("--budget-usd", type=_positive(float), help="most dollars it may spend")
+    run.add_argument(
+        "--budget-policy",
+        choices=["stop", "wrap_up"],
+        help="when the budget is spent: fail the run (stop, the default) or give the agent "
+        "one last turn without tools and end there (wrap_up)",
+    )
     run.set_defaults(func=run_workflow)
 
     runs = sub.add_parser(
@@ -165,6 +179,23 @@ def data_of(argument: str | None) -> Any:
         raise ConfigError(f"--data is not JSON: {exc}") from None
 
 
+def budget_of(args: argparse.Namespace, workflow: WorkflowSpec) -> RunBudget | None:
+    """The run's budget from --budget-*, on top of the workflow's; None: the workflow's."""
+    given = {
+        "tokens": args.budget_tokens,
+        "usd": args.budget_usd,
+        "policy": args.budget_policy,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    base = msgspec.to_builtins(workflow.budget) if workflow.budget else {}
+    try:
+        return msgspec.convert({**base, **given}, RunBudget)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"--budget-*: {exc}") from None
+
+
 def record_json(record: RunRecord | list[RunHead]) -> str:
     return msgspec.json.format(encode(record), indent=2).decode()
 
@@ -175,7 +206,12 @@ def record_json(record: RunRecord | list[RunHead]) -> str:
 async def run_workflow(args: argparse.Namespace, settings: Settings) -> int:
     # Everything the user gave is checked before anything is sent.
     workflow = workflow_of(args.file, settings)
-    request = RunRequest(workflow=workflow, input=text_of(args.input), data=data_of(args.data))
+    request = RunRequest(
+        workflow=workflow,
+        input=text_of(args.input),
+        data=data_of(args.data),
+        budget=budget_of(args, workflow),
+    )
     nc = await connect(settings, "chorus-run")
     try:
         runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
@@ -288,7 +324,7 @@ def print_result(record: RunRecord) -> None:
     console.print(
         f"[{style}]{record.status}[/] run {safe(record.run_id)} · {safe(record.workflow.name)} "
         f"({record.kind}) · {steps_done(record)} steps · {record.usage.total_tokens} tokens · "
-        f"{duration(record)}"
+        f"{dollars(record.usage.usd)} · {duration(record)}"
     )
     if record.error:
         print(f"chorus: run {record.status}: {plain(record.error)}", file=sys.stderr)
@@ -327,8 +363,9 @@ def runs_table(records: list[RunHead]) -> Table:
     from rich.table import Table
 
     view = Table(title="runs, most recent first", title_justify="left")
-    for column in ("run", "workflow", "kind", "status", "steps", "started", "duration", "tokens"):
-        view.add_column(column, justify="right" if column in ("steps", "tokens") else "left")
+    columns = ("run", "workflow", "kind", "status", "steps", "started", "duration", "tokens", "usd")
+    for column in columns:
+        view.add_column(column, justify="right" if column in ("steps", "tokens", "usd") else "left")
     for record in records:
         style = STATUS_STYLE.get(record.status, "white")
         view.add_row(
@@ -340,6 +377,7 @@ def runs_table(records: list[RunHead]) -> Table:
             when(record.started_at or record.created_at),
             duration(record),
             str(record.usage.total_tokens),
+            dollars(record.usage.usd),
         )
     return view
 
@@ -374,19 +412,18 @@ def run_view(record: RunRecord) -> list[RenderableType]:
         ("started", when(record.started_at)),
         ("ended", when(record.ended_at)),
         ("duration", duration(record)),
-        (
-            "tokens",
-            f"{record.usage.total_tokens} ({record.usage.input_tokens} in, "
-            f"{record.usage.output_tokens} out)",
-        ),
+        ("spend", spend_text(record.usage)),
+        *((f"  {safe(model)}", spend_text(u)) for model, u in sorted(record.by_model.items())),
+        ("budget", safe(budget_text(record) or "none")),
         ("input", safe(short(record.input, 120))),
     ):
         head.add_row(f"[bold]{label}[/]", value)
     parts: list[RenderableType] = [head]
     if record.steps:
         steps = Table(title="steps", title_justify="left")
-        for column in ("step", "status", "agent / instance", "attempts", "duration", "result"):
-            steps.add_column(column, justify="right" if column == "attempts" else "left")
+        columns = ("step", "status", "agent / instance", "model", "attempts", "duration", "usd")
+        for column in (*columns, "result"):
+            steps.add_column(column, justify="right" if column in ("attempts", "usd") else "left")
         for step in record.steps:
             step_style = STATUS_STYLE.get(step.status, "white")
             who = step.agent or (f"capability {step.capability}" if step.capability else "")
@@ -397,8 +434,10 @@ def run_view(record: RunRecord) -> list[RenderableType]:
                 safe(step.name),
                 f"[{step_style}]{step.status}[/]",
                 safe(f"{who} / {step.instance}" if step.instance else who),
+                safe(step.model or "-"),
                 str(step.attempts),
                 seconds_text(step.duration_ms / 1000) if step.ended_at else "-",
+                dollars(step.usage.usd),
                 result,
             )
         parts.append(steps)

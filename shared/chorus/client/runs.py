@@ -91,6 +91,7 @@ class RunClient:
             input=request.input,
             data=request.data,
             traceparent=propagation.current_traceparent(),
+            budget=request.budget or workflow.budget,
         )
         store = await self.store()
         existing = await store.load(request.run_id)

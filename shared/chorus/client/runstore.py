@@ -117,6 +117,11 @@ class KvRunStore:
         # The head's summary may lag its steps by one save (they are written side by side).
         ended = [s for s in record.steps if s.status in ENDED_STEP]
         record.usage = sum((s.usage for s in ended), Usage())
+        by_model: dict[str, Usage] = {}
+        for step in ended:
+            for model, usage in step.by_model.items():
+                by_model[model] = by_model.get(model, Usage()) + usage
+        record.by_model = by_model
         record.steps_done = sum(s.status in ("completed", "skipped") for s in record.steps)
         record.steps_total = len(record.steps)
         return record

@@ -22,8 +22,13 @@ def split_model(model: str) -> tuple[str, str]:
     return provider, name
 
 
-def create_model(model: str, env: Mapping[str, str] | None = None) -> Model:
-    """Build the provider for `model`. The openai package is imported only when it is used."""
+def create_model(
+    model: str, env: Mapping[str, str] | None = None, *, retry_rate_limits: bool = True
+) -> Model:
+    """Build the provider for `model`. The openai package is imported only when it is used.
+
+    `retry_rate_limits=False`: a 429 raises RateLimited at once instead of being retried by
+    the provider (chorus.llm.limited retries it through the shared limits)."""
     provider, name = split_model(model)
     source = os.environ if env is None else env
     if provider == "offline":
@@ -31,7 +36,7 @@ def create_model(model: str, env: Mapping[str, str] | None = None) -> Model:
     if provider == "openai":
         from chorus.llm.openai_provider import OpenAIModel
 
-        return OpenAIModel.from_env(name, source)
+        return OpenAIModel.from_env(name, source, retry_rate_limits=retry_rate_limits)
     raise ConfigError(f"unknown model provider {provider!r} in {model!r}: use offline or openai")
 
 

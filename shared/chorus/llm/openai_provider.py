@@ -28,7 +28,7 @@ import msgspec
 import openai
 from openai.types.responses import Response
 
-from chorus.errors import ConfigError, MissingApiKey, ModelError
+from chorus.errors import ConfigError, MissingApiKey, ModelError, RateLimited
 from chorus.llm.base import (
     AssistantMessage,
     FunctionCall,
@@ -42,8 +42,9 @@ from chorus.llm.base import (
     UserMessage,
     reply_items,
 )
-from chorus.llm.openai_stream import ChatStream, response_event
+from chorus.llm.openai_stream import ChatStream, chat_usage, response_event
 from chorus.messages import Usage
+from chorus.spend.limits import account_id
 
 Api = Literal["responses", "chat"]
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -219,8 +220,13 @@ class OpenAIModel:
         retry_cap: float = 8.0,
         retry_after_cap: float = 30.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        retry_rate_limits: bool = True,
     ) -> None:
         self.name = name
+        # False: a 429 raises RateLimited at once, for chorus.llm.limited to pause every
+        # process sharing the key and to retry through the shared limits.
+        self.retry_rate_limits = retry_rate_limits
+        self.account = account_id(api_key)
         self.api: Api = api
         self.hosted_tools = api == "responses"  # chat completions has no hosted tools
         self.max_retries = max_retries
@@ -308,6 +314,10 @@ class OpenAIModel:
         a ModelError saying what to do otherwise."""
         if isinstance(exc, openai.APIStatusError):
             status, message = exc.status_code, _error_message(exc)
+            if status == 429 and not self.retry_rate_limits:
+                raise RateLimited(
+                    f"openai model {self.name}: HTTP 429: {message}", _retry_after(exc)
+                ) from exc
             if status == 401:
                 raise ModelError(
                     f"openai model {self.name}: HTTP 401 unauthorized: {message}; "
@@ -367,8 +377,7 @@ class OpenAIModel:
                 raise ModelError(f"openai model {self.name}: the reply has no choices")
             message = completion.choices[0].message
             text = message.content or ""
-            u = completion.usage
-            usage = Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens) if u else Usage()
+            usage = chat_usage(completion.usage)
             calls = tuple(
                 FunctionCall(call_id=c.id, name=c.function.name, arguments=c.function.arguments)
                 for c in message.tool_calls or ()
@@ -448,6 +457,10 @@ class OpenAIModel:
     def _response_answer(self, response: Response) -> _Answer:
         u = response.usage
         usage = Usage(u.input_tokens, u.output_tokens, u.total_tokens) if u else Usage()
+        if u and u.input_tokens_details:  # prompt-cache hits, priced lower
+            usage = msgspec.structs.replace(
+                usage, cached_tokens=u.input_tokens_details.cached_tokens
+            )
         calls: list[FunctionCall] = []
         items: list[Item] = []
         for output in response.output:

@@ -14,12 +14,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 
 from chorus.errors import ModelError
 from chorus.llm.base import FunctionCall
 from chorus.messages import Usage
+
+
+def chat_usage(u: CompletionUsage | None) -> Usage:
+    """A chat completion's usage, prompt-cache hits (priced lower) included."""
+    if u is None:
+        return Usage()
+    details = u.prompt_tokens_details
+    cached = (details.cached_tokens or 0) if details is not None else 0
+    return Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens, cached_tokens=cached)
 
 
 def response_event(event: ResponseStreamEvent, model: str) -> str | Response | None:
@@ -64,8 +74,7 @@ class ChatStream:
     def add(self, chunk: ChatCompletionChunk) -> str:
         self.model = chunk.model or self.model
         if chunk.usage is not None:
-            u = chunk.usage
-            self.usage = Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+            self.usage = chat_usage(chunk.usage)
         if not chunk.choices:
             return ""
         choice = chunk.choices[0]

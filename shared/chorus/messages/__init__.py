@@ -3,8 +3,9 @@
 `codec` (the base Struct, encode/decode), `headers` (every header), `agents` (the agent
 protocol), `coordination` (registry, outcomes, dead letters, metrics), `state` (shared-state
 entries), `sessions` (conversation sessions), `runs` (run records, progress, requests),
-`effects` (the effect ledger), `discovery` (`$SRV.INFO` replies), `streams` (the live output
-of tasks), `schema` (JSON Schema of them all). This
+`effects` (the effect ledger), `spend` (rate-limit windows, pauses, budget accounts),
+`discovery` (`$SRV.INFO` replies), `streams` (the live output of tasks), `schema` (JSON
+Schema of them all). This
 package imports only `chorus.errors`, `chorus.subjects` and `chorus.specs`; the names are
 re-exported here, so `from chorus.messages import Task` is the usual import.
 """
@@ -89,6 +90,12 @@ from chorus.messages.sessions import (
     SessionPolicy,
     TurnTicket,
 )
+from chorus.messages.spend import (
+    BudgetAccount,
+    BudgetHold,
+    LimitWindow,
+    RatePause,
+)
 from chorus.messages.state import (
     LockEntry,
     StateEntry,
@@ -113,6 +120,8 @@ __all__ = [
     "AttemptError",
     "AttemptLog",
     "BreakerState",
+    "BudgetAccount",
+    "BudgetHold",
     "ChunkKind",
     "DeadLetter",
     "DelegationPlan",
@@ -125,6 +134,7 @@ __all__ = [
     "HelpReply",
     "HelpRequest",
     "InstanceState",
+    "LimitWindow",
     "LockEntry",
     "Message",
     "MetricFamily",
@@ -132,6 +142,7 @@ __all__ = [
     "Metrics",
     "PlanResults",
     "ProgressKind",
+    "RatePause",
     "RejectedMessage",
     "Result",
     "RunCancel",

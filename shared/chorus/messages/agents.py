@@ -82,7 +82,11 @@ class Result(Message, tag="result"):
     # Side-effect tool calls of this task that may or may not have happened (their instance
     # died mid-call; nothing reconciled them): the effect ledger's keys.
     in_doubt: list[str] = []
-    model: str = ""  # the agent's model (its spec's `model:`), for token metrics by model
+    # The model that gave the final answer (a fallback's, when the first could not; the
+    # spec's `model:` otherwise, for token metrics by model), and this agent's own model
+    # calls by model (delegated work is in `usage` only).
+    model: str = ""
+    by_model: dict[str, Usage] = {}
 
 
 class ErrorReply(Message, tag="error"):

@@ -26,17 +26,26 @@ def now() -> float:
 
 
 class Usage(msgspec.Struct, frozen=True):
-    """Token usage of one or more model calls."""
+    """Token usage of one or more model calls, and what they cost.
+
+    `cached_tokens` is the part of `input_tokens` the provider served from its prompt cache
+    (priced lower); `usd` is the price of the calls by the price table of the process that
+    made them (`chorus.spend.prices`), 0 for a model with no price.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
     total_tokens: int = 0
+    cached_tokens: int = 0
+    usd: float = 0.0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             self.input_tokens + other.input_tokens,
             self.output_tokens + other.output_tokens,
             self.total_tokens + other.total_tokens,
+            self.cached_tokens + other.cached_tokens,
+            self.usd + other.usd,
         )
 
     def __sub__(self, other: Usage) -> Usage:
@@ -44,6 +53,8 @@ class Usage(msgspec.Struct, frozen=True):
             self.input_tokens - other.input_tokens,
             self.output_tokens - other.output_tokens,
             self.total_tokens - other.total_tokens,
+            self.cached_tokens - other.cached_tokens,
+            self.usd - other.usd,
         )
 
 

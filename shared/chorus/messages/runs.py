@@ -9,6 +9,7 @@ import msgspec
 
 from chorus.messages.agents import Event, ToolCallRecord
 from chorus.messages.codec import Message, Usage, new_id, now
+from chorus.specs.budget import RunBudget
 from chorus.specs.workflow import WorkflowKind, WorkflowSpec, expected_steps
 
 ProgressKind = Literal[
@@ -81,6 +82,8 @@ class StepRecord(msgspec.Struct, kw_only=True):
     duration_ms: float = 0.0
     usage: Usage = Usage()
     tool_calls: list[ToolCallRecord] = []  # of the attempt that answered
+    model: str = ""  # the model that gave the answer
+    by_model: dict[str, Usage] = {}
 
     @property
     def succeeded(self) -> bool:
@@ -109,6 +112,13 @@ class RunFields(Message, tag="run_fields", kw_only=True):
     # The W3C trace context the run belongs to (its submitter's span, or its first run
     # span), so a resumed run continues the same trace.
     traceparent: str = ""
+    # Spend: usage by model (summed from the steps), the run's budget, what its budget
+    # account was charged (every model call of its tasks and of the work they delegated,
+    # failed ones included), and the code of the error that ended it.
+    by_model: dict[str, Usage] = {}
+    budget: RunBudget | None = None
+    charged: Usage | None = None
+    code: str = ""
 
     @property
     def finished(self) -> bool:
@@ -174,6 +184,7 @@ class RunRequest(Message, tag="run_request"):
     workflow_name: str = ""
     input: str = ""
     data: Any = None
+    budget: RunBudget | None = None  # instead of the workflow's own `budget:`
 
 
 class RunCancel(Message, tag="run_cancel"):

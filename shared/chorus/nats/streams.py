@@ -236,3 +236,38 @@ async def ensure_effects_bucket(js: JetStreamContext, subjects: Subjects) -> Key
             storage=StorageType.FILE,
         ),
     )
+
+
+LIMITS_MAX_AGE_S = 24 * 3600  # a limit or pause nobody touched for a day is gone
+BUDGETS_MAX_AGE_S = 31 * 24 * 3600  # an account untouched for a month (a run's, an agent's)
+
+
+async def ensure_limits_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+    """Shared rate-limit windows and provider pauses: one small value per key, read and
+    written compare-and-set on every limited model call (direct gets: no leader round trip)."""
+    return await ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=subjects.limits_bucket,
+            description="Chorus shared rate limits and provider pauses",
+            history=1,
+            ttl=LIMITS_MAX_AGE_S,
+            storage=StorageType.FILE,
+            direct=True,
+        ),
+    )
+
+
+async def ensure_budgets_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+    """Budget accounts of runs and agents, reserved and settled compare-and-set."""
+    return await ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=subjects.budgets_bucket,
+            description="Chorus budget accounts",
+            history=1,
+            ttl=BUDGETS_MAX_AGE_S,
+            storage=StorageType.FILE,
+            direct=True,
+        ),
+    )

@@ -36,6 +36,7 @@ from chorus.messages import Result, RunCancel, RunRequest, Task, decode, now
 from chorus.nats.dead_letters import MAX_DELIVERIES, dead_letter, delivered_for_the_last_time
 from chorus.nats.jetstream import ClaimKeeper, DurableConsumer
 from chorus.nats.streams import ensure_dead_letter_stream, ensure_runs_stream
+from chorus.spend.budgets import BudgetLedger
 from chorus.telemetry import tracing
 from chorus.telemetry.metrics import RunInstruments
 from chorus.workflows.directory import DiscoveryDirectory
@@ -124,6 +125,7 @@ class Orchestrator:
             events=NatsEventBus(client),
             directory=DiscoveryDirectory(client),
             processors=self.processors,
+            budgets=await BudgetLedger.open(js, self.subjects),
         )
         config = ConsumerConfig(
             durable_name=CONSUMER,
@@ -230,7 +232,11 @@ class Orchestrator:
                 await self._give_up(msg, InvalidMessage.code, reason, run_id=request.run_id)
                 return
             record = new_record(
-                request.workflow, request.input, data=request.data, run_id=request.run_id
+                request.workflow,
+                request.input,
+                data=request.data,
+                run_id=request.run_id,
+                budget=request.budget,
             )
         if record.finished:
             await msg.ack_sync(timeout=5)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import msgspec
 
 from chorus.errors import ConfigError
+from chorus.specs.budget import AgentBudget
 from chorus.specs.loading import load_yaml
 from chorus.specs.tools import ToolEntry
 from chorus.subjects import check_token, check_topic
@@ -50,6 +51,10 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
     `description` and `input_schema` (a JSON schema with an object root) are what another
     agent's model is told when it may call this agent as a tool (chorus.tools.peers).
+
+    `fallback` lists models (`openai:gpt-5-mini`) tried in order when the one before is
+    rate-limited for longer than `fallback_after_s`, has no budget left for the call, or
+    fails; `budget` caps what the agent spends per hour and per day (chorus.specs.budget).
     """
 
     name: str
@@ -68,6 +73,9 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_tool_calls_per_turn: int = 4
     input_schema: dict[str, Any] | None = None
     session: SessionSpec | None = None  # conversation sessions, off unless given
+    fallback: list[str] = []
+    fallback_after_s: float = 10.0
+    budget: AgentBudget | None = None
 
     def __post_init__(self) -> None:
         check_token(self.name, "agent name")
@@ -97,6 +105,10 @@ class AgentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             raise ConfigError(f"agent {self.name}: max_turns must be at least 1")
         if self.max_tool_calls_per_turn < 1:
             raise ConfigError(f"agent {self.name}: max_tool_calls_per_turn must be at least 1")
+        if self.fallback_after_s < 0:
+            raise ConfigError(f"agent {self.name}: fallback_after_s must not be negative")
+        if self.model in self.fallback:
+            raise ConfigError(f"agent {self.name}: fallback repeats its model {self.model!r}")
 
 
 def check_state_prefix(prefix: str) -> str:

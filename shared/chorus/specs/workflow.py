@@ -24,6 +24,7 @@ import msgspec
 import yaml
 
 from chorus.errors import ConfigError, ExpressionError, InvalidWorkflow, NotFound
+from chorus.specs.budget import RunBudget
 from chorus.specs.expressions import Expression, parse
 from chorus.specs.loading import decode_yaml
 from chorus.specs.templates import Template
@@ -140,6 +141,7 @@ class WorkflowBase(
 ):
     name: str
     description: str = ""
+    budget: RunBudget | None = None  # what each run may spend (chorus.specs.budget)
 
     def __post_init__(self) -> None:
         _token(self.name, "name")

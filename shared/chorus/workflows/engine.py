@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 
 from chorus.client import ChorusClient
 from chorus.client.runstore import KvRunStore
-from chorus.errors import ChorusError, Conflict, InvalidMessage
+from chorus.errors import BudgetExceeded, ChorusError, Conflict, InvalidMessage
 from chorus.messages import (
     ProgressKind,
     RunCancel,
@@ -41,7 +41,9 @@ from chorus.messages import (
     new_id,
     now,
 )
+from chorus.specs.budget import RunBudget
 from chorus.specs.workflow import WorkflowSpec, load_workflow
+from chorus.spend.budgets import BudgetLedger
 from chorus.subjects import Subjects, check_token
 from chorus.workflows.directory import DiscoveryDirectory
 from chorus.workflows.events import NatsEventBus
@@ -51,6 +53,7 @@ from chorus.workflows.processors import check_processors
 from chorus.workflows.progress import NatsProgress, NoProgress
 from chorus.workflows.protocols import (
     AgentDirectory,
+    BudgetBook,
     EventBus,
     ProgressSink,
     RunStore,
@@ -72,9 +75,15 @@ FINISHED_PROGRESS: dict[RunStatus, ProgressKind] = {
 
 
 def new_record(
-    workflow: WorkflowSpec, input: str = "", *, data: Any = None, run_id: str | None = None
+    workflow: WorkflowSpec,
+    input: str = "",
+    *,
+    data: Any = None,
+    run_id: str | None = None,
+    budget: RunBudget | None = None,
 ) -> RunRecord:
-    """A pending run of `workflow`; `data` is structured input that conditions can read.
+    """A pending run of `workflow`; `data` is structured input that conditions can read;
+    `budget` replaces the workflow's own.
 
     The run id goes into subjects and keys: letters, digits, `-` and `_` only.
     """
@@ -84,6 +93,7 @@ def new_record(
         kind=workflow.kind,
         input=input,
         data=msgspec.to_builtins(data),
+        budget=budget or workflow.budget,
     )
 
 
@@ -135,6 +145,7 @@ class Engine:
         events: EventBus | None = None,
         directory: AgentDirectory | None = None,
         processors: Mapping[str, Processor] | None = None,
+        budgets: BudgetBook | None = None,
     ) -> None:
         self.services = Services(
             runner=runner,
@@ -143,6 +154,7 @@ class Engine:
             events=events,
             directory=directory,
             processors=dict(processors or {}),
+            budgets=budgets,
         )
         self._runs: dict[str, RunHandle] = {}
 
@@ -159,6 +171,7 @@ class Engine:
             events=NatsEventBus(client),
             directory=DiscoveryDirectory(client),
             processors=processors,
+            budgets=await BudgetLedger.open(client.nc.jetstream(), client.subjects),
         )
 
     def start(self, record: RunRecord) -> RunHandle:
@@ -210,6 +223,7 @@ class Engine:
         resumed = record.started_at > 0
         record.status, record.error = "running", ""
         record.started_at = record.started_at or now()
+        await self._open_budget(run)
         await run.checkpoint()
         await run.report("run_resumed" if resumed else "run_started", detail=record.kind)
         log.info(
@@ -222,7 +236,7 @@ class Engine:
         except Conflict:
             raise  # another process owns the record now: save nothing more
         except ChorusError as exc:
-            await self._finish(run, "failed", exc.reason)
+            await self._finish(run, "failed", exc.reason, code=exc.code)
         except nats.errors.MaxPayloadError:
             # One step (or the head) outgrew the server's max_payload: retrying cannot help.
             # Keep what fits (statuses, errors, short outputs) and fail the run saying why.
@@ -255,9 +269,38 @@ class Engine:
         else:
             await self._finish(run, "completed", "")
 
-    async def _finish(self, run: Run, status: RunStatus, error: str, *changed: StepRecord) -> None:
+    async def _open_budget(self, run: Run) -> None:
+        budget, budgets = run.record.budget, self.services.budgets
+        if budget is None:
+            return
+        if budgets is None:
+            raise ChorusError(
+                f"run {run.run_id} has a budget but this engine keeps none: give it a "
+                "BudgetLedger (Engine.on_nats does)"
+            )
+        await budgets.open_run(run.run_id, budget)
+
+    async def _charge(self, run: Run, status: RunStatus, error: str, code: str) -> tuple[str, str]:
+        """Record what the run's budget account was charged; a failed run whose budget is
+        spent failed for that (code budget_exceeded), whatever step reported it."""
+        record, budgets = run.record, self.services.budgets
+        if record.budget is None or budgets is None:
+            return error, code
+        account = await budgets.run_account(run.run_id)
+        if account is None:
+            return error, code
+        record.charged = account.spent
+        if status == "failed" and account.exhausted:
+            return f"budget exceeded: {account.describe()}; {error}", BudgetExceeded.code
+        return error, code
+
+    async def _finish(
+        self, run: Run, status: RunStatus, error: str, *changed: StepRecord, code: str = ""
+    ) -> None:
         record = run.record
+        error, code = await self._charge(run, status, error, code)
         record.status, record.error, record.ended_at = status, error, now()
+        record.code = code
         try:
             await run.checkpoint(*changed)
         except nats.errors.MaxPayloadError:

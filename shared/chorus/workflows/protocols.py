@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from chorus.messages import Event, Result, RunProgress, RunRecord, StepRecord, Task
+from chorus.messages import BudgetAccount, Event, Result, RunProgress, RunRecord, StepRecord, Task
+from chorus.specs.budget import RunBudget
 
 
 class TaskRunner(Protocol):
@@ -69,3 +70,12 @@ class AgentDirectory(Protocol):
     async def agents(self) -> Mapping[str, frozenset[str]]:
         """Every running agent's name and its capabilities."""
         ...
+
+
+class BudgetBook(Protocol):
+    """Where runs' budget accounts live (chorus.spend.budgets.BudgetLedger): the engine opens
+    a run's when it starts and reads it before each step; agents charge it."""
+
+    async def open_run(self, run_id: str, budget: RunBudget) -> BudgetAccount: ...
+
+    async def run_account(self, run_id: str) -> BudgetAccount | None: ...

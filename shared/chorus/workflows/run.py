@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import nats.errors
 
-from chorus.errors import ChorusError, RequestTimeout
+from chorus.errors import BudgetExceeded, ChorusError, RequestTimeout
 from chorus.messages import (
     ENDED_STEP,
     Event,
@@ -32,6 +32,7 @@ from chorus.specs.workflow import Target
 from chorus.workflows.observed import StepSpans
 from chorus.workflows.protocols import (
     AgentDirectory,
+    BudgetBook,
     EventBus,
     ProgressSink,
     RunStore,
@@ -57,6 +58,7 @@ class Services:
     events: EventBus | None = None
     directory: AgentDirectory | None = None
     processors: Mapping[str, Processor] = field(default_factory=dict)
+    budgets: BudgetBook | None = None  # needed by runs with a budget
 
 
 class StepFailed(Exception):
@@ -81,6 +83,17 @@ async def together(work: Iterable[Coroutine[Any, Any, None]]) -> None:
         raise errors.exceptions[0] from None
 
 
+def _by_model(
+    total: dict[str, Usage], add: Mapping[str, Usage], remove: Mapping[str, Usage]
+) -> dict[str, Usage]:
+    out = dict(total)
+    for model, usage in add.items():
+        out[model] = out.get(model, Usage()) + usage
+    for model, usage in remove.items():
+        out[model] = out.get(model, Usage()) - usage
+    return {m: u for m, u in out.items() if u != Usage()}
+
+
 def task_id(run_id: str, step: str, attempt: int) -> str:
     """Stable per attempt: a resumed run sends an interrupted attempt again under the same id."""
     return f"{run_id}-{step}-{attempt}"
@@ -99,8 +112,8 @@ class Run:
         self._by_name = {step.name: step for step in record.steps}  # not a scan per lookup
         # What each step adds to the head's summary (done, usage), kept so a checkpoint
         # updates the summary from the steps it saves instead of summing over every step.
-        self._counted: dict[int, tuple[bool, Usage]] = {}
-        record.steps_done, record.usage = 0, Usage()
+        self._counted: dict[int, tuple[bool, Usage, dict[str, Usage]]] = {}
+        record.steps_done, record.usage, record.by_model = 0, Usage(), {}
         for step in record.steps:
             self._count(step)
         self._spans = StepSpans(record.workflow.name)
@@ -162,12 +175,16 @@ class Run:
     def _count(self, step: StepRecord) -> None:
         record = self.record
         done = step.status in ("completed", "skipped")
-        usage = step.usage if step.status in ENDED_STEP else Usage()
-        was_done, was_usage = self._counted.get(id(step), (False, Usage()))
+        ended = step.status in ENDED_STEP
+        usage = step.usage if ended else Usage()
+        by_model = step.by_model if ended else {}
+        was_done, was_usage, was_by_model = self._counted.get(id(step), (False, Usage(), {}))
         record.steps_done += int(done) - int(was_done)
         record.usage = record.usage + usage - was_usage
+        if by_model or was_by_model:
+            record.by_model = _by_model(record.by_model, by_model, was_by_model)
         record.steps_total = len(record.steps)
-        self._counted[id(step)] = (done, usage)
+        self._counted[id(step)] = (done, usage, dict(by_model))
 
     async def _save_head(self) -> None:
         async with self._head_lock:  # the head's revision moves one save at a time
@@ -219,6 +236,8 @@ class Run:
         # A step left `running` by an interrupted engine: send the same attempt again.
         resend = step.status == "running" and step.attempts > 0
         step.started_at = step.started_at or now()
+        if await self._budget_spent(step):
+            return step  # skipped: the run wraps up with what it has
         while True:
             if not resend:
                 step.attempts += 1
@@ -249,11 +268,13 @@ class Run:
                 step.agent, step.instance = result.agent, result.instance
                 step.output, step.data, step.usage = result.output, result.data, result.usage
                 step.tool_calls = result.tool_calls
+                step.model, step.by_model = result.model, result.by_model
                 if finish is not None:
                     await finish(step, result)
             except ChorusError as exc:
                 step.error, step.code = exc.reason, exc.code
-                if step.attempts <= target.retries:
+                # Another attempt of a step whose budget is spent would be refused too.
+                if step.attempts <= target.retries and exc.code != BudgetExceeded.code:
                     log.warning(
                         "step attempt failed, retrying",
                         extra={"run_id": self.run_id, "step": name, "error": exc.reason},
@@ -269,6 +290,25 @@ class Run:
         await self.checkpoint(step)
         await self.report("step_finished", name, f"{step.agent} in {step.duration_ms:.0f} ms")
         return step
+
+    async def _budget_spent(self, step: StepRecord) -> bool:
+        """Before a step: when the run's budget is spent, policy `stop` fails the step
+        (StepFailed, code budget_exceeded) and `wrap_up` skips it (True)."""
+        budgets = self.services.budgets
+        if self.record.budget is None or budgets is None:
+            return False
+        account = await budgets.run_account(self.run_id)
+        if account is None or not account.exhausted:
+            return False
+        reason = f"not started: the run's budget is spent ({account.describe()})"
+        if account.policy == "wrap_up":
+            await self.skip(step.name, reason)
+            return True
+        step.error, step.code = reason, BudgetExceeded.code
+        self.end_step(step, "failed")
+        await self.checkpoint(step)
+        await self.report("step_failed", step.name, reason)
+        raise StepFailed(step)
 
     async def skip(self, name: str, reason: str) -> None:
         step = self.step(name)

@@ -30,7 +30,8 @@ async def execute(run: Run, spec: Pipeline) -> None:
                 raise RunFailed(
                     f"step {number} ({step.target}) failed: {failure.step.error}"
                 ) from None
-        text, data = done.output, done.data
+        if done.succeeded:  # a step skipped (the budget is spent) passes nothing on
+            text, data = done.output, done.data
     run.record.output, run.record.output_data = text, data
 
 
