@@ -61,6 +61,13 @@ steps:
     capability: writing
     instructions: Write a short brief.
 """
+WAITING = """\
+type: pipeline
+name: console-waits
+steps:
+  - name: wait
+    capability: nobody-has-this
+"""
 SENTINEL = """\
 name: sentinel
 model: offline
@@ -249,6 +256,22 @@ def test_a_run_started_from_the_cli_appears_without_a_reload_and_its_page_shows_
     steps.nth(0).locator("summary").click()
     expect(steps.nth(0)).to_contain_text("What is JetStream?")  # its input
     console.shot("run")
+    console.assert_clean()
+
+
+def test_the_cancel_button_cancels_a_running_run(signed_in: Console, system: System) -> None:
+    console, page = signed_in, signed_in.page
+    workflow = system.root / "console-waits.yaml"
+    workflow.write_text(WAITING)  # its one step waits for an agent nobody runs
+    run_id = system.chorus("run", str(workflow), "anyone?", "--detach").strip()
+    console.open(f"/runs/{run_id}")
+    status = page.locator(".heading .badge").first
+    expect(status).to_have_text("running", timeout=WAIT_MS)
+
+    page.click("#cancel")
+
+    expect(status).to_have_text("cancelled", timeout=WAIT_MS)
+    expect(page.locator("#cancel")).to_be_disabled()
     console.assert_clean()
 
 
