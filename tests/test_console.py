@@ -225,6 +225,30 @@ def test_the_console_asks_for_an_api_key_and_then_shows_the_runs(
     console.assert_clean()
 
 
+def test_a_gateway_without_keys_serves_the_console_without_asking_for_one(
+    browser: Browser, system: System
+) -> None:
+    port = free_port()
+    gateway = Child(
+        ["gateway", "--port", str(port), "--no-auth"],
+        system.env,
+        system.root / "open-gateway.log",
+        "listening",
+    )
+    try:
+        gateway.wait_ready()
+        console = new_console(browser, f"http://127.0.0.1:{port}")
+        console.open("/agents")
+
+        expect(console.page.locator('section.agent[data-agent="writer"]')).to_be_visible(
+            timeout=WAIT_MS
+        )
+        assert console.page.locator("#key-form").count() == 0
+        console.assert_clean()
+    finally:
+        gateway.stop()
+
+
 def test_a_run_started_from_the_cli_appears_without_a_reload_and_its_page_shows_its_steps(
     signed_in: Console, system: System
 ) -> None:

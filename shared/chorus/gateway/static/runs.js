@@ -106,7 +106,8 @@ export async function render(view, params, ctx) {
       body));
   draw();
 
-  const soon = throttle(() => refresh().catch(ctx.fail), 300);
+  // Each refresh reads every run head (GET /api/runs): at most one a second.
+  const soon = throttle(() => refresh().catch(ctx.fail), 1000);
   every(SAFETY_REFRESH_MS, soon, ctx.signal);
   every(1000, () => {
     for (const cell of body.querySelectorAll('tr[data-status="running"] .duration')) {
