@@ -458,6 +458,7 @@ async def test_openapi_describes_every_route_with_the_message_schemas(
         "/api/runs/{run_id}",
         "/api/runs/{run_id}/cancel",
         "/api/runs/{run_id}/stream",
+        "/api/tail/stream",
         "/api/health",
         "/api/metrics",
         "/metrics",

@@ -251,6 +251,20 @@ class Subjects(msgspec.Struct, frozen=True):
     def all_task_streams(self) -> str:
         return f"{self.prefix}.stream.>"
 
+    @property
+    def observable(self) -> tuple[str, ...]:
+        """Every subject an onlooker may follow without taking work (the gateway's console
+        tail): all but the request subjects, where a subscriber could join a queue group."""
+        return (
+            self.all_events,
+            self.all_heartbeats,
+            self.all_status,
+            self.all_runs,
+            self.all_run_cancels,
+            self.all_dead_letters,
+            self.all_task_streams,
+        )
+
     def classify(self, subject: str) -> str | None:
         """What kind of Chorus subject this is (`task`, `event`, ...), None if not one of ours."""
         tokens = subject.split(".")

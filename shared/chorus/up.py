@@ -176,6 +176,9 @@ async def run_up(
                 f"gateway API key (admin): {data_dir / KEY_FILE}; send it as "
                 "`Authorization: Bearer <key>`"
             )
+            console.print(
+                f"web console: http://127.0.0.1:{gateway_port}/ (it asks for that key once)"
+            )
         with Live(
             status_table(system, gateway_port), console=console, refresh_per_second=2
         ) as live:

@@ -290,7 +290,8 @@ def orchestrator(subjects: Subjects, *, principal: str) -> Permissions:
 
 
 def gateway(subjects: Subjects, *, principal: str) -> Permissions:
-    """Submit, read, list and cancel runs; read the registry and the coordinator's metrics."""
+    """Submit, read, list and cancel runs; read the registry and the coordinator's metrics;
+    follow the traffic an observer may see (the console's tail)."""
     s = subjects
     runs_kv = f"KV_{s.runs_bucket}"
     agents_kv = f"KV_{s.agents_bucket}"
@@ -315,7 +316,7 @@ def gateway(subjects: Subjects, *, principal: str) -> Permissions:
     ]
     subscribe = [
         f"{inbox(principal)}.>",
-        s.all_runs,
+        *s.observable,  # run progress, and the console's tail (GET /api/tail/stream)
         *micro_discovery(s.role_service("gateway")),
     ]
     return Permissions(

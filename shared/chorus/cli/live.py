@@ -4,8 +4,9 @@
   tool calls and retries on lines of their own);
 - `StepLines` turns a run's chunks into whole lines per step (`chorus run` without a
   terminal);
-- `Condenser` keeps `chorus tail` readable: a task's deltas are gathered into one line,
-  printed when a line's worth has come or when something else happens to the task.
+- `Condenser` (from `chorus.messages.summary`, shared with the gateway's console tail) keeps
+  `chorus tail` readable: a task's deltas are gathered into one line, printed when a line's
+  worth has come or when something else happens to the task.
 """
 
 from __future__ import annotations
@@ -16,27 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-import msgspec
-
 from chorus.client.streams import ChunkReader
 from chorus.messages import StreamChunk
+from chorus.messages.summary import Condenser, chunk_summary
 
-LINE_CHARS = 100  # of gathered deltas `chorus tail` prints as one line
+__all__ = ["Condenser", "StepLines", "TextPrinter", "chunk_summary", "drain", "follow_chunks"]
+
 DRAIN_TIMEOUT_S = 5.0  # for the last chunks once the answer is in
-
-
-def _one_line(text: str, width: int) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= width else line[: width - 1] + "…"
-
-
-def chunk_summary(chunk: StreamChunk, width: int = 100, *, seqs: str = "") -> str:
-    """One line for a chunk: `task#attempt.seq kind [tool] 'text'`."""
-    head = f"{chunk.task_id}#{chunk.attempt}.{seqs or chunk.seq} {chunk.kind}"
-    if chunk.tool:
-        head += f" {chunk.tool}"
-    text = _one_line(chunk.text, width)
-    return f"{head} {text!r}" if text else head
 
 
 class TextPrinter:
@@ -96,31 +83,6 @@ class StepLines:
             self.emit(chunk.task_id, f"[{chunk.tool}]")
         elif chunk.kind == "superseded":
             self.emit(chunk.task_id, f"[attempt {chunk.attempt} superseded]")
-
-
-@dataclass
-class Condenser:
-    """`chorus tail`'s view of chunks: the lines to print for each (none while deltas
-    gather)."""
-
-    gathered: dict[str, list[StreamChunk]] = field(default_factory=dict)
-
-    def lines(self, subject: str, chunk: StreamChunk) -> list[str]:
-        held = self.gathered.setdefault(subject, [])
-        if chunk.kind == "delta":
-            held.append(chunk)
-            if sum(len(c.text) for c in held) < LINE_CHARS:
-                return []
-            return [self._flush(subject)]
-        out = [self._flush(subject)] if held else []
-        return [*out, chunk_summary(chunk)]
-
-    def _flush(self, subject: str) -> str:
-        held = self.gathered.pop(subject)
-        first, last = held[0], held[-1]
-        merged = msgspec.structs.replace(first, text="".join(c.text for c in held))
-        seqs = f"{first.seq}" if first is last else f"{first.seq}-{last.seq}"
-        return chunk_summary(merged, LINE_CHARS + 20, seqs=seqs)
 
 
 async def follow_chunks(reader: ChunkReader, show: Callable[[StreamChunk], None]) -> None:

@@ -2,7 +2,8 @@
 
 `create_app` takes everything it needs (the connection, the settings, what the gateway accepts,
 an event that says the process is stopping) and holds no global state, so tests start as many
-gateways as they like. Every route but `/api/health` needs an API key with its scope.
+gateways as they like. Every API route but `/api/health` needs an API key with its scope; the
+web console's pages (chorus.gateway.console) are open, since they hold no data.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from chorus.errors import (
 from chorus.gateway.access import AccessLog
 from chorus.gateway.auth import Authenticator, Endpoint
 from chorus.gateway.bodies import ApiError, HealthReport, RunAccepted, RunLinks, RunList
+from chorus.gateway.console import ASSETS_PATH, PAGES, Console
 from chorus.gateway.guard import HostGuard
 from chorus.gateway.keys import Scope
 from chorus.gateway.limits import (
@@ -54,6 +56,7 @@ from chorus.gateway.system import (
     nats_unreachable,
     require_connected,
 )
+from chorus.gateway.tail import TailRoute
 from chorus.messages import (
     Metrics,
     RunRecord,
@@ -148,6 +151,8 @@ class Gateway:
         self.stopping = stopping
         self.runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
         self.live = LiveOutput(nc, settings, self.runs, stopping=stopping)
+        self.tail = TailRoute(nc, settings, stopping=stopping)
+        self.console = Console()
         self.system = SystemView(nc, settings.subjects, timeout=status_timeout)
         self.instruments = metrics
         self.openapi = document()
@@ -305,6 +310,10 @@ def create_app(
         route("/api/metrics", gateway.metrics, "read"),
         route("/metrics", gateway.prometheus, "read"),
         route("/openapi.json", gateway.openapi_json, "read"),
+        route("/api/tail/stream", gateway.tail.stream, "read"),  # Server-Sent Events
+        # The console: pages and assets hold no data (every page reads the API with a key).
+        *(route(page, gateway.console.page, None) for page in PAGES),
+        route(ASSETS_PATH + "/{name}", gateway.console.asset, None),
     ]
     return Starlette(
         routes=routes,

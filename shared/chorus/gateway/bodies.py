@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -45,3 +45,16 @@ class HealthReport(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     healthy_agents: int
     agents: list[AgentRecord]
     error: ApiError | None = None  # why the gateway cannot tell (NATS unreachable)
+
+
+class TailLine(msgspec.Struct, frozen=True, kw_only=True):
+    """One message as the console's tail shows it (`GET /api/tail/stream`, event `message`)."""
+
+    time: str  # ISO 8601 UTC, when the gateway received it
+    subject: str
+    type: str  # the message's type tag (`event`, `heartbeat`, `stream_chunk`...)
+    run: str  # the run it belongs to, "" when none
+    agent: str  # the agent or instance it is from or about, "" when none
+    summary: str  # one line, as `chorus tail` prints it
+    tools: str  # a reply's tool calls condensed (`tools: fetch x2`), "" when none
+    data: Any  # the message as JSON (a string, cut, when its JSON is over 20,000 characters)

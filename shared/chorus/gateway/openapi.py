@@ -7,7 +7,7 @@ from typing import Any, Final
 import msgspec
 
 from chorus import __version__
-from chorus.gateway.bodies import ApiErrorBody, HealthReport, RunAccepted, RunList
+from chorus.gateway.bodies import ApiErrorBody, HealthReport, RunAccepted, RunList, TailLine
 from chorus.messages import AgentRecord, Metrics, RunRecord, RunRequest, StreamChunk
 
 REF: Final = "#/components/schemas/{name}"
@@ -145,6 +145,59 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/api/tail/stream": {
+            "get": {
+                "summary": "Messages on the subjects, decoded like `chorus tail`",
+                "description": "The gateway subscribes to the subjects an observer may follow "
+                "(events, heartbeats, agent status, run progress and cancels, dead letters, "
+                "live output; never the request subjects) that pass the filters, and sends "
+                "each message as a `message` event whose data is a TailLine. A task's streamed "
+                "deltas are gathered into lines. First an `open` event "
+                '(`{"subject", "following"}`: the patterns subscribed to); a `dropped` event '
+                '(`{"dropped": n}`) when a slow client lost messages. Nothing is stored: the '
+                "stream starts now.",
+                "parameters": [
+                    {
+                        "name": "subject",
+                        "in": "query",
+                        "description": "a NATS subject pattern (default: every subject)",
+                        "schema": {"type": "string", "maxLength": 256},
+                    },
+                    {
+                        "name": "kind",
+                        "in": "query",
+                        "description": "comma-separated kinds: event, heartbeat, status, "
+                        "run_progress, run_cancel, dead_letter, stream_chunk (default: all)",
+                        "schema": {"type": "string", "maxLength": 256},
+                    },
+                    {
+                        "name": "run",
+                        "in": "query",
+                        "description": "only messages of this run id",
+                        "schema": {"type": "string", "maxLength": 256},
+                    },
+                    {
+                        "name": "agent",
+                        "in": "query",
+                        "description": "only messages from or about this agent or instance",
+                        "schema": {"type": "string", "maxLength": 256},
+                    },
+                    {
+                        "name": "heartbeats",
+                        "in": "query",
+                        "schema": {"type": "boolean", "default": True},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the messages, as they come",
+                        "content": {"text/event-stream": {"schema": _ref(TailLine)}},
+                    },
+                    "400": _error("a filter is not one the tail can take; the reason says which"),
+                    "503": _NATS_DOWN,
+                },
+            }
+        },
         "/api/health": {
             "get": {
                 "summary": "NATS, the coordinator and the agents in the registry",
@@ -234,6 +287,7 @@ def document() -> dict[str, Any]:
             AgentRecord,
             ApiErrorBody,
             StreamChunk,
+            TailLine,
         ),
         ref_template=REF,
     )
