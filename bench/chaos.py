@@ -18,7 +18,7 @@ recovered system against raw nats-py measured on the same server in the same run
 1 when a check fails.
 
     python -m bench.chaos           # 8 agents, 1,000 tasks at 15/s, 30 runs, 3 kills of each kind
-    python -m bench.chaos --smoke   # 2 agents, 60 tasks, 4 runs, 1 kill of each kind (~30 s)
+    python -m bench.chaos --smoke   # 2 agents, 60 tasks, 6 runs, 1 kill of each kind (~30 s)
     python -m bench.chaos --kills agents,server --kills-each 5 --seed 7
     python -m bench.chaos --json                # the report as JSON on stdout
     python -m bench.chaos --claim-timeout 5 --heartbeat 0.5   # the children's settings
@@ -44,19 +44,12 @@ import msgspec
 import nats.errors
 
 from bench.chaos_agent import CAPABILITY
-from bench.chaos_audit import (
-    Check,
-    RunSubmission,
-    Stores,
-    Submission,
-    invariants,
-    read_stores,
-)
-from bench.chaos_fleet import KINDS, ChaosFleet, Fault, Kind, chaos_fleet
+from bench.chaos_audit import Resubmission, RunSubmission, Submission, invariants, read_stores
+from bench.chaos_fleet import KINDS, ChaosFleet, Kind, chaos_fleet
+from bench.chaos_report import BURST_IN_FLIGHT, Raw, print_rich, report
 from bench.harness import baselines
 from bench.harness.cli import parser, workdir
-from bench.harness.stats import Figure, in_flight, pct
-from bench.harness.tables import environment_lines
+from bench.harness.stats import Figure, in_flight
 from chorus.client.durable import TaskQueue
 from chorus.client.runs import RunClient
 from chorus.config import EXAMPLE_WORKFLOWS, Settings
@@ -65,7 +58,6 @@ from chorus.messages import RunRequest, Task
 from chorus.specs.workflow import Parallel, Pipeline, WorkflowSpec, load_workflow
 
 WORKFLOWS = ("research-report.yaml", "perspectives.yaml")  # a pipeline, a parallel
-BURST_IN_FLIGHT = 100
 
 
 @dataclass(frozen=True)
@@ -79,6 +71,7 @@ class Sizes:
     down: float
     drain: float
     burst: int
+    resubmit: int  # completed task ids submitted again at the end
     work: tuple[float, float]  # seconds of simulated work per task, uniform in [lo, hi]
 
 
@@ -92,25 +85,31 @@ DEFAULT = Sizes(
     down=1.0,
     drain=300.0,
     burst=1000,
+    resubmit=10,
     work=(0.05, 0.5),
 )
 SMOKE = Sizes(
     agents=2,
     tasks=60,
     rate=6.0,
-    runs=4,
+    runs=6,
     poison=3,
     kills_each=1,
     down=0.5,
     drain=60.0,
     burst=50,
+    resubmit=5,
     work=(0.02, 0.2),
 )
-# Settings the smoke run gives its children, so a lost claim or instance costs seconds.
+# The one setting a chaos run changes by default: a de-duplication window shorter than the
+# run, so the task ids submitted again at the end come after it (the lookup by id answers).
+DEFAULT_ENV = {"CHORUS_DEDUPE_WINDOW": "30"}
+# The smoke run's children also lose a claim or an instance in seconds.
 SMOKE_ENV = {
     "CHORUS_HEARTBEAT_INTERVAL": "0.5",
     "CHORUS_CLAIM_TIMEOUT": "3",
     "CHORUS_RETRY_BACKOFF": "0.2",
+    "CHORUS_DEDUPE_WINDOW": "3",
 }
 
 
@@ -177,7 +176,7 @@ def sizes_of(args: argparse.Namespace) -> Sizes:
 
 
 def children_env(args: argparse.Namespace) -> dict[str, str]:
-    env = dict(SMOKE_ENV) if args.smoke else {}
+    env = dict(SMOKE_ENV if args.smoke else DEFAULT_ENV)
     if args.heartbeat is not None:
         env["CHORUS_HEARTBEAT_INTERVAL"] = str(args.heartbeat)
     if args.claim_timeout is not None:
@@ -283,6 +282,22 @@ class Load:
         except (ChorusError, nats.errors.Error, TimeoutError) as exc:
             r.error = f"{type(exc).__name__}: {exc}"
 
+    async def resubmit(self, plan: list[Submission], n: int) -> list[Resubmission]:
+        """Submit the first `n` completed task ids again, as a client retrying would: each
+        must not be queued again and must answer with the outcome already stored."""
+        done = [s for s in plan if s.heard is not None and s.heard.status == "completed"][:n]
+        again = []
+        for s in done:
+            r = Resubmission(s.task_id, time.time() - s.submitted_at)
+            task = Task(input=f"task {s.task_id}", task_id=s.task_id, data={"seconds": s.work_s})
+            try:
+                r.queued = await self.queue.submit(task, capability=CAPABILITY)
+                r.heard = await self.queue.wait(s.task_id, timeout=10)
+            except (ChorusError, nats.errors.Error, TimeoutError) as exc:
+                r.error = f"{type(exc).__name__}: {exc}"
+            again.append(r)
+        return again
+
     async def _at(self, offset: float) -> None:
         await asyncio.sleep(max(0.0, self.started + offset - time.monotonic()))
 
@@ -322,75 +337,9 @@ class Load:
             submitter.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         await finishing
-        await self.queue.close()
 
 
-# figures
-
-
-def percentile_ms(values: list[float], q: float) -> float | None:
-    return pct(values, q) * 1000 if values else None
-
-
-def fault_rows(
-    faults: list[Fault], tasks: list[Submission], stores: Stores
-) -> list[dict[str, Any]]:
-    """Each fault: how long its victim was down, how long until the system served again (the
-    first outcome stored after the kill; for the orchestrator, the first step record
-    written), and until every task submitted before it had its outcome (caught up)."""
-    outcome_times = sorted(t for w in stores.outcomes.values() for t in w.times[:1])
-    started = min((s.submitted_at for s in tasks if s.submitted_at), default=0.0)
-    rows = []
-    for fault in faults:
-        served_by = stores.step_writes if fault.kind == "orchestrator" else outcome_times
-        served = next((t for t in served_by if t > fault.killed_at), None)
-        if fault.kind == "orchestrator":
-            late = [
-                next((t for t in sorted(stores.run_writes.get(r, [])) if t > fault.killed_at), None)
-                for r, record in stores.runs.items()
-                if record is not None
-                and record.created_at < fault.killed_at
-                and (record.ended_at == 0 or record.ended_at > fault.killed_at)
-            ]
-        else:
-            late = [
-                stores.outcomes[s.task_id].at if s.task_id in stores.outcomes else None
-                for s in tasks
-                if s.accepted
-                and s.submitted_at < fault.killed_at
-                and (
-                    s.task_id not in stores.outcomes
-                    or stores.outcomes[s.task_id].at > fault.killed_at
-                )
-            ]
-        caught: float | None
-        if any(t is None for t in late):
-            caught = None  # something pending at this fault never moved again
-        else:
-            caught = (
-                max((t for t in late if t is not None), default=fault.killed_at) - fault.killed_at
-            )
-        rows.append(
-            {
-                "kind": fault.kind,
-                "victim": fault.victim,
-                "killed_at": fault.killed_at,
-                "at_s": fault.killed_at - started,
-                "down_s": fault.back_at - fault.killed_at,
-                "served_again_s": None if served is None else served - fault.killed_at,
-                "caught_up_s": caught,
-                "pending": len(late),
-            }
-        )
-    return rows
-
-
-@dataclass
-class Raw:
-    request_reply_p50_us: float
-    work_queue_p50_us: float
-    request_reply_rate: float
-    work_queue_rate: float
+# measured on the same server
 
 
 async def measure_raw(fleet: ChaosFleet, smoke: bool) -> Raw:
@@ -424,183 +373,6 @@ async def measure_burst(fleet: ChaosFleet, n: int) -> Figure:
     return figure
 
 
-def report(
-    args: argparse.Namespace,
-    sizes: Sizes,
-    env: dict[str, str],
-    tasks: list[Submission],
-    runs: list[RunSubmission],
-    stores: Stores,
-    checks: list[Check],
-    faults: list[Fault],
-    raw: Raw,
-    burst: Figure | None,
-) -> dict[str, Any]:
-    settings = Settings.from_env(env)
-    accepted = [s for s in tasks if s.accepted]
-    stored = [s for s in accepted if s.task_id in stores.outcomes]
-    good = [s for s in stored if not s.poison]
-    latency = [stores.outcomes[s.task_id].at - s.submitted_at for s in good]
-    overhead = [stores.outcomes[s.task_id].at - s.submitted_at - s.work_s for s in good]
-    last_submit = max((s.submitted_at for s in accepted), default=0.0)
-    last_outcome = max((stores.outcomes[s.task_id].at for s in stored), default=0.0)
-    first_submit = min((s.submitted_at for s in accepted), default=0.0)
-    completed_runs = sum(
-        1 for r in stores.runs.values() if r is not None and r.status == "completed"
-    )
-    overhead_p50 = percentile_ms(overhead, 0.5)
-    bound = 2 * settings.heartbeat_interval + settings.claim_timeout
-    throughput: dict[str, Any] = {
-        "offered_per_s": sizes.rate,
-        "achieved_per_s": len(stored) / (last_outcome - first_submit) if stored else None,
-        "raw_request_reply_per_s": raw.request_reply_rate,
-        "raw_work_queue_per_s": raw.work_queue_rate,
-    }
-    if burst is not None and burst.rate is not None:
-        throughput["burst_per_s"] = burst.rate
-        throughput["burst_vs_raw_work_queue"] = burst.rate / raw.work_queue_rate
-        throughput["burst_vs_raw_request_reply"] = burst.rate / raw.request_reply_rate
-    return {
-        "ok": all(c.ok for c in checks),
-        "config": {
-            **asdict(sizes),
-            "kills": args.kinds,
-            "seed": args.seed,
-            "children_env": env,
-            "heartbeat_interval": settings.heartbeat_interval,
-            "claim_timeout": settings.claim_timeout,
-            "dead_after": settings.dead_after,
-        },
-        "counts": {
-            "tasks_submitted": len(tasks),
-            "tasks_accepted": len(accepted),
-            "outcomes_stored": len(stored),
-            "lost": len(accepted) - len(stored),
-            "outcomes_written_twice": sum(
-                1 for w in stores.outcomes.values() if len(w.outcomes) > 1
-            ),
-            "outcome_keys": len(stores.outcomes),
-            "poison": sum(1 for s in accepted if s.poison),
-            "dead_letters": sum(stores.dead_letters.values()),
-            "runs_submitted": len(runs),
-            "runs_completed": completed_runs,
-            "submitter_errors": sum(1 for s in tasks if s.error),
-        },
-        "checks": [asdict(c) for c in checks],
-        "timings": {
-            "last_submit_to_last_outcome_s": last_outcome - last_submit if stored else None,
-            "latency_p50_ms": percentile_ms(latency, 0.5),
-            "latency_p99_ms": percentile_ms(latency, 0.99),
-            "latency_max_ms": percentile_ms(latency, 1.0),
-            "overhead_p50_ms": overhead_p50,
-            "overhead_p99_ms": percentile_ms(overhead, 0.99),
-            "raw_request_reply_p50_ms": raw.request_reply_p50_us / 1000,
-            "raw_work_queue_p50_ms": raw.work_queue_p50_us / 1000,
-            "overhead_p50_vs_raw_work_queue": (
-                overhead_p50 / (raw.work_queue_p50_us / 1000) if overhead_p50 else None
-            ),
-            "lateness_bound_s": bound,
-        },
-        "throughput": throughput,
-        "faults": fault_rows(faults, tasks, stores),
-        "errors": [f"{s.task_id}: {s.error}" for s in tasks if s.error][:20],
-    }
-
-
-def seconds(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f} s"
-
-
-def millis(value: float | None) -> str:
-    return "—" if value is None else f"{value:,.1f} ms"
-
-
-def print_rich(result: dict[str, Any], command: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console() if sys.stdout.isatty() else Console(width=120)
-    for line in environment_lines(command):
-        console.print(line, highlight=False, markup=False)
-    counts, timings, throughput = result["counts"], result["timings"], result["throughput"]
-
-    table = Table(title="Chaos run")
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    rows = [
-        ("tasks submitted", f"{counts['tasks_submitted']} ({counts['poison']} poison)"),
-        ("outcomes stored", str(counts["outcomes_stored"])),
-        ("lost", str(counts["lost"])),
-        ("outcomes written twice", str(counts["outcomes_written_twice"])),
-        ("runs completed", f"{counts['runs_completed']} / {counts['runs_submitted']}"),
-        ("dead letters", f"{counts['dead_letters']} (poison: {counts['poison']})"),
-        ("last submit → last outcome", seconds(timings["last_submit_to_last_outcome_s"])),
-        (
-            "task latency p50 / p99",
-            f"{millis(timings['latency_p50_ms'])} / {millis(timings['latency_p99_ms'])}",
-        ),
-        ("task latency max", millis(timings["latency_max_ms"])),
-        (
-            "overhead p50 / p99 (latency - work)",
-            f"{millis(timings['overhead_p50_ms'])} / {millis(timings['overhead_p99_ms'])}",
-        ),
-        ("raw work-queue round trip p50", millis(timings["raw_work_queue_p50_ms"])),
-        ("raw request-reply p50", millis(timings["raw_request_reply_p50_ms"])),
-        (
-            "throughput offered / achieved",
-            f"{throughput['offered_per_s']:.1f} / {throughput['achieved_per_s'] or 0:.1f} per s",
-        ),
-    ]
-    if "burst_per_s" in throughput:
-        rows += [
-            (
-                f"after the chaos: durable, {BURST_IN_FLIGHT} in flight",
-                f"{throughput['burst_per_s']:,.0f} per s",
-            ),
-            (
-                "  vs raw work queue / raw request-reply",
-                f"{throughput['burst_vs_raw_work_queue']:.0%} / "
-                f"{throughput['burst_vs_raw_request_reply']:.0%}",
-            ),
-        ]
-    for what, value in rows:
-        table.add_row(what, value)
-    console.print(table)
-
-    faults = Table(
-        title="Faults (lateness bound: 2 heartbeats + claim timeout = "
-        f"{timings['lateness_bound_s']:.1f} s)"
-    )
-    for column in ("#", "at", "kind", "victim", "down", "served again after", "caught up after"):
-        faults.add_column(column, justify="left" if column in ("kind", "victim") else "right")
-    faults.add_column("pending at the kill", justify="right")
-    for n, row in enumerate(result["faults"], 1):
-        caught = row["caught_up_s"]
-        over = caught is not None and caught > timings["lateness_bound_s"]
-        faults.add_row(
-            str(n),
-            seconds(row["at_s"]),
-            row["kind"],
-            row["victim"],
-            seconds(row["down_s"]),
-            seconds(row["served_again_s"]),
-            ("[red]" if over or caught is None else "") + seconds(caught),
-            str(row["pending"]),
-        )
-    console.print(faults)
-
-    checks = Table(title="Checks")
-    checks.add_column("check")
-    checks.add_column("ok")
-    checks.add_column("detail")
-    for check in result["checks"]:
-        checks.add_row(check["name"], "[green]yes" if check["ok"] else "[red]NO", check["detail"])
-    console.print(checks)
-    for error in result["errors"]:
-        console.print(f"- {error}", highlight=False, markup=False)
-    console.print("[green]all checks hold" if result["ok"] else "[red]a check failed")
-
-
 async def chaos(args: argparse.Namespace, where: Path) -> dict[str, Any]:
     sizes = sizes_of(args)
     env = children_env(args)
@@ -629,13 +401,17 @@ async def chaos(args: argparse.Namespace, where: Path) -> dict[str, Any]:
         await load.go(tasks, runs, faults)
         log("draining ...")
         await load.drain(runs)
+        log(f"{sizes.resubmit} task ids submitted again ...")
+        again = await load.resubmit(tasks, sizes.resubmit)
+        await load.queue.close()
         stores = await read_stores(fleet.nc.jetstream(), fleet.subjects, [r.run_id for r in runs])
-        checks = invariants(tasks, runs, stores)
+        checks = invariants(tasks, runs, again, stores)
         burst = None
         if sizes.burst:
             log(f"throughput after the chaos: {sizes.burst} durable tasks ...")
             burst = await measure_burst(fleet, sizes.burst)
-        return report(args, sizes, env, tasks, runs, stores, checks, fleet.faults, raw, burst)
+        config = {**asdict(sizes), "kills": args.kinds, "seed": args.seed}
+        return report(config, env, tasks, runs, again, stores, checks, fleet.faults, raw, burst)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from chorus.errors import TaskFailed
 from chorus.messages import Task
 
 CAPABILITY = "chaos"
-DEFAULT_SECONDS = 0.1
+DEFAULT_SECONDS = 0.5
 
 agent = Agent(name="bencher", capabilities=[CAPABILITY], max_concurrency=4)
 

@@ -44,6 +44,17 @@ class RunSubmission:
 
 
 @dataclass
+class Resubmission:
+    """A task id submitted again at the end, `age_s` after its first submission."""
+
+    task_id: str
+    age_s: float
+    queued: bool | None = None  # True: the queue took it as new (it would run again)
+    heard: TaskOutcome | None = None
+    error: str = ""
+
+
+@dataclass
 class Stored:
     """Every outcome write kept on one task's key, in stream order, with its store time."""
 
@@ -129,7 +140,10 @@ class Check:
 
 
 def invariants(
-    submissions: list[Submission], run_submissions: list[RunSubmission], stores: Stores
+    submissions: list[Submission],
+    run_submissions: list[RunSubmission],
+    resubmissions: list[Resubmission],
+    stores: Stores,
 ) -> list[Check]:
     """The promises a chaos run checks; any one broken fails the run."""
     accepted = [s for s in submissions if s.accepted]
@@ -156,6 +170,11 @@ def invariants(
     }
     not_completed = {k: v for k, v in unfinished.items() if v != "completed"}
     run_refused = [r.run_id for r in run_submissions if r.error]
+    repeated = [
+        f"{r.task_id} ({r.error or ('queued again' if r.queued else 'another outcome')})"
+        for r in resubmissions
+        if r.error or r.queued or r.heard != stores.outcomes[r.task_id].first
+    ]
 
     def sample(ids: list[str] | dict[str, str]) -> str:
         items = [f"{k}: {v}" for k, v in ids.items()] if isinstance(ids, dict) else list(ids)
@@ -175,6 +194,11 @@ def invariants(
         Check("no good task failed", not good_failed, sample(good_failed)),
         Check("every run submitted", not run_refused, sample(run_refused)),
         Check("every run completed", not not_completed, sample(not_completed)),
+        Check(
+            "a task id submitted again answers its first outcome",
+            not repeated,
+            sample(repeated),
+        ),
     ]
 
 

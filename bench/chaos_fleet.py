@@ -90,7 +90,7 @@ class ChaosFleet(Fleet):
         """Kill one process of `kind` with SIGKILL, wait `down_s`, start it again; the fault
         once the replacement is ready."""
         if kind == "server":
-            fault = Fault(kind, f"nats-server pid {self.server.pid}", time.time())
+            fault = Fault(kind, f"nats-server ({self.server.pid})", time.time())
             self.pids.pop("nats-server", None)
             await asyncio.to_thread(self.server.kill)
             await asyncio.sleep(self.down_s)
@@ -100,8 +100,8 @@ class ChaosFleet(Fleet):
         else:
             role = self.agent_role if kind == "agents" else kind
             victim = rng.choice(self._alive(role))
-            name = Path(victim.log).stem
-            fault = Fault(kind, f"{name} pid {victim.pid}", time.time())
+            name = Path(victim.log).stem if kind == "agents" else kind
+            fault = Fault(kind, f"{name} ({victim.pid})", time.time())
             await self._kill(victim)
             await asyncio.sleep(self.down_s)
             if kind == "agents":
