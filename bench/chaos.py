@@ -138,6 +138,11 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help=f"durable tasks of the throughput phase, 0: none ({DEFAULT.burst})",
     )
+    cli.add_argument(
+        "--resubmit",
+        type=int,
+        help=f"completed task ids submitted again at the end ({DEFAULT.resubmit})",
+    )
     cli.add_argument("--seed", type=int, default=1, help="the schedule's random seed (1)")
     cli.add_argument("--heartbeat", type=float, help="CHORUS_HEARTBEAT_INTERVAL of the children")
     cli.add_argument("--claim-timeout", type=float, help="CHORUS_CLAIM_TIMEOUT of the children")
@@ -162,11 +167,20 @@ def sizes_of(args: argparse.Namespace) -> Sizes:
     base = SMOKE if args.smoke else DEFAULT
     chosen = {
         name: getattr(args, name)
-        for name in ("agents", "tasks", "rate", "runs", "poison", "kills_each", "down", "drain")
+        for name in (
+            "agents",
+            "tasks",
+            "rate",
+            "runs",
+            "poison",
+            "kills_each",
+            "down",
+            "drain",
+            "burst",
+            "resubmit",
+        )
         if getattr(args, name) is not None
     }
-    if args.burst is not None:
-        chosen["burst"] = args.burst
     sizes = replace(base, **chosen)
     if sizes.agents < 1 or sizes.tasks < 1 or sizes.rate <= 0:
         raise SystemExit("--agents, --tasks and --rate must be positive")
@@ -329,7 +343,9 @@ class Load:
         )
 
     async def drain(self, runs: list[RunSubmission]) -> None:
-        """Wait for every submitter and run, at most `drain` seconds after the last fault."""
+        """Wait for every submitter and run, at most `drain` seconds once the submissions and
+        faults are over; a submitter still waiting then is cancelled (its task counts as
+        lost or missed)."""
         waiting = [self.runs.wait(r.run_id, self.sizes.drain) for r in runs if not r.error]
         finishing = asyncio.gather(*waiting, return_exceptions=True)
         _, pending = await asyncio.wait(self.submitters, timeout=self.sizes.drain)

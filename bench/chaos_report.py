@@ -175,7 +175,27 @@ def report(
         "throughput": throughput,
         "faults": fault_rows(faults, tasks, stores),
         "errors": [f"{s.task_id}: {s.error}" for s in tasks if s.error][:20],
+        "slowest": slowest(good, stores),
     }
+
+
+def slowest(good: list[Submission], stores: Stores, n: int = 5) -> list[dict[str, Any]]:
+    """The slowest tasks, with what their stored outcome says of their attempts."""
+    ranked = sorted(good, key=lambda s: stores.outcomes[s.task_id].at - s.submitted_at)
+    rows = []
+    for s in reversed(ranked[-n:]):
+        outcome = stores.outcomes[s.task_id].first
+        rows.append(
+            {
+                "task_id": s.task_id,
+                "submitted_at": s.submitted_at,
+                "latency_s": stores.outcomes[s.task_id].at - s.submitted_at,
+                "attempts": outcome.attempts,
+                "errors": [f"{e.code} ({e.instance})" for e in outcome.errors],
+                "instance": outcome.result.instance if outcome.result else "",
+            }
+        )
+    return rows
 
 
 def seconds(value: float | None) -> str:
@@ -271,6 +291,15 @@ def print_rich(result: dict[str, Any], command: str) -> None:
     for check in result["checks"]:
         checks.add_row(check["name"], "[green]yes" if check["ok"] else "[red]NO", check["detail"])
     console.print(checks)
+    started = min((f["killed_at"] - f["at_s"] for f in result["faults"]), default=0.0)
+    for row in result["slowest"]:
+        console.print(
+            f"slow: {row['task_id']} submitted at {row['submitted_at'] - started:.2f} s, "
+            f"{row['latency_s']:.2f} s, attempt {row['attempts']} on {row['instance']}"
+            + (f", errors: {', '.join(row['errors'])}" if row["errors"] else ""),
+            highlight=False,
+            markup=False,
+        )
     for error in result["errors"]:
         console.print(f"- {error}", highlight=False, markup=False)
     console.print("[green]all checks hold" if result["ok"] else "[red]a check failed")
