@@ -253,7 +253,12 @@ def print_rich(result: dict[str, Any], command: str) -> None:
                 f"{throughput['burst_per_s']:,.0f} per s",
             ),
             (
-                "  vs raw work queue / raw request-reply",
+                f"raw work queue / raw request-reply, {BURST_IN_FLIGHT} in flight",
+                f"{throughput['raw_work_queue_per_s']:,.0f} / "
+                f"{throughput['raw_request_reply_per_s']:,.0f} per s",
+            ),
+            (
+                "  durable vs raw work queue / raw request-reply",
                 f"{throughput['burst_vs_raw_work_queue']:.0%} / "
                 f"{throughput['burst_vs_raw_request_reply']:.0%}",
             ),
