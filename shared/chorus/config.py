@@ -58,6 +58,8 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_TRACE_FILE": "trace_file",
     "CHORUS_STREAM_MAX_AGE": "stream_max_age",
     "CHORUS_DEDUPE_WINDOW": "dedupe_window",
+    "CHORUS_APPROVAL_TIMEOUT": "approval_timeout",
+    "CHORUS_APPROVAL_SWEEP": "approval_sweep",
 }
 
 
@@ -114,6 +116,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # durable tasks: the dispatch stream drops a resubmitted task id this long (seconds);
     # later, the recorded outcome answers it (chorus.client.durable)
     dedupe_window: float = 120.0
+    # approvals: how long a tool call waits for a decision unless its spec says (then its
+    # timeout action), and how often the coordinator looks for expired and unsent ones
+    approval_timeout: float = 24 * 3600.0
+    approval_sweep: float = 5.0
 
     @property
     def subjects(self) -> Subjects:
