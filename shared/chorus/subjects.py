@@ -459,8 +459,10 @@ class Subjects(msgspec.Struct, frozen=True):
         return f"parked.{check_token(agent, 'agent name')}.>"
 
     def approval_notice(self, agent: str, status: str) -> str:
-        """An approval asked for (`pending`) or decided, announced as the `Approval`."""
-        return f"{self.prefix}.approvals.{check_token(agent, 'agent name')}.{status}"
+        """An approval asked for (`pending`) or decided, announced as the `Approval`; `*`
+        for any agent or status."""
+        name = agent if agent == "*" else check_token(agent, "agent name")
+        return f"{self.prefix}.approvals.{name}.{status}"
 
     @property
     def all_approval_notices(self) -> str:
