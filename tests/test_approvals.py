@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -29,7 +27,7 @@ from chorus.messages import Approval, Result, Task, TaskOutcome, decode
 from chorus.specs.agent import AgentSpec
 from chorus.specs.loading import load_yaml
 from chorus.specs.tools import ToolSpec
-from tests.helpers import ROOT, SpawnAgent, StartCoordinator, StartHost, child_env, write_spec
+from tests.helpers import SpawnAgent, StartCoordinator, StartHost, child_env, write_spec
 
 WAIT_S = 15.0
 CHARGE = "tests.approval_tools:charge"
@@ -129,7 +127,7 @@ def test_an_unknown_approval_value_is_a_spec_error_naming_the_field(tmp_path: Pa
 
 
 def test_an_approval_condition_may_name_only_args() -> None:
-    with pytest.raises(InvalidSpec, match="only `args`.*data"):
+    with pytest.raises(InvalidSpec, match=r"only `args`.*data"):
         ToolSpec(python=CHARGE, approval="data.amount > 100")
 
 
@@ -315,3 +313,134 @@ async def test_an_expired_approval_takes_its_timeout_action(
     assert told["rejected"] is True and "did not run" in told["note"]
     stored, _ = await book.get(approval.approval_id)
     assert (stored.status, stored.decided_by) == ("expired", "timeout")
+
+
+# over HTTP
+
+
+async def test_the_gateway_lists_and_decides_approvals_once(
+    coordinator: object,
+    start_host: StartHost,
+    queue: TaskQueue,
+    nc: Client,
+    settings: Settings,
+    charges: Path,
+) -> None:
+    from tests.test_gateway import running_gateway
+
+    model = OfflineModel(script=charging({"memo": "march"}))
+    pending = await pending_approvals(nc, settings)
+    await start_host(cashier(), model=model)
+    running, approval = await parked(queue, pending)
+    path = f"/api/approvals/{approval.approval_id}"
+    async with running_gateway(nc, settings) as http:
+        listed = (await http.get("/api/approvals")).json()["approvals"]
+        assert [a["approval_id"] for a in listed] == [approval.approval_id]
+        bad = await http.post(path, json={"decision": "maybe"})
+        assert bad.status_code == 400 and "decision" in bad.json()["error"]["reason"]
+
+        decided = await http.post(path, json={"decision": "reject", "reason": "not today"})
+        again = await http.post(path, json={"decision": "approve"})
+        unknown = await http.post("/api/approvals/0123456789abcdef", json={"decision": "approve"})
+
+        assert decided.status_code == 200 and decided.json()["status"] == "rejected"
+        assert decided.json()["decided_by"] == "gateway:anonymous"
+        assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+        assert unknown.status_code == 404
+        assert (await http.get("/api/approvals")).json()["approvals"] == []
+    result = await asyncio.wait_for(running, WAIT_S)
+    assert json.loads(result.output.removeprefix("done: "))["reason"] == "not today"
+    assert executions(charges) == []
+
+
+# across processes
+
+CASHIER_SPEC = f"""\
+name: cashier
+instructions: Take payments.
+tools:
+  - python: {CHARGE}
+    approval: required
+"""
+
+
+def chorus(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chorus", *args],
+        env=child_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_a_task_parked_by_a_killed_agent_resumes_on_a_new_one_and_charges_once(
+    coordinator: object,
+    spawn_agent: SpawnAgent,
+    queue: TaskQueue,
+    nc: Client,
+    settings: Settings,
+    tmp_path: Path,
+    charges: Path,
+) -> None:
+    spec = write_spec(tmp_path, "cashier", CASHIER_SPEC)
+    pending = await pending_approvals(nc, settings)
+    first = await spawn_agent(spec)
+    running, approval = await parked(queue, pending)
+    assert (await recorded_outcome(nc, settings, approval.task_id)).status == "waiting"
+
+    first.signal(signal.SIGKILL)
+    first.wait(10)
+    listed = chorus(settings, "approvals", "--json")
+    assert [a["approval_id"] for a in json.loads(listed.stdout)] == [approval.approval_id]
+    approved = chorus(settings, "approve", approval.approval_id, "--reason", "ok")
+    assert approved.returncode == 0, approved.stderr
+    assert "approved" in approved.stdout
+    again = chorus(settings, "reject", approval.approval_id, "--reason", "changed my mind")
+    assert again.returncode == 2 and "approved already" in again.stderr
+    await spawn_agent(spec)  # the decision waits in the queue for an instance
+    result = await asyncio.wait_for(running, WAIT_S * 2)
+
+    assert executions(charges) == [{"memo": "bill ada", "amount": 500}]
+    assert "tool charge: charged 500 for bill ada" in result.output
+    assert result.instance != first.instance
+
+
+async def test_a_workflow_step_waits_across_an_orchestrator_kill_and_completes(
+    coordinator: object,
+    start_host: StartHost,
+    nc: Client,
+    settings: Settings,
+    tmp_path: Path,
+    reap: Any,
+    book: ApprovalBook,
+    charges: Path,
+) -> None:
+    from chorus.client.runs import RunClient
+    from chorus.messages import RunRequest
+    from chorus.workflows import Pipeline, Step
+    from tests.helpers import stop_child
+    from tests.test_orchestrator import spawn_orchestrator
+
+    await start_host(cashier())
+    pending = await pending_approvals(nc, settings)
+    runs = RunClient(nc, settings.subjects)
+    log = tmp_path / "orchestrator.log"
+    first = reap(spawn_orchestrator(settings, log))
+    workflow = Pipeline(name="billing", steps=[Step(agent="cashier")])
+    request = RunRequest(workflow=workflow, input="bill bob")
+    await runs.submit(request)
+    approval = await asyncio.wait_for(pending.get(), WAIT_S * 2)
+    assert approval.run_id == request.run_id
+
+    first.kill()
+    first.wait(10)
+    second = reap(spawn_orchestrator(settings, log))
+    await book.decide(approval.approval_id, approve=True, by="tester")
+    record = await runs.wait(request.run_id, timeout=40)
+    assert stop_child(second) == 0, log.read_text()
+
+    assert record.status == "completed", record.error
+    assert executions(charges) == [{"memo": "bill bob", "amount": 500}]
+    assert "charged 500 for bill bob" in (record.output or "")

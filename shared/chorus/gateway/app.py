@@ -32,6 +32,7 @@ from chorus.errors import (
     RequestTimeout,
 )
 from chorus.gateway.access import AccessLog
+from chorus.gateway.approvals import ApprovalRoutes
 from chorus.gateway.auth import Authenticator, Endpoint
 from chorus.gateway.bodies import ApiError, HealthReport, RunAccepted, RunLinks, RunList
 from chorus.gateway.guard import HostGuard
@@ -151,6 +152,7 @@ class Gateway:
         self.system = SystemView(nc, settings.subjects, timeout=status_timeout)
         self.instruments = metrics
         self.openapi = document()
+        self.approvals = ApprovalRoutes(nc, settings, self.auth)
 
     async def execute(self, request: Request) -> Response:
         """`POST /api/execute`: submit a run; 200 with it once finished, else 202."""
@@ -305,6 +307,8 @@ def create_app(
         route("/api/metrics", gateway.metrics, "read"),
         route("/metrics", gateway.prometheus, "read"),
         route("/openapi.json", gateway.openapi_json, "read"),
+        route("/api/approvals", gateway.approvals.listed, "read"),
+        route("/api/approvals/{approval_id}", gateway.approvals.decide, "execute", post=True),
     ]
     return Starlette(
         routes=routes,
