@@ -120,7 +120,7 @@ async def park(
     )
     await book.park(record, approvals)
     stored = await book.parked(agent, park_id)  # the first park's, if this one is a repeat
-    current = [(await book.get(a))[0] for a in stored.approvals]
+    current = [(await book.get(a, agent))[0] for a in stored.approvals]
     return Waiting(stored.approvals, stored.waiting_until, _waiting_text(current))
 
 
@@ -175,9 +175,9 @@ async def resume_start(
     context: ToolCallContext,
 ) -> tuple[LoopStart, ParkedTask]:
     """Where the resumed loop goes on; Waiting while an approval of its turn is pending."""
-    approval, _ = await book.get(task.resume)
+    approval, _ = await book.get(task.resume, agent)
     parked = await book.parked(agent, approval.park_id)
-    decisions = {a: (await book.get(a))[0] for a in parked.approvals}
+    decisions = {a: (await book.get(a, agent))[0] for a in parked.approvals}
     undecided = [a for a in decisions.values() if not a.decided]
     if undecided:
         until = max(a.expires_at for a in undecided)

@@ -114,9 +114,16 @@ class ApprovalBook:
 
     # reading
 
-    async def get(self, approval_id: str) -> tuple[Approval, int]:
-        """The approval and its revision; NotFound when there is none with that id."""
-        await self.bucket()
+    async def get(self, approval_id: str, agent: str = "") -> tuple[Approval, int]:
+        """The approval and its revision; NotFound when there is none with that id. Given
+        its `agent`, one read of its key (what an agent's credentials allow)."""
+        kv = await self.bucket()
+        if agent:
+            try:
+                entry = await kv.get(self.subjects.approval_key(agent, approval_id))
+            except KeyNotFoundError:
+                raise NotFound(f"no approval {approval_id} of agent {agent}") from None
+            return decode(entry.value or b"", Approval), entry.revision or 0
         try:
             pattern = self.subjects.approval_lookup(approval_id)
         except ConfigError:
