@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -444,3 +445,61 @@ async def test_a_workflow_step_waits_across_an_orchestrator_kill_and_completes(
     assert record.status == "completed", record.error
     assert executions(charges) == [{"memo": "bill bob", "amount": 500}]
     assert "charged 500 for bill bob" in (record.output or "")
+
+
+async def test_a_parked_task_survives_a_nats_server_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uuid
+
+    from chorus.local import wait_for_instances
+    from chorus.nats.connection import connect
+    from chorus.nats.server import NatsServer
+    from tests.helpers import stop_child
+    from tests.test_server_restart import spawn
+
+    charges = tmp_path / "charges.jsonl"
+    charges.touch()
+    monkeypatch.setenv("CHORUS_TEST_CHARGES", str(charges))
+    server = NatsServer(tmp_path / "js").start()
+    settings = Settings(
+        nats_url=server.url, prefix=f"r{uuid.uuid4().hex[:6]}", heartbeat_interval=0.2
+    )
+    spec = write_spec(tmp_path, "cashier", CASHIER_SPEC)
+    children = [
+        spawn(settings, tmp_path / "coordinator.log", "coordinator"),
+        spawn(settings, tmp_path / "cashier.log", "agent", "run", str(spec)),
+    ]
+    reconnected = asyncio.Event()
+    nc = await connect(
+        msgspec.structs.replace(settings, connect_wait=10),
+        "test",
+        service=True,
+        reconnected=reconnected,
+    )
+    queue = TaskQueue(nc, settings.subjects)
+    try:
+        await wait_for_instances(nc, settings.subjects, {"cashier": 1}, 30)
+        pending = await pending_approvals(nc, settings)
+        running, approval = await parked(queue, pending, "bill eve")
+        await recorded_outcome(nc, settings, approval.task_id)
+
+        server.stop()
+        server.start()
+        await asyncio.wait_for(reconnected.wait(), 20)
+
+        book = ApprovalBook(nc, settings.subjects)
+        assert (await book.get(approval.approval_id))[0].status == "pending"
+        await book.decide(approval.approval_id, approve=True)
+        result = await asyncio.wait_for(running, 60)
+    finally:
+        await queue.close()
+        await nc.close()
+        for child in children:
+            child.terminate()
+        codes = [stop_child(child, 30) for child in children]
+        server.stop()
+
+    assert "charged 500 for bill eve" in result.output
+    assert executions(charges) == [{"memo": "bill eve", "amount": 500}]
+    assert codes == [0, 0]
