@@ -463,6 +463,8 @@ async def test_openapi_describes_every_route_with_the_message_schemas(
         "/api/metrics",
         "/metrics",
         "/openapi.json",
+        "/api/approvals",
+        "/api/approvals/{approval_id}",
     }
     schemas = document["components"]["schemas"]
     assert {"RunRequest", "RunRecord", "Metrics", "AgentRecord", "Pipeline"} <= set(schemas)

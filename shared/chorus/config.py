@@ -60,6 +60,8 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_DEDUPE_WINDOW": "dedupe_window",
     "CHORUS_LIMITS": "limits",
     "CHORUS_PRICES": "prices",
+    "CHORUS_APPROVAL_TIMEOUT": "approval_timeout",
+    "CHORUS_APPROVAL_SWEEP": "approval_sweep",
 }
 
 
@@ -120,6 +122,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # overrides the shipped one
     limits: str = ""
     prices: str = ""
+    # approvals: how long a tool call waits for a decision unless its spec says (then its
+    # timeout action), and how often the coordinator looks for expired and unsent ones
+    approval_timeout: float = 24 * 3600.0
+    approval_sweep: float = 5.0
 
     @property
     def subjects(self) -> Subjects:

@@ -472,3 +472,44 @@ class Subjects(msgspec.Struct, frozen=True):
     def micro_ping(self) -> str:
         """Every agent instance answers a PING here (NATS micro discovery)."""
         return f"$SRV.PING.{self.micro_service}"
+
+    # tool calls waiting for a person (chorus.client.approvals): records and parked tasks
+    @property
+    def approvals_bucket(self) -> str:
+        return f"{self.prefix}-approvals"
+
+    @property
+    def approvals_stream(self) -> str:
+        return f"KV_{self.approvals_bucket}"
+
+    def approval_key(self, agent: str, approval_id: str) -> str:
+        """An `Approval`: keyed by its agent first, so an agent's credentials cover its own."""
+        return f"approval.{check_token(agent, 'agent name')}.{check_token(approval_id, 'id')}"
+
+    def approval_lookup(self, approval_id: str) -> str:
+        """The key pattern that finds an approval by id alone (any agent)."""
+        return f"approval.*.{check_token(approval_id, 'approval id')}"
+
+    @property
+    def all_approval_keys(self) -> str:
+        return "approval.>"
+
+    def approval_keys(self, agent: str) -> str:
+        return f"approval.{check_token(agent, 'agent name')}.>"
+
+    def parked_key(self, agent: str, park_id: str) -> str:
+        """A `ParkedTask`: the conversation an agent resumes from."""
+        return f"parked.{check_token(agent, 'agent name')}.{check_token(park_id, 'park id')}"
+
+    def parked_keys(self, agent: str) -> str:
+        return f"parked.{check_token(agent, 'agent name')}.>"
+
+    def approval_notice(self, agent: str, status: str) -> str:
+        """An approval asked for (`pending`) or decided, announced as the `Approval`; `*`
+        for any agent or status."""
+        name = agent if agent == "*" else check_token(agent, "agent name")
+        return f"{self.prefix}.approvals.{name}.{status}"
+
+    @property
+    def all_approval_notices(self) -> str:
+        return f"{self.prefix}.approvals.>"

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from chorus.agent.loop import LoopResult, run_loop
+from chorus.agent.loop import LoopResult, LoopStart, run_loop
 from chorus.agent.toolbox import Toolbox
 from chorus.errors import MaxTurnsExceeded
 from chorus.llm.base import FunctionCall, Item, Model, ModelReply, ModelRequest
@@ -53,6 +53,10 @@ class Context:
         # The agent's models as this task uses them: charged to its run's budget, and
         # counting what each model used (chorus.llm.limited).
         self.task_model = host.model.for_task(run_id)
+        # Tasks may park on tool calls that wait for a person (events and help cannot); a
+        # resumed task's first loop goes on from `resume_from` (chorus.agent.approvals).
+        self.can_park = False
+        self.resume_from: LoopStart | None = None
         self.log = logging.getLogger(f"chorus.agent.{host.agent.name}")
 
     @property
@@ -129,6 +133,7 @@ class Context:
             schema_name=schema_name,
             history=self.history,
         )
+        start, self.resume_from = self.resume_from, None
         try:
             result = await run_loop(
                 self.task_model,
@@ -138,6 +143,8 @@ class Context:
                 max_turns=max_turns or spec.max_turns,
                 max_parallel=spec.max_tool_calls_per_turn,
                 sink=self.stream if self.stream is not None and self.stream.enabled else None,
+                can_park=self.can_park,
+                start=start,
             )
         except MaxTurnsExceeded as exc:
             self.tool_calls.extend(exc.tool_calls)
@@ -149,13 +156,17 @@ class Context:
         return result
 
     def _call_context(self, call: FunctionCall) -> ToolCallContext:
+        return self.tool_context(call.call_id)
+
+    def tool_context(self, call_id: str = "") -> ToolCallContext:
+        """The context a tool call of this task gets."""
         return ToolCallContext(
             agent=self.agent_name,
             instance=self.instance,
             task_id=self.task_id,
             run_id=self.run_id,
             attempt=self.attempt,
-            call_id=call.call_id,
+            call_id=call_id,
             depth=self.depth,
             client=self._host.client,
             queue=self._host.queue,

@@ -33,14 +33,17 @@ from nats.micro.service import EndpointConfig, Service
 
 from chorus import __version__
 from chorus.agent.api import Agent, Reply
+from chorus.agent.approvals import Waiting, park, resume_start
 from chorus.agent.context import Context
 from chorus.agent.conversation import in_session
+from chorus.agent.loop import Parked
 from chorus.agent.observed import ObservedModel, handling
 from chorus.agent.sessions import SessionStore
 from chorus.agent.spending import agent_model, attach_spend
 from chorus.agent.streaming import TaskStreams
 from chorus.agent.toolbox import build_toolbox
 from chorus.client import ChorusClient, TaskQueue
+from chorus.client.approvals import ApprovalBook
 from chorus.config import Settings
 from chorus.errors import (
     ChorusError,
@@ -184,6 +187,7 @@ class AgentHost:
         self._events: DurableConsumer | None = None
         self._sessions: SessionStore | None = None
         self._ledger: EffectLedger | None = None
+        self._approvals: ApprovalBook | None = None
         self._claims = ClaimKeeper(EVENT_ACK_WAIT_S / 3)
         self._streams: TaskStreams | None = None  # the tasks' live output, once connected
         self._held: dict[str, int] = {}  # task id -> copies received and not yet answered
@@ -374,15 +378,22 @@ class AgentHost:
             # id across attempts: either way, the identity its retries share.
             step_scope = f"{message.run_id}-{message.step}"
             ctx.effect_scope = step_scope if message.step and message.run_id else message.task_id
+            ctx.can_park = True
+        waiting: Waiting | None = None
         async with self._slot() as started:
             try:
                 if isinstance(message, Task):
                     assert self._streams is not None, "start() the host first"
                     async with self._streams.opened(message, self.agent.name) as stream:
                         ctx.stream = stream
-                        reply = await self._handle_task(message, ctx)
-                        stream.final(reply.output)
-                    await self._publish_events(ctx.events)
+                        try:
+                            reply = await self._handle_task(message, ctx)
+                        except Waiting as parked:  # slot freed, nothing holds the task now
+                            waiting, reply = parked, Reply(output=parked.text)
+                        else:
+                            stream.final(reply.output)
+                    if waiting is None:
+                        await self._publish_events(ctx.events)
                 else:
                     reply = await self.agent.handle_help(message, ctx)
             except ChorusError:
@@ -408,6 +419,8 @@ class AgentHost:
                     in_doubt=await self._in_doubt(ctx),
                     model=ctx.task_model.last_model or self.agent.spec.model,
                     by_model=ctx.task_model.by_model,
+                    waiting_for=waiting.approvals if waiting is not None else [],
+                    waiting_until=waiting.until if waiting is not None else "",
                 )
             )
         return encode(
@@ -422,6 +435,38 @@ class AgentHost:
         )
 
     async def _handle_task(self, task: Task, ctx: Context) -> Reply:
+        """The handler's reply; Waiting when the task is parked on approvals."""
+        book = self.approvals
+        if task.resume:
+            ctx.resume_from, _ = await resume_start(
+                book,
+                task,
+                agent=self.agent.name,
+                toolbox=self.toolbox,
+                ledger=self._ledger,
+                context=ctx.tool_context(),
+            )
+        try:
+            return await self._handle_in_session(task, ctx)
+        except Parked as parked:
+            raise await park(
+                book,
+                parked,
+                task,
+                agent=self.agent.name,
+                instance=self.instance,
+                toolbox=self.toolbox,
+                default_timeout_s=self.settings.approval_timeout,
+            ) from None
+
+    @property
+    def approvals(self) -> ApprovalBook:
+        """Approvals and parked tasks (KV), opened on first use."""
+        if self._approvals is None:
+            self._approvals = ApprovalBook(self.nc, self.subjects, create=False)
+        return self._approvals
+
+    async def _handle_in_session(self, task: Task, ctx: Context) -> Reply:
         if not task.session_id:
             return await self.agent.handle_task(task, ctx)
         replies: list[Reply] = []

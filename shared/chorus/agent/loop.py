@@ -10,6 +10,13 @@ measured, so a bench can report what the loop adds.
 Given a `sink` (a task's live output, chorus.agent.streaming), the loop asks the model with
 `stream` instead of `complete`, hands it each text delta, and tells it when each tool call
 starts and ends. The sink's methods must not block: the loop does not wait on them.
+
+A tool whose definition has an `approval` policy that says a call needs a decision is not
+run: the other calls of its turn are, and the loop raises `Parked` with everything needed to
+go on later, on any instance (chorus.agent.approvals stores it). `start` goes on from there:
+the conversation with the parked turn's outputs added, from the next turn. A loop that cannot
+park (`can_park=False`: help requests and events have nobody to resume them) tells the model
+such a call was rejected.
 """
 
 from __future__ import annotations
@@ -64,6 +71,70 @@ class LoopResult(msgspec.Struct, kw_only=True):
     tool_calls: list[ToolCallRecord] = []
     turns: int = 0
     overhead_ms: list[float] = []  # per turn: time outside the model and tool awaits
+
+
+class LoopStart(msgspec.Struct, kw_only=True):
+    """Where a resumed loop goes on: the conversation so far (the parked turn's outputs
+    included), its next turn, and what the turns before it did and cost."""
+
+    items: list[Item]
+    turn: int
+    records: list[ToolCallRecord] = []
+    usage: Usage = Usage()
+
+
+class WaitingCall(msgspec.Struct, kw_only=True):
+    """A call that waits for a person's decision, and why it does."""
+
+    call: FunctionCall
+    arguments: dict[str, Any]
+    why: str
+
+
+class Parked(Exception):
+    """The loop stopped for decisions: the state to park and go on from."""
+
+    def __init__(
+        self,
+        items: list[Item],
+        turn: int,
+        calls: list[tuple[FunctionCall, _Done | WaitingCall]],
+        records: list[ToolCallRecord],
+        usage: Usage,
+    ) -> None:
+        super().__init__(f"{sum(isinstance(c, WaitingCall) for _, c in calls)} calls wait")
+        self.items = items
+        self.turn = turn
+        self.calls = calls
+        self.records = records
+        self.usage = usage
+
+
+def needs_decision(toolbox: Toolbox, call: FunctionCall) -> WaitingCall | None:
+    """The call as waiting when its tool's policy asks for a decision on these arguments;
+    None otherwise (arguments that are not a JSON object fail in `run_tool` as usual)."""
+    tool = toolbox.tools.get(call.name)
+    if tool is None or tool.definition.approval is None:
+        return None
+    try:
+        arguments = json.loads(call.arguments or "{}")
+    except ValueError:
+        return None
+    if not isinstance(arguments, dict):
+        return None
+    needed, why = tool.definition.approval.needed(arguments)
+    return WaitingCall(call=call, arguments=arguments, why=why) if needed else None
+
+
+def refused_output(why: str) -> str:
+    """What the model reads for a call that needs a decision nobody can wait for."""
+    return json.dumps(
+        {
+            "rejected": True,
+            "reason": f"this call needs a person's approval ({why}), and this request cannot "
+            "wait for one; it did not run",
+        }
+    )
 
 
 class _Done(msgspec.Struct):
@@ -134,6 +205,20 @@ async def run_tool(toolbox: Toolbox, call: FunctionCall, ctx: ToolCallContext, t
     return _Done(output, record, ctx.usage, started, ended)
 
 
+def _refused(call: FunctionCall, waiting: dict[str, WaitingCall], turn: int) -> _Done:
+    output = refused_output(waiting[call.call_id].why)
+    record = ToolCallRecord(
+        name=call.name,
+        call_id=call.call_id,
+        arguments=truncated(call.arguments),
+        output=output,
+        turn=turn,
+        approval="rejected",
+    )
+    now = time.perf_counter()
+    return _Done(output, record, Usage(), now, now)
+
+
 def _trace(records: list[ToolCallRecord], limit: int = 20) -> str:
     lines = []
     for r in records[:limit]:
@@ -154,19 +239,23 @@ async def run_loop(
     max_turns: int = DEFAULT_MAX_TURNS,
     max_parallel: int = DEFAULT_MAX_PARALLEL,
     sink: LoopSink | None = None,
+    can_park: bool = False,
+    start: LoopStart | None = None,
 ) -> LoopResult:
     """Ask `model` until it answers without tool calls; `call_context` makes each call's
     context. The request's own items and tools are kept; the toolbox's are added. With a
-    `sink`, the model is streamed into it, and so are the tool calls."""
+    `sink`, the model is streamed into it, and so are the tool calls. `can_park`: raise
+    Parked when calls need a decision; `start`: go on from a parked loop."""
     request = msgspec.structs.replace(
         request,
         tools=request.tools + toolbox.definitions,
         hosted_tools=request.hosted_tools + toolbox.hosted,
     )
-    items: list[Item] = list(request.items)
-    records: list[ToolCallRecord] = []
+    items: list[Item] = list(request.items) if start is None else list(start.items)
+    records: list[ToolCallRecord] = [] if start is None else list(start.records)
     overhead: list[float] = []
-    usage = Usage()
+    usage = Usage() if start is None else start.usage
+    first = 1 if start is None else start.turn
     limit = asyncio.Semaphore(max_parallel)
 
     async def bounded(call: FunctionCall, turn: int) -> _Done:
@@ -181,7 +270,8 @@ async def run_loop(
                     tracing.mark_failed("tool_error", done.record.error, span)
                 return done
 
-    for turn in range(1, max_turns + 1):
+    reply = None
+    for turn in range(first, max_turns + 1):
         began = time.perf_counter()
         if turn > 1:
             request = msgspec.structs.replace(request, items=tuple(items))
@@ -205,16 +295,30 @@ async def run_loop(
         if turn == max_turns:
             break
         items.extend(reply.items or reply.tool_calls)
+        waiting = {c.call_id: w for c in reply.tool_calls if (w := needs_decision(toolbox, c))}
+        runnable = [c for c in reply.tool_calls if c.call_id not in waiting]
         async with asyncio.TaskGroup() as group:
-            running = [group.create_task(bounded(c, turn)) for c in reply.tool_calls]
-        done = [task.result() for task in running]
+            running = {c.call_id: group.create_task(bounded(c, turn)) for c in runnable}
+        if waiting and can_park:
+            calls: list[tuple[FunctionCall, _Done | WaitingCall]] = [
+                (c, waiting[c.call_id] if c.call_id in waiting else running[c.call_id].result())
+                for c in reply.tool_calls
+            ]
+            for _, ran in calls:
+                if isinstance(ran, _Done):
+                    usage = usage + ran.usage
+            raise Parked(items, turn, calls, records, usage)
+        done = [
+            running[c.call_id].result() if c.call_id in running else _refused(c, waiting, turn)
+            for c in reply.tool_calls
+        ]
         for call, result in zip(reply.tool_calls, done, strict=True):
             items.append(FunctionCallOutput(call_id=call.call_id, output=result.output))
             records.append(result.record)
             usage = usage + result.usage
         tools_s = max(d.ended for d in done) - min(d.started for d in done)
         overhead.append(round((time.perf_counter() - began - model_s - tools_s) * 1000, 4))
-    pending = ", ".join(c.name for c in reply.tool_calls)
+    pending = ", ".join(c.name for c in reply.tool_calls) if reply is not None else "nothing"
     raise MaxTurnsExceeded(
         f"no final answer after {max_turns} model turns (max_turns); the model still asked "
         f"for: {pending}; tool calls made: {_trace(records)}",

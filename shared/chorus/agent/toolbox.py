@@ -14,12 +14,14 @@ import importlib.util
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from chorus.errors import ConfigError
 from chorus.llm.base import FunctionTool, Model, runs_hosted_tools
 from chorus.specs.agent import AgentSpec
-from chorus.specs.tools import ToolEntry, ToolKind, ToolSpec, kind_of
+from chorus.specs.tools import ApprovalPolicy, ToolEntry, ToolKind, ToolSpec, kind_of
 from chorus.tools.ask_help import AskHelpTool
-from chorus.tools.base import Tool, ToolSource
+from chorus.tools.base import Tool, ToolCallContext, ToolDefinition, ToolSource
 from chorus.tools.ledger import EffectLedger
 from chorus.tools.python import load_python_tool
 
@@ -164,6 +166,39 @@ class Toolbox:
             await source.close()
 
 
+class Gated:
+    """A tool whose calls wait for a person's decision (its definition carries the policy)."""
+
+    def __init__(self, tool: Tool, policy: ApprovalPolicy) -> None:
+        self.tool = tool
+        self._definition = msgspec.structs.replace(tool.definition, approval=policy)
+
+    @property
+    def definition(self) -> ToolDefinition:
+        return self._definition
+
+    async def call(self, arguments: dict[str, Any], ctx: ToolCallContext) -> Any:
+        return await self.tool.call(arguments, ctx)
+
+
+class _GatedSource:
+    def __init__(self, source: ToolSource, policy: ApprovalPolicy) -> None:
+        self.source = source
+        self.policy = policy
+
+    async def start(self) -> Sequence[Tool]:
+        return [Gated(t, self.policy) for t in await self.source.start()]
+
+    async def close(self) -> None:
+        await self.source.close()
+
+
+def _gated(built: Built, policy: ApprovalPolicy) -> Built:
+    if isinstance(built, Sequence):
+        return [Gated(t, policy) for t in built]
+    return _GatedSource(built, policy)
+
+
 def build_toolbox(
     spec: AgentSpec, host: AgentHost | None = None, extra: Sequence[Tool] = ()
 ) -> Toolbox:
@@ -178,6 +213,9 @@ def build_toolbox(
             hosted.append(entry.hosted_tool)
             continue
         built = BUILDERS[kind](entry, host)
+        policy = entry.approval_policy if isinstance(entry, ToolSpec) else None
+        if policy is not None:
+            built = _gated(built, policy)
         if isinstance(built, Sequence):
             tools.extend(built)
         else:

@@ -181,6 +181,12 @@ def agent(
         publish += stream_info(s.events_stream)
         publish += one_consumer(s.events_stream, s.event_consumer(grant.name))
     publish += spend_buckets(s)
+    publish += _agent_approvals(grant.name, s)
+    # The effect ledger (side-effect tools, approved calls): create the bucket when missing,
+    # write and read its records, list a scope's records.
+    effects_kv = f"KV_{s.effects_bucket}"
+    publish += [f"$KV.{s.effects_bucket}.>", *stream_ensure(effects_kv)]
+    publish += [_api("DIRECT.GET", effects_kv, ">"), *snapshot_reads(effects_kv)]
     if grant.state:
         publish += stream_info(s.state_stream)
         for prefix in grant.state:
@@ -207,6 +213,33 @@ def spend_buckets(s: Subjects) -> list[str]:
     return publish
 
 
+def _agent_approvals(name: str, s: Subjects) -> list[str]:
+    """Park its own tasks: write and read its approvals and parked tasks (never another
+    agent's), announce them; deciding is for people (the gateway, the CLI)."""
+    bucket, stream = s.approvals_bucket, s.approvals_stream
+    keys = [f"$KV.{bucket}.{s.approval_keys(name)}", f"$KV.{bucket}.{s.parked_keys(name)}"]
+    return [
+        *keys,
+        *[_api("DIRECT.GET", stream, key) for key in keys],
+        *stream_ensure(stream),
+        s.approval_notice(name, "*"),
+    ]
+
+
+def _deciding(s: Subjects) -> list[str]:
+    """Decide approvals and send the resume task to the agent's dispatch queue."""
+    stream = s.approvals_stream
+    return [
+        f"$KV.{s.approvals_bucket}.>",
+        s.all_approval_notices,
+        s.dispatch("agent.*"),
+        *stream_ensure(stream),
+        *stream_read(stream),
+        *ephemeral_consumers(stream),
+        *snapshot_reads(stream),
+    ]
+
+
 def coordinator(subjects: Subjects, *, principal: str) -> Permissions:
     """Registry from heartbeats, dispatch to instances, outcomes, dead letters, metrics."""
     s = subjects
@@ -224,6 +257,8 @@ def coordinator(subjects: Subjects, *, principal: str) -> Permissions:
         *stream_own(s.events_stream),
         *stream_own(s.chunk_stream),
         *stream_own(s.state_stream),
+        *_deciding(s),  # the sweep: expiries and unsent resumes
+        *stream_own(s.approvals_stream),
     ]
     for bucket in (s.agents_bucket, s.tasks_bucket):
         publish += [*stream_own(f"KV_{bucket}"), *stream_read(f"KV_{bucket}")]
@@ -313,6 +348,7 @@ def gateway(subjects: Subjects, *, principal: str) -> Permissions:
         *stream_ensure(s.chunk_stream),
         *stream_read(s.chunk_stream),
         *ephemeral_consumers(s.chunk_stream),
+        *_deciding(s),  # GET /api/approvals, POST /api/approvals/{id}
     ]
     subscribe = [
         f"{inbox(principal)}.>",
@@ -351,6 +387,8 @@ def observer(subjects: Subjects, *, principal: str) -> Permissions:
         f"$KV.{s.tasks_bucket}.>",
         f"$KV.{s.runs_bucket}.>",
         f"$KV.{s.state_bucket}.>",
+        f"$KV.{s.approvals_bucket}.>",
+        s.all_approval_notices,
     ]
     publish = [
         s.metrics,
@@ -380,6 +418,7 @@ def observer(subjects: Subjects, *, principal: str) -> Permissions:
         f"KV_{s.tasks_bucket}",
         f"KV_{s.runs_bucket}",
         s.state_stream,
+        s.approvals_stream,
     ):
         publish += [*stream_read(stream), *ephemeral_consumers(stream)]
     publish += snapshot_reads(f"KV_{s.runs_bucket}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable
@@ -82,7 +83,7 @@ class TaskQueue:
         self._stream_ready = False
         self._tail: StreamTail | None = None
         self._tail_lock = asyncio.Lock()
-        self._waiting: dict[str, list[asyncio.Future[TaskOutcome]]] = {}
+        self._waiting: dict[str, list[_Waiter]] = {}
 
     async def _tasks(self) -> KeyValue:
         if self._bucket is None:
@@ -172,15 +173,14 @@ class TaskQueue:
             log.warning("unreadable outcome", extra={"task_id": task_id, "error": exc.reason})
             return
         for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(outcome)
+            waiter.heard(outcome)
 
     @contextlib.asynccontextmanager
-    async def _expecting(self, task_id: str) -> AsyncIterator[asyncio.Future[TaskOutcome]]:
-        """A future for the task's outcome: registered with the tail before anything is read
-        or sent, so an outcome stored from now on resolves it."""
+    async def _expecting(self, task_id: str) -> AsyncIterator[_Waiter]:
+        """A waiter for the task's outcome: registered with the tail before anything is read
+        or sent, so an outcome stored from now on resolves it (a `waiting` one extends it)."""
         await self._follow()
-        arrived: asyncio.Future[TaskOutcome] = asyncio.get_running_loop().create_future()
+        arrived = _Waiter()
         self._waiting.setdefault(task_id, []).append(arrived)
         try:
             yield arrived
@@ -192,22 +192,21 @@ class TaskQueue:
                 self._waiting.pop(task_id, None)
 
     async def wait(self, task_id: str, timeout: float) -> TaskOutcome:
-        """Wait for the recorded outcome (it may already be there)."""
+        """Wait for the final outcome (it may already be there). A task parked for approvals
+        extends the wait to its approvals' expiry plus `timeout`."""
         async with self._expecting(task_id) as arrived:
-            return await _within(self._read_or_hear(task_id, arrived), task_id, timeout)
+            return await _within(self._read_or_hear(task_id, arrived), task_id, timeout, arrived)
 
-    async def _read_or_hear(
-        self, task_id: str, arrived: asyncio.Future[TaskOutcome]
-    ) -> TaskOutcome:
+    async def _read_or_hear(self, task_id: str, arrived: _Waiter) -> TaskOutcome:
         """What the bucket holds now, or else what the tail hands on. The read is retried
         while the server is away (the tail covers whatever is stored meanwhile)."""
         reading = asyncio.ensure_future(self._stored(task_id, within=float("inf")))
-        either: set[asyncio.Future[Any]] = {reading, arrived}
+        either: set[asyncio.Future[Any]] = {reading, arrived.final}
         try:
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-            if not arrived.done() and (stored := reading.result()) is not None:
-                return decode(stored, TaskOutcome)
-            return await arrived
+            if not arrived.final.done() and (stored := reading.result()) is not None:
+                arrived.heard(decode(stored, TaskOutcome))
+            return await arrived.final
         finally:
             reading.cancel()
 
@@ -219,18 +218,66 @@ class TaskQueue:
             if not await self.submit(task, capability=capability, agent=agent):
                 # Submitted before: recorded already, or still in the queue.
                 outcome = await _within(
-                    self._read_or_hear(task.task_id, arrived), task.task_id, timeout
+                    self._read_or_hear(task.task_id, arrived), task.task_id, timeout, arrived
                 )
                 return result_of(outcome)
-            return result_of(await _within(arrived, task.task_id, timeout))
+            return result_of(await _within(arrived.final, task.task_id, timeout, arrived))
 
 
-async def _within(outcome: Awaitable[TaskOutcome], task_id: str, timeout: float) -> TaskOutcome:
+class _Waiter:
+    """One wait for a task's final outcome; a `waiting` outcome heard moves its deadline to
+    the approvals' expiry plus the wait's own timeout (the sweep then decides, and the
+    resumed task gets as long as any task)."""
+
+    def __init__(self) -> None:
+        self.final: asyncio.Future[TaskOutcome] = asyncio.get_running_loop().create_future()
+        self.parked: TaskOutcome | None = None
+        self._timer: asyncio.Timeout | None = None
+        self._timeout = 0.0
+
+    def heard(self, outcome: TaskOutcome) -> None:
+        if self.final.done():
+            return
+        if outcome.final:
+            self.final.set_result(outcome)
+            return
+        self.parked = outcome
+        self._extend()
+
+    def timed(self, timer: asyncio.Timeout, timeout: float) -> None:
+        self._timer, self._timeout = timer, timeout
+        self._extend()
+
+    def _extend(self) -> None:
+        if self._timer is None or self.parked is None or not self.parked.waiting_until:
+            return
+        try:
+            until = datetime.datetime.fromisoformat(self.parked.waiting_until)
+        except ValueError:
+            return
+        left = (until - datetime.datetime.now(datetime.UTC)).total_seconds()
+        deadline = asyncio.get_running_loop().time() + max(0.0, left) + self._timeout
+        when = self._timer.when()
+        if when is not None and deadline > when:
+            self._timer.reschedule(deadline)
+
+
+async def _within(
+    outcome: Awaitable[TaskOutcome], task_id: str, timeout: float, waiter: _Waiter | None = None
+) -> TaskOutcome:
     raise_if_cancelled()
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout) as timer:
+            if waiter is not None:
+                waiter.timed(timer, timeout)
             return await outcome
     except TimeoutError:
+        if waiter is not None and waiter.parked is not None:
+            raise RequestTimeout(
+                f"task {task_id} is still waiting for approvals "
+                f"{', '.join(waiter.parked.waiting_for)} after {timeout}s past their expiry; "
+                "is a coordinator running (it applies expiries)?"
+            ) from None
         raise RequestTimeout(
             f"task {task_id} has no outcome after {timeout}s; it stays queued — "
             "is a coordinator running, and an agent for its capability?"

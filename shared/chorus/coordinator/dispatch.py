@@ -219,7 +219,10 @@ class Dispatcher:
             task_id = headers.read(msg.headers).task_id
             if not task_id:
                 return None  # not from a TaskQueue: decoded and looked up in the dispatch
-            return await self._recorded(task_id) is not None
+            stored = await self._recorded(task_id)
+            if stored is not None and not decode(stored, TaskOutcome).final:
+                return None  # parked: a resume runs, anything else not (see `_attempt`)
+            return stored is not None
 
         found = await asyncio.gather(*(one(m) for m in batch), return_exceptions=True)
         return [f if isinstance(f, bool) else None for f in found]
@@ -277,8 +280,9 @@ class Dispatcher:
             error = AttemptError(attempt=1, code=exc.code, reason=exc.reason)
             await self._bury(target, msg, poison, [error])
             return
-        if not looked_up and await self._recorded(task.task_id) is not None:
-            # Ran already: its outcome stands (see `_assign`).
+        if not looked_up and not await self._runs_now(task):
+            # Ran already: its outcome stands (see `_assign`); or it is parked, and this is
+            # not the resume of one of the approvals it waits for.
             self.router.released(view)
             await msg.ack_sync(timeout=5)
             return
@@ -322,6 +326,22 @@ class Dispatcher:
                 attempt=task.attempt, code=lost.code, reason=lost.reason, instance=view.instance
             )
             await self._retry_or_bury(target, msg, task, attempts, error)
+            return
+        if isinstance(reply, Result) and reply.waiting_for:
+            # Parked for approvals: not final, not a failure; the resume task comes later.
+            self.router.released(view)
+            await self._record_waiting(
+                TaskOutcome(
+                    task_id=task.task_id,
+                    status="waiting",
+                    result=reply,
+                    errors=attempts.errors,
+                    attempts=task.attempt,
+                    waiting_for=reply.waiting_for,
+                    waiting_until=reply.waiting_until,
+                )
+            )
+            await msg.ack()
             return
         if isinstance(reply, Result):
             self.router.succeeded(view, (time.monotonic() - started) * 1000)
@@ -502,12 +522,46 @@ class Dispatcher:
 
         Storing it is announcing it: submitters follow the outcome keys through the bucket's
         stream, which never carries the refused write (chorus.client.durable)."""
-        key = self.subjects.outcome_key(outcome.task_id)
-        try:
-            await self.tasks.create(key, encode(outcome))
+        if await self._store(outcome):
             self.metrics.recorded(outcome)  # once: a second recorder finds it there
-        except KeyWrongLastSequenceError:
+        else:
             log.info("outcome already recorded", extra={"task_id": outcome.task_id})
+
+    async def _record_waiting(self, outcome: TaskOutcome) -> None:
+        """Say the task is parked (submitters wait on); never over a final outcome."""
+        if not await self._store(outcome):
+            log.info("task finished before it parked", extra={"task_id": outcome.task_id})
+
+    async def _store(self, outcome: TaskOutcome) -> bool:
+        """Create the outcome, or replace a `waiting` one (compare-and-set); False when a
+        final outcome is there already (it stands)."""
+        key = self.subjects.outcome_key(outcome.task_id)
+        while True:
+            try:
+                await self.tasks.create(key, encode(outcome))
+                return True
+            except KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await self.tasks.get(key)
+            except KeyNotFoundError:
+                continue
+            if decode(entry.value or b"", TaskOutcome).final:
+                return False
+            try:
+                await self.tasks.update(key, encode(outcome), last=entry.revision)
+                return True
+            except KeyWrongLastSequenceError:
+                continue  # another recorder meanwhile: look again
+
+    async def _runs_now(self, task: Task) -> bool:
+        """Whether a delivered task runs: it has no outcome, or it is parked and this task
+        resumes it for one of the approvals it waits for."""
+        stored = await self._recorded(task.task_id)
+        if stored is None:
+            return True
+        outcome = decode(stored, TaskOutcome)
+        return not outcome.final and bool(task.resume) and task.resume in outcome.waiting_for
 
 
 async def _until_unheld(view: InstanceView, task_id: str, grace: float) -> bool:

@@ -24,7 +24,9 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 
 from chorus import __version__
+from chorus.client.approvals import ApprovalBook
 from chorus.config import Settings
+from chorus.coordinator.approvals import sweep_forever
 from chorus.coordinator.dispatch import Dispatcher
 from chorus.coordinator.registry import DEAD, HEALTHY, Change, Clock, InstanceView, Registry
 from chorus.coordinator.routing import Router, Weights
@@ -79,6 +81,7 @@ class Coordinator:
         self._last_record: dict[str, tuple[object, ...]] = {}
         self._subscriptions: list[Subscription] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._approval_sweeper: asyncio.Task[None] | None = None
         self._service: Service | None = None
         # Its own Prometheus registry: /metrics on CHORUS_METRICS_PORT, and in Metrics replies.
         self.dispatch_metrics = DispatchInstruments()
@@ -122,6 +125,11 @@ class Coordinator:
             )
         )
         self._sweeper = asyncio.create_task(self._sweep_loop())
+        self.approvals = ApprovalBook(self.nc, self.subjects)
+        await self.approvals.bucket()  # agents may use it, not create it (chorus.auth)
+        self._approval_sweeper = asyncio.create_task(
+            sweep_forever(self.approvals, self.settings.approval_sweep)
+        )
         await self.nc.flush(timeout=5)
         log.info("coordinator ready", extra={"targets": self._dispatcher.targets})
 
@@ -132,10 +140,11 @@ class Coordinator:
             await sub.unsubscribe()
         if self._service is not None:
             await self._service.stop()
-        if self._sweeper:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for sweeper in (self._sweeper, self._approval_sweeper):
+            if sweeper:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
         if self._dispatcher:
             await self._dispatcher.stop()
         log.info("coordinator stopped")

@@ -33,6 +33,7 @@ from chorus.errors import (
     RequestTimeout,
 )
 from chorus.gateway.access import AccessLog
+from chorus.gateway.approvals import ApprovalRoutes
 from chorus.gateway.auth import Authenticator, Endpoint
 from chorus.gateway.bodies import ApiError, HealthReport, RunAccepted, RunLinks, RunList
 from chorus.gateway.console import ASSETS_PATH, PAGES, Console
@@ -156,6 +157,7 @@ class Gateway:
         self.system = SystemView(nc, settings.subjects, timeout=status_timeout)
         self.instruments = metrics
         self.openapi = document()
+        self.approvals = ApprovalRoutes(nc, settings, self.auth)
 
     async def execute(self, request: Request) -> Response:
         """`POST /api/execute`: submit a run; 200 with it once finished, else 202."""
@@ -314,6 +316,8 @@ def create_app(
         # The console: pages and assets hold no data (every page reads the API with a key).
         *(route(page, gateway.console.page, None) for page in PAGES),
         route(ASSETS_PATH + "/{name}", gateway.console.asset, None),
+        route("/api/approvals", gateway.approvals.listed, "read"),
+        route("/api/approvals/{approval_id}", gateway.approvals.decide, "execute", post=True),
     ]
     return Starlette(
         routes=routes,

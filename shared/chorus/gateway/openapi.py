@@ -7,8 +7,17 @@ from typing import Any, Final
 import msgspec
 
 from chorus import __version__
+from chorus.gateway.approvals import ApprovalList, approval_paths
 from chorus.gateway.bodies import ApiErrorBody, HealthReport, RunAccepted, RunList, TailLine
-from chorus.messages import AgentRecord, Metrics, RunRecord, RunRequest, StreamChunk
+from chorus.messages import (
+    AgentRecord,
+    Approval,
+    ApprovalDecision,
+    Metrics,
+    RunRecord,
+    RunRequest,
+    StreamChunk,
+)
 
 REF: Final = "#/components/schemas/{name}"
 
@@ -38,6 +47,10 @@ _ACCEPTED_HEADERS: Final = {
 
 
 def _paths() -> dict[str, Any]:
+    return {**_run_paths(), **approval_paths(_json, _error, _NATS_DOWN, _ref)}
+
+
+def _run_paths() -> dict[str, Any]:
     accepted = {**_json("the run is queued or still going", RunAccepted)}
     accepted["headers"] = _ACCEPTED_HEADERS
     return {
@@ -288,6 +301,9 @@ def document() -> dict[str, Any]:
             ApiErrorBody,
             StreamChunk,
             TailLine,
+            Approval,
+            ApprovalDecision,
+            ApprovalList,
         ),
         ref_template=REF,
     )

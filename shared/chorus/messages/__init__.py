@@ -4,8 +4,8 @@
 protocol), `coordination` (registry, outcomes, dead letters, metrics), `state` (shared-state
 entries), `sessions` (conversation sessions), `runs` (run records, progress, requests),
 `effects` (the effect ledger), `spend` (rate-limit windows, pauses, budget accounts),
-`discovery` (`$SRV.INFO` replies), `streams` (the live output of tasks), `schema` (JSON
-Schema of them all). This
+`approvals` (tool calls waiting for a person), `discovery` (`$SRV.INFO` replies), `streams`
+(the live output of tasks), `schema` (JSON Schema of them all). This
 package imports only `chorus.errors`, `chorus.subjects` and `chorus.specs`; the names are
 re-exported here, so `from chorus.messages import Task` is the usual import.
 """
@@ -24,6 +24,13 @@ from chorus.messages.agents import (
     ToolCallRecord,
     decode_help,
     decode_result,
+)
+from chorus.messages.approvals import (
+    Approval,
+    ApprovalDecision,
+    ApprovalStatus,
+    ParkedTask,
+    PendingCall,
 )
 from chorus.messages.codec import (
     Message,
@@ -117,6 +124,9 @@ __all__ = [
     "AgentMetrics",
     "AgentRecord",
     "AgentStatusChange",
+    "Approval",
+    "ApprovalDecision",
+    "ApprovalStatus",
     "AttemptError",
     "AttemptLog",
     "BreakerState",
@@ -140,6 +150,8 @@ __all__ = [
     "MetricFamily",
     "MetricSample",
     "Metrics",
+    "ParkedTask",
+    "PendingCall",
     "PlanResults",
     "ProgressKind",
     "RatePause",

@@ -42,6 +42,8 @@ class Task(Message, tag="task"):
     depth: int = 0  # agents-as-tools hops that led here (0: asked by a person or a workflow)
     # A conversation session: the agent loads its history and appends this turn to it.
     session_id: str = ""
+    # Set on the task that resumes a parked one (same task id): the approval just decided.
+    resume: str = ""
 
 
 MAX_RECORDED_CHARS = 2000  # of a tool call's arguments and output kept on the record
@@ -65,6 +67,9 @@ class ToolCallRecord(msgspec.Struct, kw_only=True):
     duration_ms: float = 0.0
     instance: str = ""  # the instance that served a peer call; empty for a local tool
     turn: int = 1  # the loop's model turn that asked for it
+    # For a call that waited for a person: approved | rejected | expired, and the approval.
+    approval: str = ""
+    approval_id: str = ""
 
 
 class Result(Message, tag="result"):
@@ -87,6 +92,10 @@ class Result(Message, tag="result"):
     # calls by model (delegated work is in `usage` only).
     model: str = ""
     by_model: dict[str, Usage] = {}
+    # Not an answer yet: the task is parked until these approvals are decided (ids), at the
+    # latest `waiting_until` (ISO 8601), then resumed by a task with `resume` set.
+    waiting_for: list[str] = []
+    waiting_until: str = ""
 
 
 class ErrorReply(Message, tag="error"):

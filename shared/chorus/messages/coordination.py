@@ -61,14 +61,24 @@ class AttemptLog(Message, tag="attempt_log"):
 
 
 class TaskOutcome(Message, tag="task_outcome"):
-    """The one recorded outcome of a durable task (KV `<prefix>-tasks`, key `outcome.<id>`)."""
+    """The one recorded outcome of a durable task (KV `<prefix>-tasks`, key `outcome.<id>`).
+
+    `waiting` is not final: the task is parked for the approvals in `waiting_for` (until
+    `waiting_until`, ISO 8601), and the outcome of its resumption replaces this one
+    (compare-and-set); `completed` and `failed` are written once and stand."""
 
     task_id: str
-    status: Literal["completed", "failed"]
+    status: Literal["completed", "failed", "waiting"]
     result: Result | None = None
     errors: list[AttemptError] = []
     attempts: int = 1
     time: float = msgspec.field(default_factory=now)
+    waiting_for: list[str] = []
+    waiting_until: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.status != "waiting"
 
 
 class DeadLetter(Message, tag="dead_letter"):

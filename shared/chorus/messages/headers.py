@@ -130,6 +130,12 @@ def for_queued_task(task: Task) -> Headers:
     return {**for_task(task), MSG_ID_HEADER: task.task_id}
 
 
+def for_resume_task(task: Task) -> Headers:
+    """The task that resumes a parked one: same task id, de-duplicated per approval (the
+    parked task's own message may be inside the de-duplication window still)."""
+    return {**for_task(task), MSG_ID_HEADER: f"{task.task_id}.resume.{task.resume}"}
+
+
 def for_event(event: Event) -> Headers:
     return _with_run({MSG_ID_HEADER: event.event_id}, event.run_id)
 

@@ -8,6 +8,7 @@ import msgspec
 
 from chorus.messages import (
     agents,
+    approvals,
     coordination,
     effects,
     runs,
@@ -19,7 +20,7 @@ from chorus.messages import (
 from chorus.messages.codec import Message
 
 # Imported for their Message subclasses: every wire type is defined in one of these.
-_MODULES = (agents, coordination, effects, runs, sessions, spend, state, streams)
+_MODULES = (agents, approvals, coordination, effects, runs, sessions, spend, state, streams)
 
 
 def wire_types() -> list[type[Message]]:

@@ -271,3 +271,21 @@ async def ensure_budgets_bucket(js: JetStreamContext, subjects: Subjects) -> Key
             direct=True,
         ),
     )
+
+
+APPROVALS_MAX_AGE_S = 30 * 24 * 3600  # approval records and parked tasks, decided or not
+
+
+async def ensure_approvals_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+    """Tool calls waiting for a person and the tasks parked on them (chorus.client.approvals):
+    each record changes compare-and-set, so history 1 is enough."""
+    return await ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=subjects.approvals_bucket,
+            description="Chorus approvals and parked tasks",
+            history=1,
+            ttl=APPROVALS_MAX_AGE_S,
+            storage=StorageType.FILE,
+        ),
+    )

@@ -18,6 +18,7 @@ import msgspec
 
 from chorus.errors import ToolFailed
 from chorus.messages import Usage
+from chorus.specs.tools import ApprovalPolicy
 
 if TYPE_CHECKING:
     from chorus.client import ChorusClient, TaskQueue
@@ -38,6 +39,9 @@ class ToolDefinition(msgspec.Struct, frozen=True, kw_only=True):
     )
     side_effect: bool = False  # calls go through the effect ledger (never silently repeated)
     timeout_s: float = DEFAULT_TOOL_TIMEOUT_S
+    # A person decides on a call before it runs (the task is parked meanwhile): see
+    # chorus.client.approvals. Set from the spec entry's `approval*` keys.
+    approval: ApprovalPolicy | None = None
 
 
 @dataclass
