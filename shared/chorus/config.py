@@ -58,6 +58,7 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_TRACE_FILE": "trace_file",
     "CHORUS_STREAM_MAX_AGE": "stream_max_age",
     "CHORUS_DEDUPE_WINDOW": "dedupe_window",
+    "CHORUS_WAIT_SWEEP": "wait_sweep",
 }
 
 
@@ -114,6 +115,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # durable tasks: the dispatch stream drops a resubmitted task id this long (seconds);
     # later, the recorded outcome answers it (chorus.client.durable)
     dedupe_window: float = 120.0
+    # human steps: every orchestrator reads the waiting runs this often (seconds) and times
+    # out those past their deadline, whoever parked them (chorus.orchestrator.waits)
+    wait_sweep: float = 10.0
 
     @property
     def subjects(self) -> Subjects:

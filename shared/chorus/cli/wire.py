@@ -28,6 +28,7 @@ PAYLOAD_TYPES: dict[str, type[msgspec.Struct]] = {
     "run_progress": messages.RunProgress,
     "run_submit": messages.RunRequest,
     "run_cancel": messages.RunCancel,
+    "run_resume": messages.RunResume,
     "stream_chunk": messages.StreamChunk,
 }
 # Subjects whose requests carry no message of their own: the type above is the reply's.

@@ -4,7 +4,8 @@
 protocol), `coordination` (registry, outcomes, dead letters, metrics), `state` (shared-state
 entries), `sessions` (conversation sessions), `runs` (run records, progress, requests),
 `effects` (the effect ledger), `discovery` (`$SRV.INFO` replies), `streams` (the live output
-of tasks), `schema` (JSON Schema of them all). This
+of tasks), `control` (human steps, resume, cancel markers, steer), `schema` (JSON Schema
+of them all). This
 package imports only `chorus.errors`, `chorus.subjects` and `chorus.specs`; the names are
 re-exported here, so `from chorus.messages import Task` is the usual import.
 """
@@ -32,6 +33,15 @@ from chorus.messages.codec import (
     encode,
     new_id,
     now,
+)
+from chorus.messages.control import (
+    AnswerSource,
+    HumanAnswer,
+    HumanWait,
+    RunControl,
+    RunResume,
+    SteerMessage,
+    TimeoutAction,
 )
 from chorus.messages.coordination import (
     AgentMetrics,
@@ -110,6 +120,7 @@ __all__ = [
     "AgentMetrics",
     "AgentRecord",
     "AgentStatusChange",
+    "AnswerSource",
     "AttemptError",
     "AttemptLog",
     "BreakerState",
@@ -124,6 +135,8 @@ __all__ = [
     "Heartbeat",
     "HelpReply",
     "HelpRequest",
+    "HumanAnswer",
+    "HumanWait",
     "InstanceState",
     "LockEntry",
     "Message",
@@ -135,11 +148,13 @@ __all__ = [
     "RejectedMessage",
     "Result",
     "RunCancel",
+    "RunControl",
     "RunFields",
     "RunHead",
     "RunProgress",
     "RunRecord",
     "RunRequest",
+    "RunResume",
     "RunStatus",
     "ServiceInfo",
     "Session",
@@ -147,6 +162,7 @@ __all__ = [
     "SessionPolicy",
     "StateEntry",
     "StatusChange",
+    "SteerMessage",
     "StepRecord",
     "StepStatus",
     "StreamChunk",
@@ -154,6 +170,7 @@ __all__ = [
     "SubtaskResult",
     "Task",
     "TaskOutcome",
+    "TimeoutAction",
     "ToolCallRecord",
     "TurnTicket",
     "Usage",

@@ -6,11 +6,20 @@ from typing import Any
 
 import msgspec
 
-from chorus.messages import agents, coordination, effects, runs, sessions, state, streams
+from chorus.messages import (
+    agents,
+    control,
+    coordination,
+    effects,
+    runs,
+    sessions,
+    state,
+    streams,
+)
 from chorus.messages.codec import Message
 
 # Imported for their Message subclasses: every wire type is defined in one of these.
-_MODULES = (agents, coordination, effects, runs, sessions, state, streams)
+_MODULES = (agents, control, coordination, effects, runs, sessions, state, streams)
 
 
 def wire_types() -> list[type[Message]]:
