@@ -129,6 +129,7 @@ class Context:
                 max_turns=max_turns or spec.max_turns,
                 max_parallel=spec.max_tool_calls_per_turn,
                 sink=self.stream if self.stream is not None and self.stream.enabled else None,
+                steer=self._host.run_work.steering(self.run_id),
             )
         except MaxTurnsExceeded as exc:
             self.tool_calls.extend(exc.tool_calls)

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -31,6 +31,7 @@ from chorus.llm.base import (
     Item,
     Model,
     ModelRequest,
+    UserMessage,
     streamed_reply,
 )
 from chorus.messages import ToolCallRecord, Usage
@@ -154,10 +155,12 @@ async def run_loop(
     max_turns: int = DEFAULT_MAX_TURNS,
     max_parallel: int = DEFAULT_MAX_PARALLEL,
     sink: LoopSink | None = None,
+    steer: Callable[[], Awaitable[list[str]]] | None = None,
 ) -> LoopResult:
     """Ask `model` until it answers without tool calls; `call_context` makes each call's
     context. The request's own items and tools are kept; the toolbox's are added. With a
-    `sink`, the model is streamed into it, and so are the tool calls."""
+    `sink`, the model is streamed into it, and so are the tool calls. `steer` is asked
+    before each model call for user messages to add first (a run's steer messages)."""
     request = msgspec.structs.replace(
         request,
         tools=request.tools + toolbox.definitions,
@@ -183,7 +186,9 @@ async def run_loop(
 
     for turn in range(1, max_turns + 1):
         began = time.perf_counter()
-        if turn > 1:
+        if steer is not None:
+            items.extend(UserMessage(text=text) for text in await steer())
+        if len(items) != len(request.items):
             request = msgspec.structs.replace(request, items=tuple(items))
         asked = time.perf_counter()
         if sink is None:

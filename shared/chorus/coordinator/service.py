@@ -24,6 +24,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 
 from chorus import __version__
+from chorus.client.control import ensure_control_bucket
 from chorus.config import Settings
 from chorus.coordinator.dispatch import Dispatcher
 from chorus.coordinator.registry import DEAD, HEALTHY, Change, Clock, InstanceView, Registry
@@ -96,6 +97,7 @@ class Coordinator:
         await StateBucket.ensure(self.nc, self.subjects)
         self._agents = await ensure_agents_bucket(js, self.subjects)
         tasks = await ensure_tasks_bucket(js, self.subjects)
+        await ensure_control_bucket(js, self.subjects)  # agents read it, may not create it
         self._dispatcher = Dispatcher(
             self.nc, self.settings, self.registry, self.router, tasks, self.dispatch_metrics
         )
