@@ -29,6 +29,7 @@ from chorus.nats.server import NatsServer
 from chorus.specs.workflow import decode_workflow
 from tests.cli import achorus
 from tests.helpers import Reap, StartHost, StartOrchestrator, child_env, stop_child
+from tests.test_gateway import running_gateway
 
 REVIEW = """\
 type: pipeline
@@ -282,3 +283,26 @@ async def test_a_waiting_run_survives_a_nats_server_restart(
 
     assert answered.returncode == 0, answered.stderr + log.read_text()
     assert record.status == "completed", record.error + log.read_text()
+
+
+@pytest.mark.usefixtures("system")
+async def test_the_gateway_takes_answers_and_steer_messages(settings: Settings, nc: Client) -> None:
+    runs = RunClient(nc, settings.subjects)
+    run_id = await submit_and_wait_parked(nc, settings, review())
+    async with running_gateway(nc, settings) as http:
+        steered = await http.post(f"/api/runs/{run_id}/steer", json={"message": "Be brief."})
+        refused = await http.post(f"/api/runs/{run_id}/input", json={"approved": 1})
+        taken = await http.post(f"/api/runs/{run_id}/input", json={"approved": True})
+        record = await runs.wait(run_id, timeout=20)
+        again = await http.post(f"/api/runs/{run_id}/input", json={"approved": True})
+
+    assert steered.status_code == 202, steered.text
+    control = await runs.controls.get(run_id)
+    assert control is not None and [m.text for m in control.steer] == ["Be brief."]
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "invalid_answer"
+    assert "at $.approved: 1 is not of type 'boolean'" in refused.json()["error"]["reason"]
+    assert taken.status_code == 202, taken.text
+    assert record.status == "completed"
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "not_waiting"
