@@ -19,6 +19,7 @@ import logging
 import random
 from collections.abc import Callable
 
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import (
@@ -74,15 +75,21 @@ class RunControls:
         return self._kv
 
     async def get(self, run_id: str) -> RunControl | None:
-        """The run's control record; None when nobody has cancelled or steered it."""
+        """The run's control record; None when nobody has cancelled or steered it (or NATS
+        could not answer: logged)."""
         if not run_id:
             return None
-        kv = await self._bucket(create=False)
-        if kv is None:
-            return None
         try:
+            kv = await self._bucket(create=False)
+            if kv is None:
+                return None
             entry = await kv.get(run_id)
         except (KeyNotFoundError, KeyDeletedError):
+            return None
+        except (NatsError, TimeoutError) as exc:
+            # A look that cannot be made never fails the work: the cancel announcement
+            # still reaches it, and the next look (the next model turn) may succeed.
+            log.warning("run control not read", extra={"run_id": run_id, "error": repr(exc)})
             return None
         if not entry.value:
             return None
