@@ -5,7 +5,8 @@ with scripted text (by default an echo, or a sample valid for the requested JSON
 scripted function calls (a `reply` that returns a list of `FakeCall`), and can fail the next
 requests (of one model, or any) with an OpenAI-style error body and a `retry-after`. A
 request with `stream: true` is answered with Server-Sent Events (tests/fake_openai_stream.py),
-`stream_delay` seconds apart, and cut off after `cut_stream_after` events when that is set.
+`stream_delay` seconds apart, and cut off after `cut_stream_after` events when that is set;
+a stream the client closes before its end is counted (`streams_closed`, `stream_closed`).
 Each request's arrival time and tokens are kept (`arrivals`), so a test can ask what the
 server received in any window (`peak`), as a provider's rate limit would count it. `delay`
 makes every answer take that long (a model's latency). Stdlib only.
@@ -96,6 +97,10 @@ class FakeOpenAI:
         self.delay = 0.0  # seconds every successful answer takes
         self.cached_tokens = 0  # of each prompt, reported as served from the prompt cache
         self.arrivals: list[Arrival] = []
+        # A streamed reply under way, and one the client closed before its end (a cancel).
+        self.stream_started = threading.Event()
+        self.stream_closed = threading.Event()
+        self.streams_closed = 0
         self._failures: list[tuple[int, float | None, str | None]] = []
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
@@ -183,13 +188,19 @@ class FakeOpenAI:
                 self.send_header("content-type", "text/event-stream")
                 self.end_headers()  # HTTP/1.0: the body ends when the connection closes
                 cut = fake.cut_stream_after
-                for number, event in enumerate(events):
-                    if cut is not None and number >= cut:
-                        return
-                    if number and fake.stream_delay:
-                        time.sleep(fake.stream_delay)  # the model writing the next token
-                    self.wfile.write(event)
-                    self.wfile.flush()
+                fake.stream_started.set()
+                try:
+                    for number, event in enumerate(events):
+                        if cut is not None and number >= cut:
+                            return
+                        if number and fake.stream_delay:
+                            time.sleep(fake.stream_delay)  # the model writing the next token
+                        self.wfile.write(event)
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    with fake._lock:  # the client went away mid-stream
+                        fake.streams_closed += 1
+                    fake.stream_closed.set()
 
             def log_message(self, format: str, *args: Any) -> None:
                 return None

@@ -459,6 +459,8 @@ async def test_openapi_describes_every_route_with_the_message_schemas(
         "/api/runs/{run_id}/cancel",
         "/api/runs/{run_id}/stream",
         "/api/tail/stream",
+        "/api/runs/{run_id}/input",
+        "/api/runs/{run_id}/steer",
         "/api/health",
         "/api/metrics",
         "/metrics",

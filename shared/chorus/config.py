@@ -62,6 +62,7 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_PRICES": "prices",
     "CHORUS_APPROVAL_TIMEOUT": "approval_timeout",
     "CHORUS_APPROVAL_SWEEP": "approval_sweep",
+    "CHORUS_WAIT_SWEEP": "wait_sweep",
 }
 
 
@@ -126,6 +127,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # timeout action), and how often the coordinator looks for expired and unsent ones
     approval_timeout: float = 24 * 3600.0
     approval_sweep: float = 5.0
+    # human steps: every orchestrator reads the waiting runs this often (seconds) and times
+    # out those past their deadline, whoever parked them (chorus.orchestrator.waits)
+    wait_sweep: float = 10.0
 
     @property
     def subjects(self) -> Subjects:

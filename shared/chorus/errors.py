@@ -247,6 +247,24 @@ class TaskTimedOut(ChorusError):
     code = "timeout"
 
 
+class RunCancelled(ChorusError):
+    """The task's run was cancelled: it was stopped, or never started (not retried)."""
+
+    code = "run_cancelled"
+
+
+class InvalidAnswer(InvalidMessage):
+    """An answer to a human step that its `schema:` refuses; the run keeps waiting."""
+
+    code = "invalid_answer"
+
+
+class NotWaiting(Conflict):
+    """An answer for a run that is not waiting for one (finished, running, answered)."""
+
+    code = "not_waiting"
+
+
 _BY_CODE: dict[str, type[ChorusError]] = {}
 
 

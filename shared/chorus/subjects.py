@@ -227,6 +227,35 @@ class Subjects(msgspec.Struct, frozen=True):
     def all_run_cancels(self) -> str:
         return f"{self.prefix}.runs.cancel.*"
 
+    # run control (human steps, cancel that reaches the work, steer): chorus.client.control
+    def run_resume(self, run_id: str) -> str:
+        """A waiting run is answered (or timed out): stored in the runs queue, so any
+        orchestrator takes it up again."""
+        return f"{self.prefix}.runs.resume.{run_id}"
+
+    @property
+    def all_run_resumes(self) -> str:
+        return f"{self.prefix}.runs.resume.*"
+
+    @property
+    def control_bucket(self) -> str:
+        """KV: one `RunControl` per run (cancelled marker, steer messages), key = run id."""
+        return f"{self.prefix}-control"
+
+    @property
+    def control_kv_stream(self) -> str:
+        return f"KV_{self.control_bucket}"
+
+    @staticmethod
+    def run_wait_key(run_id: str) -> str:
+        """Runs bucket: the `HumanWait` of a run parked on a human step (deleted on resume)."""
+        return f"{run_id}.wait"
+
+    @staticmethod
+    def run_answer_key(run_id: str, step: str) -> str:
+        """Runs bucket: the one `HumanAnswer` of a human step (written once, with create)."""
+        return f"{run_id}.answer.{step}"
+
     @property
     def runs_consumer(self) -> str:
         """The orchestrators' shared pull consumer on the runs stream."""
@@ -293,6 +322,8 @@ class Subjects(msgspec.Struct, frozen=True):
         if subject == self.metrics:
             return "metrics"
         if head == "runs":
+            if len(tokens) > 2 and tokens[2] == "resume":
+                return "run_resume"
             return "run_submit" if last == "submit" else "run_cancel"
         return None
 

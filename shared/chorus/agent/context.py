@@ -145,6 +145,7 @@ class Context:
                 sink=self.stream if self.stream is not None and self.stream.enabled else None,
                 can_park=self.can_park,
                 start=start,
+                steer=self._host.run_work.steering(self.run_id),
             )
         except MaxTurnsExceeded as exc:
             self.tool_calls.extend(exc.tool_calls)

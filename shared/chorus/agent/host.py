@@ -38,6 +38,7 @@ from chorus.agent.context import Context
 from chorus.agent.conversation import in_session
 from chorus.agent.loop import Parked
 from chorus.agent.observed import ObservedModel, handling
+from chorus.agent.run_control import RunWork
 from chorus.agent.sessions import SessionStore
 from chorus.agent.spending import agent_model, attach_spend
 from chorus.agent.streaming import TaskStreams
@@ -191,6 +192,7 @@ class AgentHost:
         self._claims = ClaimKeeper(EVENT_ACK_WAIT_S / 3)
         self._streams: TaskStreams | None = None  # the tasks' live output, once connected
         self._held: dict[str, int] = {}  # task id -> copies received and not yet answered
+        self._run_work: RunWork | None = None  # cancel and steer by run, once connected
 
     @property
     def nc(self) -> Client:
@@ -204,6 +206,12 @@ class AgentHost:
 
             self._state = await SharedState(self.nc, self.subjects, self.instance).open()
         return self._state
+
+    @property
+    def run_work(self) -> RunWork:
+        """The tasks of this instance by run: cancels reach them, steer messages too."""
+        assert self._run_work is not None, "start() the host first"
+        return self._run_work
 
     @property
     def client(self) -> ChorusClient:
@@ -231,6 +239,8 @@ class AgentHost:
         self._ledger = EffectLedger(self.nc, self.subjects)
         await self.toolbox.start(self.model, self._ledger)
         await attach_spend(self.model, self.nc, self.settings, self.instance)
+        self._run_work = RunWork(self.nc, self.subjects)
+        await self._run_work.start()  # before any task can arrive: no cancel slips past
         self._streams = TaskStreams(self.nc, self.subjects, max_age_s=self.settings.stream_max_age)
         await self._streams.ready()  # checked now, not on the first task's first token
         spec = self.agent.spec
@@ -380,7 +390,8 @@ class AgentHost:
             ctx.effect_scope = step_scope if message.step and message.run_id else message.task_id
             ctx.can_park = True
         waiting: Waiting | None = None
-        async with self._slot() as started:
+        what = f"task {message.task_id}" if isinstance(message, Task) else "a help request"
+        async with self.run_work.running(message.run_id, what), self._slot() as started:
             try:
                 if isinstance(message, Task):
                     assert self._streams is not None, "start() the host first"
@@ -396,7 +407,7 @@ class AgentHost:
                         await self._publish_events(ctx.events)
                 else:
                     reply = await self.agent.handle_help(message, ctx)
-            except ChorusError:
+            except (ChorusError, asyncio.CancelledError):  # cancelled: its run, or shutdown
                 self._finish(started, ok=False, usage=ctx.own_usage)
                 raise
             except Exception as exc:
@@ -680,6 +691,8 @@ class AgentHost:
         await asyncio.gather(*self._loops, return_exceptions=True)
         await self._claims.stop()
         await self._publish_heartbeat("stopped")
+        if self._run_work is not None:
+            await self._run_work.stop()
         await self.toolbox.close()
         await self.model.close()
         if self._state is not None:

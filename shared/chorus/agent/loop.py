@@ -25,7 +25,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -38,6 +38,7 @@ from chorus.llm.base import (
     Item,
     Model,
     ModelRequest,
+    UserMessage,
     streamed_reply,
 )
 from chorus.messages import ToolCallRecord, Usage
@@ -241,11 +242,13 @@ async def run_loop(
     sink: LoopSink | None = None,
     can_park: bool = False,
     start: LoopStart | None = None,
+    steer: Callable[[], Awaitable[list[str]]] | None = None,
 ) -> LoopResult:
     """Ask `model` until it answers without tool calls; `call_context` makes each call's
     context. The request's own items and tools are kept; the toolbox's are added. With a
     `sink`, the model is streamed into it, and so are the tool calls. `can_park`: raise
-    Parked when calls need a decision; `start`: go on from a parked loop."""
+    Parked when calls need a decision; `start`: go on from a parked loop. `steer` is asked
+    before each model call for user messages to add first (a run's steer messages)."""
     request = msgspec.structs.replace(
         request,
         tools=request.tools + toolbox.definitions,
@@ -273,7 +276,9 @@ async def run_loop(
     reply = None
     for turn in range(first, max_turns + 1):
         began = time.perf_counter()
-        if turn > 1:
+        if steer is not None:
+            items.extend(UserMessage(text=text) for text in await steer())
+        if len(items) != len(request.items):
             request = msgspec.structs.replace(request, items=tuple(items))
         asked = time.perf_counter()
         if sink is None:

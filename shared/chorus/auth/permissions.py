@@ -175,6 +175,9 @@ def agent(
     subscribe += micro_discovery(s.micro_service)  # nats.micro discovery of the instance
     # The live output of its tasks (chorus.agent.streaming): JetStream publishes, acked.
     publish += [s.all_task_streams, *stream_info(s.chunk_stream)]
+    # Cancel and steer (chorus.agent.run_control): hear cancels, read the control records.
+    subscribe.append(s.all_run_cancels)
+    publish += stream_read(s.control_kv_stream)
     if grant.publishes:
         publish += stream_info(s.events_stream)
     if grant.subscribes:
@@ -259,6 +262,9 @@ def coordinator(subjects: Subjects, *, principal: str) -> Permissions:
         *stream_own(s.state_stream),
         *_deciding(s),  # the sweep: expiries and unsent resumes
         *stream_own(s.approvals_stream),
+        # Creates the run control bucket agents read; reads it before dispatching a task.
+        *stream_own(s.control_kv_stream),
+        *stream_read(s.control_kv_stream),
     ]
     for bucket in (s.agents_bucket, s.tasks_bucket):
         publish += [*stream_own(f"KV_{bucket}"), *stream_read(f"KV_{bucket}")]
@@ -291,6 +297,7 @@ def orchestrator(subjects: Subjects, *, principal: str) -> Permissions:
         s.all_events,
         s.micro_ping,  # which agents run, for hierarchical workflows' plans
         s.runs_dead_letter,
+        s.all_run_resumes,  # a human step timed out (chorus.orchestrator.waits)
         f"$KV.{s.runs_bucket}.>",
         _api("INFO"),
         *stream_own(s.runs_stream),
@@ -333,9 +340,13 @@ def gateway(subjects: Subjects, *, principal: str) -> Permissions:
     publish = [
         s.run_submit(),
         s.all_run_cancels,
+        s.all_run_resumes,  # POST /api/runs/{id}/input
         s.metrics,
         f"$KV.{s.runs_bucket}.>",  # the pending record, and cancelling a pending run
+        f"$KV.{s.control_bucket}.>",  # cancelled markers, steer messages
         _api("INFO"),
+        *stream_ensure(s.control_kv_stream),
+        *stream_read(s.control_kv_stream),
         *stream_ensure(s.runs_stream),
         *stream_ensure(runs_kv),
         *stream_read(runs_kv),
@@ -389,6 +400,7 @@ def observer(subjects: Subjects, *, principal: str) -> Permissions:
         f"$KV.{s.state_bucket}.>",
         f"$KV.{s.approvals_bucket}.>",
         s.all_approval_notices,
+        f"$KV.{s.control_bucket}.>",
     ]
     publish = [
         s.metrics,
@@ -419,6 +431,7 @@ def observer(subjects: Subjects, *, principal: str) -> Permissions:
         f"KV_{s.runs_bucket}",
         s.state_stream,
         s.approvals_stream,
+        s.control_kv_stream,
     ):
         publish += [*stream_read(stream), *ephemeral_consumers(stream)]
     publish += snapshot_reads(f"KV_{s.runs_bucket}")

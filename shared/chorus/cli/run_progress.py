@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 STATUS_STYLE: Final = {
     "pending": "dim",
     "running": "cyan",
+    "waiting": "magenta",
     "completed": "green",
     "failed": "red",
     "cancelled": "yellow",

@@ -1,4 +1,5 @@
-"""`chorus run` (run a workflow file, with live progress) and `chorus runs` (list, show, cancel)."""
+"""`chorus run` (run a workflow file, with live progress) and `chorus runs` (list, show, cancel,
+respond to a human step, steer)."""
 
 from __future__ import annotations
 
@@ -139,6 +140,7 @@ def register(sub: Any) -> None:
         "--timeout", type=_positive(float), default=10.0, help="seconds to wait (default 10)"
     )
     cancel.set_defaults(func=cancel_run)
+    register_control(actions)
 
 
 def _positive(kind: type[int] | type[float]) -> Any:
@@ -531,4 +533,72 @@ async def cancel_run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"run {final.run_id} {final.status} before the cancel took effect")
         return 1
     print(f"run {final.run_id} cancelled: {final.error}")
+    return 0
+
+
+# human steps and steering
+
+
+def register_control(actions: Any) -> None:
+    respond = actions.add_parser(
+        "respond",
+        help="answer the human step a run waits on",
+        description="Answer the human step a waiting run is parked on (`chorus runs` shows it "
+        "`waiting`; `chorus runs show ID` shows the prompt). DATA is JSON, @file, or - for "
+        "stdin; it is checked against the step's schema, and a refused answer leaves the run "
+        "waiting. The run then resumes on any orchestrator. Exit status 0 when the answer was "
+        "taken, 2 when it was refused or the run waits for nothing.",
+        epilog="examples:\n"
+        "  chorus runs respond 3f2a9c '{\"approved\": true}'\n"
+        '  echo \'{"approved": false, "reason": "too long"}\' | chorus runs respond 3f2a9c -',
+        formatter_class=ExamplesFormatter,
+    )
+    respond.add_argument("run_id", metavar="ID")
+    respond.add_argument("data", metavar="DATA", help="the answer as JSON, @file, or - for stdin")
+    respond.set_defaults(func=respond_run)
+    steer = actions.add_parser(
+        "steer",
+        help="tell a running run's agents something at their next model turn",
+        description="Add a user message to a run: every agent working on a task of it (and "
+        "every task it starts later) sees it before its next model call.",
+        epilog="example: chorus runs steer 3f2a9c 'Keep it under 100 words.'",
+        formatter_class=ExamplesFormatter,
+    )
+    steer.add_argument("run_id", metavar="ID")
+    steer.add_argument("message", metavar="MESSAGE", help="the text, @file, or - for stdin")
+    steer.set_defaults(func=steer_run)
+
+
+def answer_of(argument: str) -> Any:
+    try:
+        return json.loads(wire.read_payload(argument))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"DATA is not JSON ({exc}); quote strings: chorus runs respond ID '\"yes\"'"
+        ) from None
+
+
+async def respond_run(args: argparse.Namespace, settings: Settings) -> int:
+    value = answer_of(args.data)
+    nc = await connect(settings, "chorus-runs")
+    try:
+        runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
+        record = await find_run(runs, args.run_id)
+        answer = await runs.respond(record.run_id, value, by="cli")
+    finally:
+        await nc.close()
+    print(f"run {record.run_id}: step {answer.step} answered; the run resumes")
+    return 0
+
+
+async def steer_run(args: argparse.Namespace, settings: Settings) -> int:
+    text = text_of(args.message)
+    nc = await connect(settings, "chorus-runs")
+    try:
+        runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
+        record = await find_run(runs, args.run_id)
+        await runs.steer(record.run_id, text)
+    finally:
+        await nc.close()
+    print(f"run {record.run_id}: its agents see the message at their next model turn")
     return 0

@@ -1,4 +1,5 @@
-"""Runs from the submitter's side: submit a workflow run, read it, wait for it, cancel it.
+"""Runs from the submitter's side: submit a workflow run, read it, wait for it, cancel it,
+answer its human steps and steer it.
 
 `submit` saves the run record as `pending` in KV, then stores the request in the runs work
 queue (with `Nats-Msg-Id` = run id), so the run exists and can be looked up at once and is
@@ -8,6 +9,7 @@ never lost; an orchestrator takes it from there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import msgspec
 from nats.aio.client import Client
 
+from chorus.client.control import RunControls
 from chorus.client.runstore import KvRunStore
 from chorus.config import EXAMPLE_WORKFLOWS
 from chorus.errors import (
@@ -22,15 +25,20 @@ from chorus.errors import (
     Conflict,
     InvalidMessage,
     NotFound,
+    NotWaiting,
     RequestTimeout,
     UnreadableRecord,
 )
 from chorus.messages import (
     FINISHED_RUN,
+    AnswerSource,
+    HumanAnswer,
     RunCancel,
     RunHead,
     RunRecord,
     RunRequest,
+    RunResume,
+    SteerMessage,
     decode_any,
     encode,
     headers,
@@ -38,6 +46,7 @@ from chorus.messages import (
 )
 from chorus.nats import propagation, wire
 from chorus.nats.streams import ensure_runs_stream
+from chorus.specs.answers import check_answer
 from chorus.specs.workflow import find_workflow
 from chorus.subjects import Subjects, check_token
 from chorus.telemetry import tracing
@@ -60,6 +69,7 @@ class RunClient:
         self.subjects = subjects
         self._store: KvRunStore | None = None
         self._stream_ready = False
+        self.controls = RunControls(self.js, subjects)
 
     async def store(self) -> KvRunStore:
         if self._store is None:
@@ -159,23 +169,99 @@ class RunClient:
             f"follow it with `chorus runs show {run_id}` or `chorus tail --run {run_id}`"
         )
 
-    async def cancel(self, run_id: str) -> None:
-        """Ask the orchestrator running it to stop; a run nobody has started is cancelled here."""
+    async def cancel(self, run_id: str, reason: str = "cancelled on request") -> None:
+        """Cancel the run everywhere: its marker first (so no queued task of it starts),
+        then a run nobody holds (pending, or waiting for a person) is cancelled here, and
+        every orchestrator and agent hears the cancel (the work in flight stops)."""
         # A store of its own: the revision it checks is the one of this very read, even when
         # other requests on this client load the same run meanwhile.
         store = (await self.store()).fresh()
         record = await store.head(run_id)
         if record is None:
             raise NotFound(f"no run {run_id!r}")
+        if record.finished:
+            return
+        await self.controls.mark_cancelled(run_id, reason)
         if record.status == "pending":
             cancelled = msgspec.structs.replace(
                 record, status="cancelled", error="cancelled before it started", ended_at=now()
             )
-            try:
+            with contextlib.suppress(Conflict):  # an orchestrator took it: ask it to stop
                 await store.save_head(cancelled)
-                return
-            except Conflict:
-                pass  # an orchestrator took it meanwhile: ask it to stop
-        cancel = RunCancel(run_id=run_id)
+        elif record.status == "waiting":
+            await self._cancel_waiting(store, run_id, reason)
+        cancel = RunCancel(run_id=run_id, reason=reason)
         await wire.publish(self.nc, self.subjects.run_cancel(run_id), encode(cancel))
         await self.nc.flush(timeout=5)
+
+    async def _cancel_waiting(self, store: KvRunStore, run_id: str, reason: str) -> None:
+        """A parked run: nobody runs it, so it is cancelled here (its waiting step too)."""
+        whole = await store.load(run_id)
+        if whole is None or whole.status != "waiting":
+            return
+        ended = now()
+        try:
+            for index, step in enumerate(whole.steps):
+                if step.status == "waiting":
+                    step.status, step.ended_at = "cancelled", ended
+                    await store.save_step(run_id, index, step)
+            whole.status, whole.error, whole.ended_at = "cancelled", reason, ended
+            await store.save(whole)
+        except Conflict:
+            return  # resumed meanwhile: the orchestrator now holding it hears the cancel
+        await store.unpark(run_id)
+
+    # human steps
+
+    async def respond(self, run_id: str, value: object, *, by: str = "") -> HumanAnswer:
+        """Answer the human step the run waits on; the run resumes on any orchestrator.
+
+        InvalidAnswer (the run keeps waiting) when the step's schema refuses `value`;
+        NotWaiting when the run waits for nothing (or its step was answered already)."""
+        store = await self.store()
+        head = await store.head(run_id)
+        if head is None:
+            raise NotFound(f"no run {run_id!r}")
+        wait = await store.wait_of(run_id)
+        if head.status != "waiting" or wait is None:
+            raise NotWaiting(
+                f"run {run_id} is {head.status}, not waiting for an answer"
+                + ("" if head.finished else "; answer once `chorus runs` shows it waiting")
+            )
+        check_answer(wait.schema, value, step=wait.step)
+        answer = HumanAnswer(run_id=run_id, step=wait.step, value=value, by=by)
+        try:
+            await store.store_answer(answer)
+        except Conflict:
+            raise NotWaiting(
+                f"step {wait.step} of run {run_id} has been answered already (or timed out)"
+            ) from None
+        await self.resume(run_id, wait.step, "person")
+        return answer
+
+    async def resume(self, run_id: str, step: str, reason: AnswerSource) -> None:
+        """Queue the waiting run to be taken up again (its step has an answer now); one
+        resume per step whoever sends it (de-duplicated)."""
+        if not self._stream_ready:
+            await ensure_runs_stream(self.js, self.subjects)
+            self._stream_ready = True
+        message = RunResume(run_id=run_id, step=step, reason=reason)
+        await wire.publish_durably(
+            self.js,
+            self.subjects.run_resume(run_id),
+            encode(message),
+            headers.for_run_resume(run_id, step),
+        )
+
+    # steer
+
+    async def steer(self, run_id: str, text: str) -> SteerMessage:
+        """Add a user message the run's agents see at their next model turn."""
+        if not text.strip():
+            raise InvalidMessage("the steer message is empty: say what the agents should do")
+        head = await (await self.store()).head(run_id)
+        if head is None:
+            raise NotFound(f"no run {run_id!r}")
+        if head.finished:
+            raise Conflict(f"run {run_id} is {head.status} already; nothing reads a steer now")
+        return await self.controls.add_steer(run_id, text)

@@ -28,6 +28,8 @@ from chorus.errors import Conflict, InvalidMessage
 from chorus.messages import (
     ENDED_STEP,
     Event,
+    HumanAnswer,
+    HumanWait,
     RunHead,
     RunRecord,
     StepRecord,
@@ -49,7 +51,8 @@ _WATCH_WAIT_S = 5.0
 
 class KvRunStore:
     """Key `<run>` = the RunHead, `<run>.workflow` = its WorkflowSpec, `<run>.step.<n>` = the
-    n-th StepRecord, `<run>.event.<n>` = the n-th Event of an event-driven run."""
+    n-th StepRecord, `<run>.event.<n>` = the n-th Event of an event-driven run; a run parked
+    on a human step has `<run>.wait` (HumanWait) and the step's answer `<run>.answer.<step>`."""
 
     def __init__(self, js: JetStreamContext, kv: KeyValue, subjects: Subjects) -> None:
         self.js = js
@@ -182,6 +185,56 @@ class KvRunStore:
     async def add_event(self, run_id: str, index: int, event: Event) -> None:
         """Record the `index`-th event of the run's chain (written once)."""
         await self._put(run_id, f"{run_id}.event.{index}", encode(event))
+
+    # human steps: the wait of a parked run and the one answer of each human step
+
+    async def park(self, wait: HumanWait) -> None:
+        """Say the run waits for an answer (`<run>.wait`): orchestrators time it out."""
+        await self.kv.put(self.subjects.run_wait_key(wait.run_id), encode(wait))
+
+    async def unpark(self, run_id: str) -> None:
+        """The run waits no more (answered, timed out, cancelled)."""
+        with contextlib.suppress(KeyNotFoundError, KeyDeletedError):
+            await self.kv.purge(self.subjects.run_wait_key(run_id))
+
+    async def wait_of(self, run_id: str) -> HumanWait | None:
+        try:
+            entry = await self.kv.get(self.subjects.run_wait_key(run_id))
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        return decode(entry.value, HumanWait) if entry.value else None
+
+    async def waits(self) -> list[HumanWait]:
+        """Every run parked on a human step, in one read."""
+        subject = self.subjects.runs_key_subject(self.subjects.run_wait_key("*"))
+        found: list[HumanWait] = []
+        for msg in await last_values(self.js, self.subjects.runs_kv_stream, subject):
+            if not msg.data:
+                continue
+            try:
+                found.append(decode(msg.data, HumanWait))
+            except InvalidMessage as exc:
+                log.warning("skipping an unreadable wait", extra={"why": exc.reason})
+        return found
+
+    async def answer(self, run_id: str, step: str) -> HumanAnswer | None:
+        """The answer of a human step, when it has one."""
+        try:
+            entry = await self.kv.get(self.subjects.run_answer_key(run_id, step))
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        return decode(entry.value, HumanAnswer) if entry.value else None
+
+    async def store_answer(self, answer: HumanAnswer) -> None:
+        """Store the step's answer once; Conflict when it has one already (a person's or
+        its timeout's: the first one stored wins)."""
+        key = self.subjects.run_answer_key(answer.run_id, answer.step)
+        try:
+            await self.kv.create(key, encode(answer))
+        except KeyWrongLastSequenceError:
+            raise Conflict(
+                f"step {answer.step} of run {answer.run_id} has its answer already"
+            ) from None
 
     async def _put(self, run_id: str, key: str, value: bytes) -> None:
         revision = self._revisions.get(key)

@@ -14,7 +14,9 @@ goes back to the queue at once, not after `task_timeout`. It never arrived: not 
 It was held, then dropped without a reply reaching us: an attempt (it ran), retried at once.
 If the instance dies (the registry marks it dead) the task is handed back and goes
 elsewhere. Failures are retried with backoff up to `max_attempts`, then the task and every
-attempt's error go to the dead-letter subject.
+attempt's error go to the dead-letter subject. A task of a cancelled run (the run's control
+record says so, `chorus.client.control`) is not sent, and one an agent stopped because its
+run was cancelled (`run_cancelled`) is not retried: both are recorded failed with that code.
 """
 
 from __future__ import annotations
@@ -33,12 +35,19 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from chorus.client.control import RunControls
 from chorus.client.durable import retry_delay
 from chorus.config import Settings
 from chorus.coordinator.observed import dispatching
 from chorus.coordinator.registry import InstanceView, Registry, clamp_interval, targets_of
 from chorus.coordinator.routing import Router
-from chorus.errors import DepthExceeded, InstanceLost, InvalidMessage, TaskTimedOut
+from chorus.errors import (
+    DepthExceeded,
+    InstanceLost,
+    InvalidMessage,
+    RunCancelled,
+    TaskTimedOut,
+)
 from chorus.messages import (
     AttemptError,
     AttemptLog,
@@ -124,6 +133,7 @@ class Dispatcher:
         self._work: set[asyncio.Task[None]] = set()
         self._claims = ClaimKeeper(settings.claim_timeout / 3)  # tasks out with an instance
         self._stopping = False
+        self.controls = RunControls(self.js, self.subjects)  # cancelled runs' markers
 
     @property
     def targets(self) -> list[str]:
@@ -286,6 +296,12 @@ class Dispatcher:
             self.router.released(view)
             await msg.ack_sync(timeout=5)
             return
+        if task.run_id and await self.controls.is_cancelled(task.run_id):
+            # Queued before its run was cancelled: never started, recorded as such.
+            self.router.released(view)
+            reason = f"run {task.run_id} was cancelled before this task started"
+            await self._record_cancelled(msg, task, reason)
+            return
         redelivered = msg.metadata.num_delivered > 1
         attempts = (
             await self._attempt_log(task.task_id)
@@ -360,6 +376,10 @@ class Dispatcher:
         if reply.code == "draining":
             self.router.released(view)
             await msg.nak()  # not the task's fault: straight back to the queue
+            return
+        if reply.code == RunCancelled.code:
+            self.router.released(view)  # stopped on purpose: says nothing of the instance
+            await self._record_cancelled(msg, task, reply.reason, instance=view.instance)
             return
         if reply.code in PERMANENT:
             self.router.released(view)
@@ -460,6 +480,21 @@ class Dispatcher:
         if delay is None:
             delay = retry_delay(self.settings.retry_backoff, len(errors))
         await msg.nak(delay=delay or None)
+
+    async def _record_cancelled(
+        self, msg: Msg, task: Task, reason: str, *, instance: str = ""
+    ) -> None:
+        """The task's run was cancelled: its outcome is final (no retry, no dead letter)."""
+        error = AttemptError(
+            attempt=task.attempt, code=RunCancelled.code, reason=reason, instance=instance
+        )
+        outcome = TaskOutcome(
+            task_id=task.task_id, status="failed", errors=[error], attempts=task.attempt
+        )
+        await self._record(outcome)
+        self.counters.failed += 1
+        log.info("task of a cancelled run", extra={"task_id": task.task_id, "run_id": task.run_id})
+        await msg.ack_sync(timeout=5)
 
     async def _give_up(self, target: str, msg: Msg) -> None:
         """The last delivery the consumer allows: dead-letter the task with its errors."""

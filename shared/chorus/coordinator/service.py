@@ -25,6 +25,7 @@ from nats.micro.service import EndpointConfig, Service
 
 from chorus import __version__
 from chorus.client.approvals import ApprovalBook
+from chorus.client.control import ensure_control_bucket
 from chorus.config import Settings
 from chorus.coordinator.approvals import sweep_forever
 from chorus.coordinator.dispatch import Dispatcher
@@ -99,6 +100,7 @@ class Coordinator:
         await StateBucket.ensure(self.nc, self.subjects)
         self._agents = await ensure_agents_bucket(js, self.subjects)
         tasks = await ensure_tasks_bucket(js, self.subjects)
+        await ensure_control_bucket(js, self.subjects)  # agents read it, may not create it
         self._dispatcher = Dispatcher(
             self.nc, self.settings, self.registry, self.router, tasks, self.dispatch_metrics
         )

@@ -51,6 +51,7 @@ from chorus.gateway.openapi import document
 from chorus.gateway.options import GatewayOptions
 from chorus.gateway.prometheus import CONTENT_TYPE, exposition
 from chorus.gateway.responses import EXCEPTION_HANDLERS, JSONResponse
+from chorus.gateway.run_control import RunControlRoutes
 from chorus.gateway.system import (
     SystemView,
     connection_state,
@@ -302,7 +303,16 @@ def create_app(
         handler = endpoint if scope is None else gateway.auth.protect(endpoint, scope)
         return Route(path, handler, methods=["POST" if post else "GET"])
 
+    control = RunControlRoutes(
+        nc,
+        gateway.runs,
+        max_bytes=settings.max_message_bytes,
+        max_depth=options.max_json_depth,
+        run_id=_run_id,
+        accepted=accepted,
+    )
     routes = [
+        *control.routes(lambda path, endpoint, scope: route(path, endpoint, scope, post=True)),
         route("/api/execute", gateway.execute, "execute", post=True),
         route("/api/runs", gateway.list_runs, "read"),
         route("/api/runs/{run_id}", gateway.get_run, "read"),

@@ -9,6 +9,7 @@ import msgspec
 from chorus import __version__
 from chorus.gateway.approvals import ApprovalList, approval_paths
 from chorus.gateway.bodies import ApiErrorBody, HealthReport, RunAccepted, RunList, TailLine
+from chorus.gateway.run_control import SteerBody
 from chorus.messages import (
     AgentRecord,
     Approval,
@@ -271,6 +272,52 @@ _SECURITY_SCHEMES: Final = {
 }
 
 
+def _control_paths() -> dict[str, Any]:
+    """Routes of chorus.gateway.run_control: answer a human step, steer a run."""
+    accepted = {**_json("taken; the run's status now", RunAccepted)}
+    accepted["headers"] = _ACCEPTED_HEADERS
+    return {
+        "/api/runs/{run_id}/input": {
+            "post": {
+                "summary": "Answer the human step a waiting run is parked on",
+                "description": "The body is the answer, any JSON, checked against the step's "
+                "`schema`. The run then resumes on any orchestrator. A refused answer (400, "
+                "code `invalid_answer`, the reason says where and what) leaves it waiting.",
+                "parameters": [_RUN_ID],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
+                "responses": {
+                    "202": accepted,
+                    "400": _error("the answer does not match the step's schema, or is not JSON"),
+                    "404": _error("no such run"),
+                    "409": _error("the run waits for no answer (code `not_waiting`)"),
+                    "413": _error("the body is larger than CHORUS_MAX_MESSAGE_BYTES"),
+                    "503": _NATS_DOWN,
+                },
+            }
+        },
+        "/api/runs/{run_id}/steer": {
+            "post": {
+                "summary": "Tell a run's agents something at their next model turn",
+                "description": "`message` is added as a user message to the conversation of "
+                "every task of the run, before its next model call.",
+                "parameters": [_RUN_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref(SteerBody)}},
+                },
+                "responses": {
+                    "202": accepted,
+                    "400": _error("no `message`, or an empty one"),
+                    "404": _error("no such run"),
+                    "409": _error("the run has finished already"),
+                    "413": _error("the body is larger than CHORUS_MAX_MESSAGE_BYTES"),
+                    "503": _NATS_DOWN,
+                },
+            }
+        },
+    }
+
+
 def _secured(paths: dict[str, Any]) -> dict[str, Any]:
     """Every route but health needs a key; writes take JSON only; waits are limited."""
     for path, operations in paths.items():
@@ -304,6 +351,7 @@ def document() -> dict[str, Any]:
             Approval,
             ApprovalDecision,
             ApprovalList,
+            SteerBody,
         ),
         ref_template=REF,
     )
@@ -320,7 +368,7 @@ def document() -> dict[str, Any]:
             "description": "Run workflows on a Chorus system and watch its health over HTTP. "
             'Errors answer `{"error": {"code": ..., "reason": ...}}`.',
         },
-        "paths": _secured(_paths()),
+        "paths": _secured({**_paths(), **_control_paths()}),
         "security": [{"bearer": []}],
         "components": {"schemas": schemas, "securitySchemes": _SECURITY_SCHEMES},
     }

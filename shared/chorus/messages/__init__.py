@@ -5,7 +5,8 @@ protocol), `coordination` (registry, outcomes, dead letters, metrics), `state` (
 entries), `sessions` (conversation sessions), `runs` (run records, progress, requests),
 `effects` (the effect ledger), `spend` (rate-limit windows, pauses, budget accounts),
 `approvals` (tool calls waiting for a person), `discovery` (`$SRV.INFO` replies), `streams`
-(the live output of tasks), `schema` (JSON Schema of them all). This
+(the live output of tasks), `control` (human steps, resume, cancel markers, steer),
+`schema` (JSON Schema of them all). This
 package imports only `chorus.errors`, `chorus.subjects` and `chorus.specs`; the names are
 re-exported here, so `from chorus.messages import Task` is the usual import.
 """
@@ -40,6 +41,15 @@ from chorus.messages.codec import (
     encode,
     new_id,
     now,
+)
+from chorus.messages.control import (
+    AnswerSource,
+    HumanAnswer,
+    HumanWait,
+    RunControl,
+    RunResume,
+    SteerMessage,
+    TimeoutAction,
 )
 from chorus.messages.coordination import (
     AgentMetrics,
@@ -124,6 +134,7 @@ __all__ = [
     "AgentMetrics",
     "AgentRecord",
     "AgentStatusChange",
+    "AnswerSource",
     "Approval",
     "ApprovalDecision",
     "ApprovalStatus",
@@ -143,6 +154,8 @@ __all__ = [
     "Heartbeat",
     "HelpReply",
     "HelpRequest",
+    "HumanAnswer",
+    "HumanWait",
     "InstanceState",
     "LimitWindow",
     "LockEntry",
@@ -158,11 +171,13 @@ __all__ = [
     "RejectedMessage",
     "Result",
     "RunCancel",
+    "RunControl",
     "RunFields",
     "RunHead",
     "RunProgress",
     "RunRecord",
     "RunRequest",
+    "RunResume",
     "RunStatus",
     "ServiceInfo",
     "Session",
@@ -170,6 +185,7 @@ __all__ = [
     "SessionPolicy",
     "StateEntry",
     "StatusChange",
+    "SteerMessage",
     "StepRecord",
     "StepStatus",
     "StreamChunk",
@@ -177,6 +193,7 @@ __all__ = [
     "SubtaskResult",
     "Task",
     "TaskOutcome",
+    "TimeoutAction",
     "ToolCallRecord",
     "TurnTicket",
     "Usage",

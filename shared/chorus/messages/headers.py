@@ -149,6 +149,11 @@ def for_run_request(run_id: str) -> Headers:
     return {MSG_ID_HEADER: run_id, RUN_ID_HEADER: run_id}
 
 
+def for_run_resume(run_id: str, step: str) -> Headers:
+    """One resume per human step: a person's answer and its timeout resume it once."""
+    return {MSG_ID_HEADER: f"{run_id}-resume-{step}", RUN_ID_HEADER: run_id}
+
+
 def for_dead_letter(task: Task) -> Headers:
     return _with_run({MSG_ID_HEADER: task.task_id, TASK_ID_HEADER: task.task_id}, task.run_id)
 

@@ -25,9 +25,11 @@ ProgressKind = Literal[
     "step_skipped",
     "plan_ready",
     "event_seen",
+    "run_waiting",
+    "step_waiting",
 ]
-RunStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
-StepStatus = Literal["pending", "running", "completed", "failed", "skipped", "cancelled"]
+RunStatus = Literal["pending", "running", "waiting", "completed", "failed", "cancelled"]
+StepStatus = Literal["pending", "running", "waiting", "completed", "failed", "skipped", "cancelled"]
 FINISHED_RUN: Final[frozenset[str]] = frozenset({"completed", "failed", "cancelled"})
 ENDED_STEP: Final[frozenset[str]] = frozenset({"completed", "skipped", "failed", "cancelled"})
 

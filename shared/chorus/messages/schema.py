@@ -9,6 +9,7 @@ import msgspec
 from chorus.messages import (
     agents,
     approvals,
+    control,
     coordination,
     effects,
     runs,
@@ -20,7 +21,18 @@ from chorus.messages import (
 from chorus.messages.codec import Message
 
 # Imported for their Message subclasses: every wire type is defined in one of these.
-_MODULES = (agents, approvals, coordination, effects, runs, sessions, spend, state, streams)
+_MODULES = (
+    agents,
+    approvals,
+    control,
+    coordination,
+    effects,
+    runs,
+    sessions,
+    spend,
+    state,
+    streams,
+)
 
 
 def wire_types() -> list[type[Message]]:

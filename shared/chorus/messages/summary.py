@@ -15,7 +15,7 @@ from typing import Any, Final
 import msgspec
 
 from chorus.errors import InvalidMessage
-from chorus.messages import agents, coordination, runs, streams
+from chorus.messages import agents, control, coordination, runs, streams
 from chorus.messages import headers as header_seam
 from chorus.messages.codec import decode
 from chorus.subjects import Subjects
@@ -34,6 +34,7 @@ PAYLOAD_TYPES: Final[dict[str, type[msgspec.Struct]]] = {
     "run_progress": runs.RunProgress,
     "run_submit": runs.RunRequest,
     "run_cancel": runs.RunCancel,
+    "run_resume": control.RunResume,
     "stream_chunk": streams.StreamChunk,
 }
 LINE_CHARS: Final = 100  # of gathered deltas shown as one line

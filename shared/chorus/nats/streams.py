@@ -189,12 +189,13 @@ async def ensure_sessions_bucket(
 
 
 async def ensure_runs_stream(js: JetStreamContext, subjects: Subjects) -> None:
-    """Submitted runs wait here for an orchestrator; each is removed once its run finishes."""
+    """Submitted runs (and resumes of waiting ones) wait here for an orchestrator; each is
+    removed once its run finishes or parks again."""
     await ensure_stream(
         js,
         StreamConfig(
             name=subjects.runs_stream,
-            subjects=[subjects.run_submit()],
+            subjects=[subjects.run_submit(), subjects.all_run_resumes],
             storage=StorageType.FILE,
             retention=RetentionPolicy.WORK_QUEUE,
             duplicate_window=DEDUPE_WINDOW_S,

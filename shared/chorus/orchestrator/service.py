@@ -7,6 +7,10 @@ run record after every step. When an orchestrator dies, its claims lapse after
 from the last finished step (an interrupted step is resent under the same task id, which the
 durable task queue answers with the outcome it already recorded). On SIGTERM runs are
 interrupted (they stay resumable) and their requests handed back at once.
+
+A run parked on a human step (status `waiting`) is acked like a finished one: nothing holds
+it. A `RunResume` (an answer, or a timeout applied by any orchestrator's `WaitTimer`) comes
+through the same queue and takes it up again on whichever replica receives it.
 """
 
 from __future__ import annotations
@@ -29,13 +33,25 @@ from opentelemetry.trace import SpanKind
 from chorus import __version__
 from chorus.client import ChorusClient
 from chorus.client.durable import TaskQueue, outcome_deadline
+from chorus.client.runs import RunClient
 from chorus.client.runstore import KvRunStore
 from chorus.config import Settings
 from chorus.errors import Conflict, InvalidMessage
-from chorus.messages import Result, RunCancel, RunRequest, Task, decode, now
+from chorus.messages import (
+    Result,
+    RunCancel,
+    RunRecord,
+    RunRequest,
+    RunResume,
+    Task,
+    decode,
+    decode_any,
+    now,
+)
 from chorus.nats.dead_letters import MAX_DELIVERIES, dead_letter, delivered_for_the_last_time
 from chorus.nats.jetstream import ClaimKeeper, DurableConsumer
 from chorus.nats.streams import ensure_dead_letter_stream, ensure_runs_stream
+from chorus.orchestrator.waits import WaitTimer
 from chorus.spend.budgets import BudgetLedger
 from chorus.telemetry import tracing
 from chorus.telemetry.metrics import RunInstruments
@@ -54,6 +70,16 @@ CONSUMER = "orchestrator"
 # lapse, hand-back on shutdown or NATS loss during the run is one; a request that keeps
 # killing its orchestrator is taken off the queue at the last.
 RUN_MAX_DELIVER = 10
+
+
+def _to_resume(record: RunRecord | None, msg: Msg) -> bool:
+    """Whether a RunResume should take the run up: it waits, or it was being resumed by an
+    orchestrator that died (the resume delivered again, the run left `running`)."""
+    if record is None:
+        return False
+    return record.status == "waiting" or (
+        record.status == "running" and msg.metadata.num_delivered > 1
+    )
 
 
 class QueueRunner:
@@ -101,6 +127,7 @@ class Orchestrator:
         self._queue: TaskQueue | None = None
         self._stopping = False
         self._dead_letters_ready = False
+        self._waits: WaitTimer | None = None
         self.metrics = RunInstruments()  # a registry of its own: /metrics (process.py)
 
     @property
@@ -118,9 +145,10 @@ class Orchestrator:
             if self.durable_tasks
             else DirectRunner(client)
         )
+        store = await KvRunStore.open(js, self.subjects)
         self._engine = Engine(
             runner,
-            await KvRunStore.open(js, self.subjects),
+            store,
             progress=NatsProgress(self.nc, self.subjects),
             events=NatsEventBus(client),
             directory=DiscoveryDirectory(client),
@@ -147,6 +175,10 @@ class Orchestrator:
             description="Chorus orchestrator: runs workflows from the runs queue",
             metadata={"role": "orchestrator", "durable_tasks": str(self.durable_tasks).lower()},
         )
+        self._waits = WaitTimer(
+            store.fresh(), RunClient(self.nc, self.subjects), sweep=self.settings.wait_sweep
+        )
+        self._waits.start()
         self._loop = asyncio.create_task(self._take_runs(consumer))
         log.info("orchestrator ready", extra={"durable_tasks": self.durable_tasks})
 
@@ -157,6 +189,8 @@ class Orchestrator:
             await self._cancels.unsubscribe()
         if self._service is not None:
             await self._service.stop()
+        if self._waits is not None:
+            await self._waits.stop()
         if self._loop:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -190,7 +224,7 @@ class Orchestrator:
 
     async def _serve(self, msg: Msg) -> None:
         try:
-            request = decode(msg.data, RunRequest)
+            request: RunRequest | RunResume = decode_any(msg.data, RunRequest | RunResume)
         except InvalidMessage as exc:
             await self._give_up(msg, InvalidMessage.code, f"malformed run request: {exc.reason}")
             return
@@ -223,10 +257,15 @@ class Orchestrator:
                     await msg.nak()  # shutting down: another replica resumes it now
                 raise
 
-    async def _drive(self, msg: Msg, request: RunRequest) -> None:
+    async def _drive(self, msg: Msg, request: RunRequest | RunResume) -> None:
         store = self.engine.services.store
         record = await store.load(request.run_id)
+        resume = isinstance(request, RunResume)
+        if resume and not _to_resume(record, msg):
+            await msg.ack_sync(timeout=5)  # resumed elsewhere, finished, or cancelled
+            return
         if record is None:
+            assert isinstance(request, RunRequest)
             if request.workflow is None:
                 reason = f"run request for unknown run {request.run_id} carries no workflow"
                 await self._give_up(msg, InvalidMessage.code, reason, run_id=request.run_id)
@@ -253,9 +292,13 @@ class Orchestrator:
                 await msg.nak(delay=1.0)
             return
         except Conflict:
-            # Another orchestrator advanced this run: look again once it may be done.
+            # Another orchestrator advanced this run: look again once it may be done (a
+            # resume is done with: the one advancing it holds a request of its own).
             log.info("run taken over elsewhere", extra={"run_id": record.run_id})
-            await msg.nak(delay=self.settings.claim_timeout)
+            if resume:
+                await msg.ack_sync(timeout=5)
+            else:
+                await msg.nak(delay=self.settings.claim_timeout)
             return
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -265,6 +308,8 @@ class Orchestrator:
             await self._record_cancelled(record.run_id, handle.reason)
         finally:
             self._handles.pop(record.run_id, None)
+            if record.status == "waiting" and self._waits is not None:
+                self._waits.nudge()  # parked: its deadline may be the next one
             if record.finished:
                 self.metrics.run_seconds.labels(record.workflow.name, record.status).observe(
                     time.monotonic() - started

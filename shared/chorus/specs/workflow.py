@@ -24,6 +24,7 @@ import msgspec
 import yaml
 
 from chorus.errors import ConfigError, ExpressionError, InvalidWorkflow, NotFound
+from chorus.specs.answers import check_answer_schema
 from chorus.specs.budget import RunBudget
 from chorus.specs.expressions import Expression, parse
 from chorus.specs.loading import decode_yaml
@@ -31,6 +32,8 @@ from chorus.specs.templates import Template
 from chorus.subjects import check_token, check_topic
 
 WorkflowKind = Literal["pipeline", "parallel", "event", "hierarchical", "process"]
+StepType = Literal["agent", "human"]
+TimeoutAction = Literal["reject", "approve", "fail"]
 
 # The names conditions and templates can read (see `chorus.workflows.run.Run.context`).
 RUN_NAMES: Final = frozenset({"input", "data", "steps"})
@@ -119,6 +122,9 @@ class Target(
     retries: int = 0  # further attempts after a failed one
 
     def __post_init__(self) -> None:
+        if self.human:
+            _check_human(self)
+            return
         if bool(self.agent) == bool(self.capability):
             raise InvalidWorkflow("give exactly one of `agent` or `capability`")
         _token(self.agent or self.capability, "agent" if self.agent else "capability")
@@ -126,9 +132,50 @@ class Target(
         _positive(self.retries, "retries", strict=False)
 
     @property
+    def human(self) -> bool:
+        """A step a person answers (`type: human`, pipeline and process steps)."""
+        return getattr(self, "type", "agent") == "human"
+
+    @property
     def target(self) -> str:
         """How the target reads in messages: the agent name or `capability <name>`."""
+        if self.human:
+            return "a person"
         return self.agent or f"capability {self.capability}"
+
+
+HUMAN_STEP_DOC: Final = """A step of `type: human` (pipeline and process steps): the run waits
+(status `waiting`) until a person answers `prompt` (a template) with JSON that `schema`
+accepts, or `timeout` seconds pass and `on_timeout` decides: `approve` or `reject` (the step
+completes with `{"approved": true|false, "timed_out": true}`) or `fail` (the step and the run
+fail)."""
+
+
+def _check_human(step: Any) -> None:
+    if step.agent or step.capability:
+        raise _fail("type", "a human step has no `agent` or `capability`: a person answers it")
+    if not step.prompt:
+        raise _fail("prompt", "a human step needs a `prompt`: what the person is asked")
+    if not getattr(step, "name", ""):
+        raise _fail("type", "a human step needs a `name` (its answer is read as steps.<name>)")
+    for field in ("instructions", "input", "output", "processor"):
+        if getattr(step, field, ""):
+            raise _fail(field, f"a human step has no `{field}`; its answer is its output")
+    if step.retries:
+        raise _fail("retries", "a human step is asked once; it has no `retries`")
+    _positive(step.timeout, "timeout")
+    if step.on_timeout is not None and step.timeout is None:
+        raise _fail("on_timeout", "give a `timeout` (seconds) for `on_timeout` to apply")
+    if step.schema is not None:
+        check_answer_schema(step.schema)
+    _expressions("prompt", step.prompt, RUN_NAMES)
+
+
+def _agent_expressions(step: Target) -> list[tuple[str, Expression]]:
+    """A human step's prompt reads the run like an input template does."""
+    if step.human:
+        return _expressions("prompt", getattr(step, "prompt", ""), RUN_NAMES)
+    return []
 
 
 class WorkflowBase(
@@ -164,6 +211,11 @@ class Step(Target, frozen=True, kw_only=True, forbid_unknown_fields=True):
     input: str = ""
     output: str = ""
     processor: str = ""  # a name in the engine's `processors` registry; never imported
+    # type: human (HUMAN_STEP_DOC)
+    type: StepType = "agent"
+    prompt: str = ""
+    schema: dict[str, Any] | None = None
+    on_timeout: TimeoutAction | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -178,8 +230,10 @@ class Step(Target, frozen=True, kw_only=True, forbid_unknown_fields=True):
         return self.name or self.agent or self.capability
 
     def expressions(self) -> list[tuple[str, Expression]]:
-        return _expressions("input", self.input, RUN_NAMES) + _expressions(
-            "output", self.output, PROCESSOR_NAMES
+        return (
+            _expressions("input", self.input, RUN_NAMES)
+            + _expressions("output", self.output, PROCESSOR_NAMES)
+            + _agent_expressions(self)
         )
 
 
@@ -305,6 +359,11 @@ class ProcessStep(Target, frozen=True, kw_only=True, forbid_unknown_fields=True)
     input: str = ""  # template; default: the run's input
     when: str = ""
     require: str = ""
+    # type: human (HUMAN_STEP_DOC)
+    type: StepType = "agent"
+    prompt: str = ""
+    schema: dict[str, Any] | None = None
+    on_timeout: TimeoutAction | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -320,6 +379,7 @@ class ProcessStep(Target, frozen=True, kw_only=True, forbid_unknown_fields=True)
             _expressions("input", self.input, RUN_NAMES)
             + _expressions("when", self.when, RUN_NAMES, condition=True)
             + _expressions("require", self.require, RUN_NAMES, condition=True)
+            + _agent_expressions(self)
         )
 
 

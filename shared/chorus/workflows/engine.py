@@ -12,6 +12,8 @@ Every finished step is saved before the next starts. Interrupting is not cancell
   interrupted one is sent again under the same task id.
 - `RunHandle.cancel()` (or a `RunCancel` message, see `cancel_requests`) ends the run for
   good: status `cancelled`, saved, `run_cancelled` published.
+- A human step without an answer parks the run (chorus.workflows.human): it is saved
+  `waiting` and the handle returns that record; a `RunResume` takes it up again.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from chorus.spend.budgets import BudgetLedger
 from chorus.subjects import Subjects, check_token
 from chorus.workflows.directory import DiscoveryDirectory
 from chorus.workflows.events import NatsEventBus
+from chorus.workflows.human import RunParked
 from chorus.workflows.observed import traced_run
 from chorus.workflows.patterns import execute
 from chorus.workflows.processors import check_processors
@@ -235,6 +238,9 @@ class Engine:
             await execute(run)
         except Conflict:
             raise  # another process owns the record now: save nothing more
+        except RunParked as parked:
+            # Saved `waiting`: an answer (or its timeout) resumes it, on any orchestrator.
+            await run.report("run_waiting", parked.step, "waiting for an answer")
         except ChorusError as exc:
             await self._finish(run, "failed", exc.reason, code=exc.code)
         except nats.errors.MaxPayloadError:

@@ -9,9 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from chorus.messages import BudgetAccount, Event, Result, RunProgress, RunRecord, StepRecord, Task
+from chorus.messages import (
+    BudgetAccount,
+    Event,
+    HumanAnswer,
+    HumanWait,
+    Result,
+    RunProgress,
+    RunRecord,
+    StepRecord,
+    Task,
+)
 from chorus.specs.budget import RunBudget
 
 
@@ -42,6 +52,19 @@ class RunStore(Protocol):
     async def save_step(self, run_id: str, index: int, step: StepRecord) -> None: ...
 
     async def add_event(self, run_id: str, index: int, event: Event) -> None: ...
+
+
+@runtime_checkable
+class WaitStore(Protocol):
+    """A run store that can park runs on human steps (chorus.client.runstore.KvRunStore)."""
+
+    async def park(self, wait: HumanWait) -> None: ...
+
+    async def unpark(self, run_id: str) -> None: ...
+
+    async def answer(self, run_id: str, step: str) -> HumanAnswer | None: ...
+
+    async def store_answer(self, answer: HumanAnswer) -> None: ...
 
 
 class ProgressSink(Protocol):

@@ -9,6 +9,7 @@ from chorus.messages import Result, StepRecord
 from chorus.specs.expressions import as_text
 from chorus.specs.templates import Template
 from chorus.specs.workflow import Pipeline, Step
+from chorus.workflows import human
 from chorus.workflows.processors import call_processor, resolve_processor
 from chorus.workflows.run import Finish, Run, StepFailed
 
@@ -23,8 +24,12 @@ async def execute(run: Run, spec: Pipeline) -> None:
                 await Template(step.input).render_async(run.context()) if step.input else text
             )
             try:
-                done = await run.perform(
-                    step.key, step, task_input, data=data, finish=finishers[step.key]
+                done = (
+                    await human.ask(run, step)
+                    if step.human
+                    else await run.perform(
+                        step.key, step, task_input, data=data, finish=finishers[step.key]
+                    )
                 )
             except StepFailed as failure:
                 raise RunFailed(

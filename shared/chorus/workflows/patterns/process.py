@@ -13,6 +13,7 @@ from chorus.messages import StepRecord
 from chorus.specs.expressions import parse
 from chorus.specs.templates import Template
 from chorus.specs.workflow import Process, ProcessStep
+from chorus.workflows import human
 from chorus.workflows.run import Run, StepFailed
 
 
@@ -49,6 +50,8 @@ async def _step(run: Run, step: ProcessStep) -> StepRecord:
         await run.fail(step.name, exc.reason)
         raise RunFailed(f"step {step.name}: {exc.reason}") from None
     try:
+        if step.human:
+            return await human.ask(run, step)
         return await run.perform(step.name, step, task_input, data=run.record.data)
     except StepFailed as failure:
         raise RunFailed(f"step {step.name} ({step.target}) failed: {failure.step.error}") from None
