@@ -11,7 +11,7 @@ from chorus.config import Settings
 
 
 def register(sub: Any) -> None:
-    from chorus.cli import agents, auth, messaging, runs, sessions, state
+    from chorus.cli import agents, auth, completion, messaging, runs, sessions, state
 
     messaging.register(sub)
     agents.register(sub)
@@ -19,6 +19,7 @@ def register(sub: Any) -> None:
     state.register(sub)
     auth.register(sub)
     sessions.register(sub)
+    completion.register(sub)
     agent = sub.add_parser("agent", help="run an agent instance")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
     run = agent_sub.add_parser(
