@@ -100,6 +100,22 @@ def register(sub: Any) -> None:
     )
     watch.set_defaults(func=watch_changes)
 
+    listing = actions.add_parser(
+        "ls",
+        help="list the keys that have a value, optionally under a prefix",
+        description="List the keys that have a value now (deleted or expired ones are not "
+        "listed), sorted, one per line. With PREFIX, only PREFIX itself and the keys under "
+        "it (`orders` lists orders and orders.7, not orders2). Lock leases (_lock.*) are "
+        "listed only with the prefix _lock.",
+        epilog="examples:\n  chorus state ls\n  chorus state ls orders\n"
+        "  chorus state ls orders --json | jq length",
+        formatter_class=ExamplesFormatter,
+    )
+    # Not `prefix`: that is the subject prefix (--prefix), which every command takes.
+    listing.add_argument("key_prefix", metavar="PREFIX", nargs="?")
+    listing.add_argument("--json", action="store_true", help="print the keys as a JSON list")
+    listing.set_defaults(func=list_keys)
+
     history = actions.add_parser(
         "history",
         help="a key's earlier values, oldest first",
@@ -175,6 +191,19 @@ async def delete_value(args: argparse.Namespace, settings: Settings) -> int:
         had = await state.get(key)
         await state.delete(key)
     print(f"deleted {key}" + ("" if had is not None else " (it had no value)"))
+    return 0
+
+
+async def list_keys(args: argparse.Namespace, settings: Settings) -> int:
+    async with shared_state(settings) as state:
+        keys = await state.keys(args.key_prefix)
+    if args.json:
+        print(json.dumps(keys))
+    elif keys:
+        print("\n".join(keys))
+    else:
+        under = f" under {args.key_prefix!r}" if args.key_prefix else ""
+        print(f"chorus: no keys{under} in {settings.subjects.state_bucket}", file=sys.stderr)
     return 0
 
 
