@@ -165,3 +165,19 @@ def test_ls_of_an_invalid_prefix_names_it(settings: Settings) -> None:
 
     assert result.returncode == 2
     assert "prefix 'orders..7' is not a valid key" in result.stderr
+
+
+async def test_history_shows_each_time_in_iso_8601_utc_with_milliseconds(
+    settings: Settings, nc: Client
+) -> None:
+    from datetime import UTC, datetime
+
+    state = await SharedState(nc, settings.subjects, "test").open()
+    await state.put("orders.9", {"qty": 1})
+    [stored] = await state.history("orders.9")
+    await state.close()
+
+    table = succeeded(await achorus(settings, "history", "orders.9"))
+
+    expected = datetime.fromtimestamp(stored.time, UTC).isoformat(timespec="milliseconds")
+    assert expected.replace("+00:00", "Z") in table

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Final, Protocol, TextIO
 
 from chorus.cli.live import StepLines
 from chorus.cli.text import one_line
+from chorus.cli.times import iso
 from chorus.client.streams import LiveText
 from chorus.messages import RunFields, RunHead, RunProgress, RunRecord, StreamChunk
 from chorus.specs.workflow import WorkflowSpec, expected_steps
@@ -72,15 +73,11 @@ def seconds_text(seconds: float) -> str:
 
 
 def clock(timestamp: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+    """A time the CLI prints: ISO 8601 UTC with milliseconds (`-` for none)."""
+    return iso(timestamp)
 
 
-def when(timestamp: float) -> str:
-    if not timestamp:
-        return "-"
-    local = time.localtime(timestamp)
-    today = time.localtime().tm_yday == local.tm_yday
-    return time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M", local)
+when = clock
 
 
 def short(text: str, width: int = 80) -> str:

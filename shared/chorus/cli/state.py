@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -18,6 +17,7 @@ import msgspec
 
 from chorus.cli import wire
 from chorus.cli.runs import ExamplesFormatter
+from chorus.cli.times import iso
 from chorus.config import Settings
 from chorus.nats.connection import connect
 from chorus.state import SharedState, StateValue
@@ -214,7 +214,7 @@ def change_line(change: StateValue) -> str:
     value = "" if change.removed else " " + wire.short(as_text(change.value), 160)
     by = f" by {change.writer}" if change.writer else ""
     return (
-        f"[dim]{time.strftime('%H:%M:%S', time.localtime(change.time))}[/] "
+        f"[dim]{iso(change.time)}[/] "
         f"[{style}]{change.operation}[/] [bold]{escape(change.key)}[/]{escape(value)} "
         f"[dim](rev {change.revision}{escape(by)})[/]"
     )
@@ -279,7 +279,7 @@ async def show_history(args: argparse.Namespace, settings: Settings) -> int:
         style = OPERATION_STYLE.get(change.operation, "white")
         table.add_row(
             str(change.revision),
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(change.time)),
+            iso(change.time),
             f"[{style}]{change.operation}[/]",
             escape(change.writer),
             "" if change.removed else escape(wire.short(as_text(change.value), 100)),
