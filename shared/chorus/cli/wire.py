@@ -131,8 +131,28 @@ def tools_line(message: Any) -> str:
     return f"tools: {names}" + (f" ({failed} failed)" if failed else "")
 
 
+def _readable(message: Any) -> str | None:
+    """A sentence for the messages whose fields say more together than any one does."""
+    if isinstance(message, messages.RunProgress):
+        where = "/".join(part for part in (message.workflow, message.step) if part)
+        return " ".join(part for part in (message.kind, where, message.detail) if part)
+    if isinstance(message, messages.TaskOutcome):
+        tries = f"{message.attempts} attempt" + ("s" if message.attempts != 1 else "")
+        said = (
+            message.result.output
+            if message.result is not None
+            else (message.errors[-1].reason if message.errors else "")
+        )
+        return f"{message.status} task {message.task_id} after {tries}: {said}"
+    return None
+
+
 def short(message: Any, width: int = 100) -> str:
     """A one-line summary of the interesting part of a message."""
+    readable = _readable(message)
+    if readable is not None:
+        text = " ".join(readable.split())
+        return text if len(text) <= width else text[: width - 1] + "…"
     for field in ("output", "input", "question", "answer", "reason"):
         value = getattr(message, field, None)
         if isinstance(value, str) and value:
