@@ -96,3 +96,20 @@ def test_an_unknown_shell_is_refused_naming_the_choices(settings: Settings) -> N
 
     assert result.returncode == 2
     assert "choose from 'bash', 'zsh', 'fish'" in result.stderr
+
+
+def test_output_cut_short_by_the_reader_is_no_error(settings: Settings) -> None:
+    import sys
+
+    from tests.helpers import child_env
+
+    piped = subprocess.run(
+        ["bash", "-c", f"'{sys.executable}' -m chorus completion fish | head -1"],
+        env=child_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert piped.stdout.startswith("#")
+    assert piped.stderr == ""

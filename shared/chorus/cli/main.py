@@ -105,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `chorus ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
     except (NatsError, OSError, TimeoutError) as exc:
         print(
             f"chorus: error: {type(exc).__name__}: {exc} (is the server healthy?)", file=sys.stderr
