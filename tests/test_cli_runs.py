@@ -239,3 +239,70 @@ def test_live_progress_draws_a_line_per_step_in_a_terminal() -> None:
     screen = out.getvalue()
     assert "chain" in screen and "0/2 steps" in screen
     assert "✗ a" in screen and "out of coffee" in screen
+
+
+async def stored_runs(nc: Client, settings: Settings, now: float) -> None:
+    """Runs as the orchestrator leaves them: chain completed 3 h ago, chain failed and
+    brew completed 5 min ago."""
+    store = await RunClient(nc, settings.subjects).store()
+    for run_id, name, status, age_s in (
+        ("old-chain", "chain", "completed", 3 * 3600),
+        ("new-chain", "chain", "failed", 300),
+        ("new-brew", "brew", "completed", 300),
+    ):
+        workflow = Pipeline(name=name, steps=[Step(name="a", agent="w")])
+        await store.save(
+            RunRecord(
+                run_id=run_id,
+                workflow=workflow,
+                kind="pipeline",
+                status=status,  # type: ignore[arg-type]
+                created_at=now - age_s,
+            )
+        )
+
+
+async def listed(settings: Settings, *filters: str) -> list[str]:
+    result = await achorus(settings, "runs", "--json", *filters)
+    assert result.returncode == 0, result.stderr
+    return sorted(record["run_id"] for record in json.loads(result.stdout))
+
+
+async def test_runs_lists_only_those_of_a_status_workflow_and_time(
+    nc: Client, settings: Settings
+) -> None:
+    import time
+    from datetime import UTC, datetime
+
+    now = time.time()
+    await stored_runs(nc, settings, now)
+    an_hour_ago = datetime.fromtimestamp(now - 3600, UTC).isoformat().replace("+00:00", "Z")
+
+    assert await listed(settings) == ["new-brew", "new-chain", "old-chain"]
+    assert await listed(settings, "--status", "completed") == ["new-brew", "old-chain"]
+    assert await listed(settings, "--status", "failed", "--status", "running") == ["new-chain"]
+    assert await listed(settings, "--workflow", "chain") == ["new-chain", "old-chain"]
+    assert await listed(settings, "--since", "1h") == ["new-brew", "new-chain"]
+    assert await listed(settings, "--since", an_hour_ago) == ["new-brew", "new-chain"]
+    assert await listed(
+        settings, "--since", "1d", "--workflow", "chain", "--status", "completed"
+    ) == ["old-chain"]
+    assert await listed(settings, "--since", "1m") == []
+
+
+async def test_runs_with_filters_that_match_nothing_says_so(nc: Client, settings: Settings) -> None:
+    import time
+
+    await stored_runs(nc, settings, time.time())
+
+    result = await achorus(settings, "runs", "--workflow", "nope")
+
+    assert result.returncode == 0, result.stderr
+    assert "no runs match" in result.stdout
+
+
+def test_runs_since_a_time_it_cannot_read_names_the_forms_it_takes(settings: Settings) -> None:
+    result = chorus(settings, "runs", "--since", "yesterday")
+
+    assert result.returncode == 2
+    assert "'yesterday' is neither a duration (like 90s, 10m, 2h, 1d)" in result.stderr

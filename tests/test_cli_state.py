@@ -133,3 +133,51 @@ async def test_watch_prints_another_writers_put(settings: Settings, nc: Client) 
     assert code == 0, await watch.stderr.read()
     assert change["key"] == "orders.9" and change["value"] == {"qty": 1}
     assert (change["writer"], change["revision"]) == ("agent-7", revision)
+
+
+async def test_ls_lists_the_keys_with_a_value_under_a_prefix(
+    settings: Settings, nc: Client
+) -> None:
+    state = await SharedState(nc, settings.subjects, "test").open()
+    for key in ("orders", "orders.7", "orders.8.lines", "orders2", "users.ada"):
+        await state.put(key, {"k": key})
+    await state.delete("orders.8.lines")
+    async with state.lock("orders-batch"):
+        under_orders = succeeded(await achorus(settings, "ls", "orders"))
+        everything = json.loads(succeeded(await achorus(settings, "ls", "--json")))
+        locks = succeeded(await achorus(settings, "ls", "_lock"))
+    await state.close()
+
+    assert under_orders.splitlines() == ["orders", "orders.7"]
+    assert everything == ["orders", "orders.7", "orders2", "users.ada"]
+    assert locks.splitlines() == ["_lock.orders-batch"]
+
+
+async def test_ls_of_an_empty_prefix_says_so_and_succeeds(settings: Settings) -> None:
+    result = await achorus(settings, "ls", "nothing.here")
+
+    assert (result.returncode, result.stdout) == (0, "")
+    assert "no keys under 'nothing.here'" in result.stderr
+
+
+def test_ls_of_an_invalid_prefix_names_it(settings: Settings) -> None:
+    result = chorus(settings, "ls", "orders..7")
+
+    assert result.returncode == 2
+    assert "prefix 'orders..7' is not a valid key" in result.stderr
+
+
+async def test_history_shows_each_time_in_iso_8601_utc_with_milliseconds(
+    settings: Settings, nc: Client
+) -> None:
+    from datetime import UTC, datetime
+
+    state = await SharedState(nc, settings.subjects, "test").open()
+    await state.put("orders.9", {"qty": 1})
+    [stored] = await state.history("orders.9")
+    await state.close()
+
+    table = succeeded(await achorus(settings, "history", "orders.9"))
+
+    expected = datetime.fromtimestamp(stored.time, UTC).isoformat(timespec="milliseconds")
+    assert expected.replace("+00:00", "Z") in table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import stat
@@ -38,6 +39,11 @@ def test_demo_runs_a_task_and_every_pattern_offline(tmp_path: Path) -> None:
     for pattern in ("pipeline", "parallel", "event-driven", "hierarchical", "business process"):
         line = next(line for line in result.stdout.splitlines() if f" {pattern} " in line)
         assert "completed" in line, line
+        # Counted as `chorus runs` counts them: a completed run has every step done or skipped.
+        [(done, total)] = re.findall(r"│ (\d+)/(\d+) +│", line)
+        assert done == total != "0", line
+    assert "0.0 ms" not in result.stdout
+    assert re.search(r"answered by researcher .*: [\d.]+ (ms|µs) round trip", result.stdout)
     assert (tmp_path / "demo" / "logs" / "coordinator.log").exists()
 
 
@@ -114,3 +120,11 @@ def operator_settings(data: Path, settings: Settings, timeout: float = 30) -> Se
     return msgspec.structs.replace(
         settings, nats_nkey_seed=env["NATS_NKEY_SEED"], nats_inbox_prefix=env["NATS_INBOX_PREFIX"]
     )
+
+
+def test_demo_latencies_are_readable_at_any_size() -> None:
+    from chorus.demo import milliseconds
+
+    shown = [milliseconds(v) for v in (1520.4, 3.42, 0.042, 0.0004, 0.0)]
+
+    assert shown == ["1520 ms", "3.4 ms", "42 µs", "1 µs", "under 1 µs"]

@@ -25,6 +25,7 @@ from chorus.client.streams import ChunkReader
 from chorus.config import Settings
 from chorus.local import LocalSystem, wait_for_instances
 from chorus.messages import RunRecord, RunRequest, Task
+from chorus.messages.runs import step_counts
 from chorus.nats.connection import connect
 from chorus.up import default_agents, start_services
 
@@ -67,16 +68,31 @@ async def run_demo(
                 await asyncio.to_thread(system.stop)
 
 
+def milliseconds(value: float) -> str:
+    """A duration people can read at any size: `1520 ms`, `3.4 ms`, `42 µs`, never `0.0 ms`."""
+    if value >= 100:
+        return f"{value:.0f} ms"
+    if value >= 0.1:
+        return f"{value:.1f} ms"
+    return f"{max(value * 1000, 1):.0f} µs" if value > 0 else "under 1 µs"
+
+
 async def _show_tools(client: ChorusClient, question: str, capability: str, what: str) -> None:
     """A task for an agent whose model calls a tool before it answers; its tool calls."""
+    sent = time.perf_counter()
     result = await client.run_task(Task(input=question), capability=capability)
-    console.print(f"[bold]task[/] → capability [cyan]{capability}[/] ({what})")
+    round_trip_ms = (time.perf_counter() - sent) * 1000
+    console.print(
+        f"[bold]task[/] → capability [cyan]{capability}[/] ({what}): "
+        f"{milliseconds(round_trip_ms)} round trip"
+    )
     for call in result.tool_calls:
         outcome = f"[red]{escape(call.error)}[/]" if call.error else escape(call.output[:120])
         where = f" on {call.instance}" if call.instance else ""
         console.print(
             f"  [magenta]tool call[/] turn {call.turn}: {escape(call.name)}"
-            f"({escape(call.arguments[:80])}){where} in {call.duration_ms:.1f} ms → {outcome}"
+            f"({escape(call.arguments[:80])}){where} in {milliseconds(call.duration_ms)} "
+            f"→ {outcome}"
         )
     console.print(f"[bold]output[/]: {escape(result.output)}\n")
 
@@ -117,8 +133,9 @@ async def _show(
         except TimeoutError:  # a slow machine: the answer below is what counts
             console.print("(the live output's last chunk did not arrive within 10 s)")
     console.print(
-        f"[bold]answered by[/] {result.agent} ({result.instance}): {round_trip_ms:.1f} ms round "
-        f"trip, {result.duration_ms:.1f} ms in the handler, {result.usage.total_tokens} tokens"
+        f"[bold]answered by[/] {result.agent} ({result.instance}): "
+        f"{milliseconds(round_trip_ms)} round trip, {milliseconds(result.duration_ms)} in the "
+        f"agent, {result.usage.total_tokens} tokens"
     )
     console.print(f"[bold]output[/]: {escape(result.output)}\n")
 
@@ -138,14 +155,14 @@ async def _show(
             pending = await runs.submit(request)
             record = await runs.wait(pending.run_id, timeout=timeout)
         records.append(record)
-        done = sum(1 for s in record.steps if s.status == "completed")
+        done, total = step_counts(record)  # as `chorus runs` counts them
         colour = "green" if record.status == "completed" else "red"
         text = record.output or record.error
         table.add_row(
             pattern,
             name,
             f"[{colour}]{record.status}[/]",
-            f"{done}/{len(record.steps)}",
+            f"{done}/{total}",
             str(record.usage.total_tokens),
             escape(text if len(text) < 90 else text[:87] + "..."),
         )

@@ -15,7 +15,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from chorus.cli.text import safe
-from chorus.client.system import SystemClient
+from chorus.client.system import DEFAULT_INTERVAL_S, SystemClient, judged
 from chorus.config import Settings
 from chorus.errors import InvalidMessage, NotFound
 from chorus.messages import AgentRecord, Heartbeat, decode
@@ -60,7 +60,8 @@ def table(records: dict[str, AgentRecord]) -> Table:
             column, justify="right" if column in ("load", "success", "mean ms") else "left"
         )
     now = time.time()
-    for record in sorted(records.values(), key=lambda r: (r.name, r.instance)):
+    for stored in sorted(records.values(), key=lambda r: (r.name, r.instance)):
+        record = judged(stored, now)  # "healthy" goes stale while the table is up
         style = HEALTH_STYLE.get(record.health, "white")
         view.add_row(
             safe(record.instance),
@@ -76,6 +77,28 @@ def table(records: dict[str, AgentRecord]) -> Table:
     return view
 
 
+HEAR_AT_MOST_S = 5.0  # how long `--once`/`--json` wait for instances' heartbeats
+
+
+async def _hear_heartbeats(
+    records: dict[str, AgentRecord], beaten: set[str], beat_again: asyncio.Event
+) -> None:
+    """Wait until every listed instance the coordinator has not found dead has sent a
+    heartbeat, or for 1.5 of the longest of their intervals (at most HEAR_AT_MOST_S): then
+    "last seen" is from heartbeats, not from when the registry was last written, and an
+    entry whose coordinator is gone but whose instance still beats is not shown dead."""
+    waiting = {i for i, r in records.items() if r.health != "dead"}
+    if not waiting:
+        return
+    longest = max(records[i].interval_s or DEFAULT_INTERVAL_S for i in waiting)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(1.5 * longest, HEAR_AT_MOST_S)
+    while not waiting <= beaten and (left := deadline - loop.time()) > 0:
+        beat_again.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(beat_again.wait(), left)
+
+
 async def show_agents(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
     from rich.live import Live
@@ -83,14 +106,39 @@ async def show_agents(args: argparse.Namespace, settings: Settings) -> int:
     nc = await connect(settings, "chorus-agents")
     try:
         system = SystemClient(nc, settings.subjects)
+        records: dict[str, AgentRecord] = {}
+        beaten: set[str] = set()
+        beat_again = asyncio.Event()
+
+        async def on_heartbeat(msg: Msg) -> None:
+            # The registry lags heartbeats (it is rewritten every few intervals): "last
+            # seen" and the load come from the heartbeats themselves whenever one arrives.
+            with contextlib.suppress(InvalidMessage):
+                beat = decode(msg.data, Heartbeat)
+                known = records.get(beat.instance)
+                if known is not None and beat.state != "stopped":
+                    records[beat.instance] = msgspec.structs.replace(
+                        known,
+                        last_seen=max(known.last_seen, beat.sent_at),
+                        in_flight=beat.in_flight + beat.waiting,
+                    )
+                    beaten.add(beat.instance)
+                    beat_again.set()
+
+        await nc.subscribe(settings.subjects.all_heartbeats, cb=on_heartbeat)
         try:
-            listed = await system.agents(create=False)
+            # As stored: judged when shown, once heartbeats have had their say.
+            listed = await system.agents(create=False, judge=False)
         except NotFound as exc:
             print(exc.reason)
             return 1
-        records = {r.instance: r for r in listed}
+        records.update({r.instance: r for r in listed})
+        if args.json or args.once:
+            await _hear_heartbeats(records, beaten, beat_again)
         if args.json:
-            print(json.dumps([msgspec.to_builtins(r) for r in records.values()], indent=2))
+            now = time.time()
+            shown = [msgspec.to_builtins(judged(r, now)) for r in records.values()]
+            print(json.dumps(shown, indent=2))
             return 0
         # Piped output is not cut to 80 columns: scripts and logs get whole rows.
         console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -102,25 +150,13 @@ async def show_agents(args: argparse.Namespace, settings: Settings) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
 
-        async def on_heartbeat(msg: Msg) -> None:
-            # The registry is rewritten on change (or every 20 s); heartbeats keep "last
-            # seen" and the load live between writes.
-            with contextlib.suppress(InvalidMessage):
-                beat = decode(msg.data, Heartbeat)
-                known = records.get(beat.instance)
-                if known is not None:
-                    records[beat.instance] = msgspec.structs.replace(
-                        known, last_seen=beat.sent_at, in_flight=beat.in_flight + beat.waiting
-                    )
-
         async def follow() -> None:
-            async for change in system.watch_agents():
+            async for change in system.watch_agents(judge=False):
                 if change.record is None:
                     records.pop(change.instance, None)
                 else:
                     records[change.instance] = change.record
 
-        await nc.subscribe(settings.subjects.all_heartbeats, cb=on_heartbeat)
         following = asyncio.create_task(follow())
         with Live(table(records), console=console, refresh_per_second=4) as live:
             while not stop.is_set():

@@ -39,7 +39,6 @@ def register(sub: Any) -> None:
         metavar="SPEC",
         help="agent specs (YAML or package.module:agent) [default: the example agents]",
     )
-    init.add_argument("--prefix", help="subject prefix [env CHORUS_PREFIX, default chorus]")
     init.add_argument(
         "--services",
         nargs="+",

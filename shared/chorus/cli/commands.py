@@ -11,7 +11,17 @@ from chorus.config import Settings
 
 
 def register(sub: Any) -> None:
-    from chorus.cli import agents, approvals, auth, messaging, runs, sessions, state, usage
+    from chorus.cli import (
+        agents,
+        approvals,
+        auth,
+        completion,
+        messaging,
+        runs,
+        sessions,
+        state,
+        usage,
+    )
 
     messaging.register(sub)
     agents.register(sub)
@@ -21,6 +31,7 @@ def register(sub: Any) -> None:
     sessions.register(sub)
     usage.register(sub)
     approvals.register(sub)
+    completion.register(sub)
     agent = sub.add_parser("agent", help="run an agent instance")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
     run = agent_sub.add_parser(

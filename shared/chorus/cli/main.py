@@ -25,24 +25,60 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+DISTRIBUTION = "chorus-agents"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _add_global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The options every command takes, before or after the command's name. Under a command
+    their default is SUPPRESS, so an option given before the command is not reset there."""
+    parser.add_argument(
+        "--nats-url", default=default, help="NATS server URL(s), comma-separated [env NATS_URL]"
+    )
+    parser.add_argument(
+        "--prefix", default=default, help="subject prefix [env CHORUS_PREFIX, default chorus]"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=default,
+        help="log format (default: json for services, text otherwise)",
+    )
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every command's parser under `parser`, nested ones too (`runs show`, `state get`)."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                found += [child, *_commands(child)]
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     from chorus.cli import commands
 
     parser = argparse.ArgumentParser(
         prog="chorus",
         description="Run teams of LLM agents as separate processes over NATS.",
-        epilog="Connection settings come from NATS_URL, NATS_CREDS, ... (see the README table).",
+        epilog="Connection settings come from NATS_URL, NATS_CREDS, ... (see the README table). "
+        "--nats-url, --prefix and --log-format may also follow the command.",
     )
-    parser.add_argument("--nats-url", help="NATS server URL(s), comma-separated [env NATS_URL]")
-    parser.add_argument("--prefix", help="subject prefix [env CHORUS_PREFIX, default chorus]")
-    parser.add_argument(
-        "--log-format",
-        choices=["text", "json"],
-        default=None,
-        help="log format (default: json for services, text otherwise)",
-    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _add_global_options(parser, None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.register(sub)
+    for command in _commands(parser):
+        _add_global_options(command, argparse.SUPPRESS)
     return parser
 
 
@@ -69,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `chorus ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
     except (NatsError, OSError, TimeoutError) as exc:
         print(
             f"chorus: error: {type(exc).__name__}: {exc} (is the server healthy?)", file=sys.stderr

@@ -18,18 +18,17 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
 
 from chorus.cli import wire
+from chorus.cli.history import Replay, Source, overlap, sources
 from chorus.cli.live import Condenser, TextPrinter, drain, follow_chunks
+from chorus.cli.times import iso
 from chorus.client import ChorusClient
 from chorus.config import Settings
 from chorus.errors import ConfigError, NoResponders, RequestTimeout
 from chorus.messages import ErrorReply, Event, StreamChunk, Task, decode, stream_key
 from chorus.nats import wire as outbound
 from chorus.nats.connection import connect
-from chorus.nats.jetstream import ordered_watch
 
 KIND_COLOURS = {
     "task": "cyan",
@@ -82,10 +81,13 @@ def register(sub: Any) -> None:
         "tail",
         help="follow subjects with decoded messages",
         description="Follow PATTERNs (default: every Chorus subject) and print each message "
-        "decoded: time, subject, type, run, agent, short payload.",
+        "decoded: time (ISO 8601 UTC; for a stored message, when it was stored), subject, "
+        "type, run, agent, short payload. Run progress is not stored: it is live only.",
         epilog="examples:\n  chorus tail\n  chorus tail 'chorus.event.>' --run 3f2a...\n"
         "  chorus tail --agent researcher --json\n"
-        "  chorus tail --history --run RUN_ID     # replay the run's stored history, then follow",
+        "  chorus tail --history --run RUN_ID     # replay the run's stored history, then follow\n"
+        "  chorus tail --history --count 20 'chorus.event.>'\n"
+        "  chorus tail --replies --no-heartbeats  # with the outcomes of durable tasks",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tail.add_argument("patterns", nargs="*", metavar="PATTERN")
@@ -96,10 +98,19 @@ def register(sub: Any) -> None:
     tail.add_argument(
         "--history",
         action="store_true",
-        help="replay what the streams hold for these subjects first",
+        help="first replay what the streams hold for these subjects (events, live output of "
+        "tasks, dead letters), oldest first, each with the time it was stored",
+    )
+    tail.add_argument(
+        "--replies",
+        action="store_true",
+        help="also show the recorded outcomes of durable tasks (KV <prefix>-tasks); answers "
+        "to plain requests go to the requester's private inbox and are not shown",
     )
     tail.add_argument("--no-heartbeats", action="store_true", help="hide heartbeats")
-    tail.add_argument("--count", type=int, default=0, help="stop after N messages")
+    tail.add_argument(
+        "--count", type=int, default=0, help="stop after N messages (history included)"
+    )
     tail.set_defaults(func=follow)
 
 
@@ -191,15 +202,16 @@ class Printer:
                 return False
         return True
 
-    async def handle(self, msg: Msg) -> None:
-        if msg.subject.startswith("_INBOX."):
+    def show(self, msg: Msg, at: float) -> None:
+        """Print one message, stamped `at` (when it was stored, or received)."""
+        if self.done.is_set() or msg.subject.startswith("_INBOX."):
             return
         message = wire.decoded(self.subjects, msg.subject, msg.data)
         if not self.wanted(msg, message):
             return
         if self.args.json:
             line = {
-                "time": time.time(),
+                "time": iso(at),
                 "subject": msg.subject,
                 "headers": msg.headers or {},
                 "type": wire.type_of(message),
@@ -216,12 +228,12 @@ class Printer:
             else:
                 summaries = [wire.short(message)]
             for summary in summaries:
-                self._print(msg, message, summary)
+                self._print(msg, message, summary, at)
         self.printed += 1
         if self.args.count and self.printed >= self.args.count:
             self.done.set()
 
-    def _print(self, msg: Msg, message: Any, summary: str) -> None:
+    def _print(self, msg: Msg, message: Any, summary: str, at: float) -> None:
         from rich.markup import escape
 
         kind = wire.type_of(message)
@@ -229,7 +241,7 @@ class Printer:
         run = wire.run_id_of(message, msg.headers)
         agent = wire.agent_of(message)
         parts = [
-            f"[dim]{time.strftime('%H:%M:%S')}[/]",
+            f"[dim]{iso(at)}[/]",
             f"[bold]{escape(msg.subject)}[/]",
             f"[{colour}]{kind}[/]",
         ]
@@ -244,37 +256,55 @@ class Printer:
         self.console.print(" ".join(parts))
 
 
-async def _subscribe(nc: Client, pattern: str, printer: Printer, history: bool) -> Any:
+async def _follow(
+    nc: Client, patterns: list[str], printer: Printer, replay: Replay, *, history: bool
+) -> list[str]:
+    """Subscribe to every pattern: what streams store through `replay` (from their start
+    with `history`), the rest as core subscriptions. Returns what is followed, for people."""
+    followed: list[str] = []
+    stored: list[Source] = []
     if history:
         js = nc.jetstream()
-        try:
-            await js.find_stream_name_by_subject(pattern)
-        except NotFoundError:
-            pass
+        for pattern in patterns:
+            stored += [s for s in await sources(js, pattern) if s not in stored]
+    for source in stored:
+        await replay.add(nc, source, history=True)
+
+    async def on_core(msg: Msg) -> None:
+        if any(overlap(msg.subject, s.subject) is not None for s in stored):
+            return  # the stream's consumer delivers it
+        if replay.replaying:  # live: after the stored ones
+            replay.backlog.append((time.time(), len(replay.backlog), msg))
         else:
-            return await ordered_watch(
-                js, pattern, cb=printer.handle, deliver_policy=DeliverPolicy.ALL
-            )
-    return await nc.subscribe(pattern, cb=printer.handle)
+            printer.show(msg, time.time())
+
+    for pattern in patterns:
+        await nc.subscribe(pattern, cb=on_core)
+        followed.append(pattern)
+    followed += [f"{s.subject} (stored in {s.stream})" for s in stored]
+    return followed
 
 
 async def follow(args: argparse.Namespace, settings: Settings) -> int:
-    patterns = args.patterns or [f"{settings.prefix}.>"]
-    if args.history and not args.patterns:
-        patterns = [settings.subjects.all_events, settings.subjects.all_runs]
+    patterns = list(dict.fromkeys(args.patterns or [f"{settings.prefix}.>"]))
     printer = Printer(args, settings)
+    replay = Replay(printer.show)
     nc = await connect(settings, "chorus-tail")
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, printer.done.set)
     try:
-        seen: set[str] = set()
-        for pattern in patterns:
-            if pattern not in seen:
-                seen.add(pattern)
-                await _subscribe(nc, pattern, printer, args.history)
+        followed = await _follow(nc, patterns, printer, replay, history=args.history)
+        if args.replies:
+            # Outcomes of durable tasks, as recorded (the tasks bucket's stream); plain
+            # request-reply answers go to private inboxes and are not shown.
+            outcomes = Source(settings.subjects.tasks_stream, settings.subjects.all_outcomes)
+            await replay.add(nc, outcomes, history=args.history)
+            followed.append(f"task outcomes ({outcomes.subject})")
         await nc.flush(timeout=5)
-        print(f"following {', '.join(sorted(seen))} (Ctrl-C to stop)", file=sys.stderr)
+        print(f"following {', '.join(followed)} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        if not await replay.play():
+            print("chorus: some stored messages did not arrive in time", file=sys.stderr)
         await printer.done.wait()
     finally:
         await nc.close()

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Final, Protocol, TextIO
 
 from chorus.cli.live import StepLines
 from chorus.cli.text import one_line
+from chorus.cli.times import iso
 from chorus.client.streams import LiveText
 from chorus.messages import RunFields, RunHead, RunProgress, RunRecord, StreamChunk
+from chorus.messages.runs import step_counts
 from chorus.specs.workflow import WorkflowSpec, expected_steps
 from chorus.workflows.progress import FINAL_KINDS
 
@@ -46,15 +48,9 @@ END_KINDS: Final = {
 
 
 def steps_done(record: RunRecord | RunHead) -> str:
-    """`done/total` steps, from a whole record or from a head's summary."""
-    if isinstance(record, RunRecord):
-        done = sum(s.status in ("completed", "skipped") for s in record.steps)
-        total = expected_steps(record.workflow) or 0
-    else:
-        done, total = record.steps_done, record.steps_expected
-    if record.plan is not None:
-        total = len(record.plan.subtasks) + 2  # plan, the subtasks, compile
-    return f"{done}/{max(total, record.steps_total)}"
+    """`done/total` steps, from a whole record or from a head's summary (`step_counts`)."""
+    done, total = step_counts(record)
+    return f"{done}/{total}"
 
 
 def duration(record: RunFields) -> str:
@@ -73,15 +69,11 @@ def seconds_text(seconds: float) -> str:
 
 
 def clock(timestamp: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+    """A time the CLI prints: ISO 8601 UTC with milliseconds (`-` for none)."""
+    return iso(timestamp)
 
 
-def when(timestamp: float) -> str:
-    if not timestamp:
-        return "-"
-    local = time.localtime(timestamp)
-    today = time.localtime().tm_yday == local.tm_yday
-    return time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M", local)
+when = clock
 
 
 def short(text: str, width: int = 80) -> str:

@@ -10,13 +10,13 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, get_args
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from chorus.cli import wire
+from chorus.cli import times, wire
 from chorus.cli.live import drain, follow_chunks
 from chorus.cli.run_progress import (
     STATUS_STYLE,
@@ -36,7 +36,15 @@ from chorus.client import ChorusClient
 from chorus.client.runs import RunClient
 from chorus.config import Settings
 from chorus.errors import ConfigError, InvalidMessage, NotFound, RequestTimeout
-from chorus.messages import RunHead, RunProgress, RunRecord, RunRequest, decode, encode
+from chorus.messages import (
+    RunHead,
+    RunProgress,
+    RunRecord,
+    RunRequest,
+    RunStatus,
+    decode,
+    encode,
+)
 from chorus.nats.connection import connect
 from chorus.specs.budget import RunBudget
 from chorus.specs.workflow import WorkflowSpec, find_workflow, load_workflow
@@ -112,6 +120,22 @@ def register(sub: Any) -> None:
     )
     runs.add_argument("--limit", type=_positive(int), default=20, help="how many runs (default 20)")
     runs.add_argument("--json", action="store_true", help="print the run records as JSON")
+    runs.add_argument(
+        "--status",
+        action="append",
+        choices=get_args(RunStatus),
+        default=[],
+        help="only runs with this status; repeatable",
+    )
+    runs.add_argument("--workflow", default="", metavar="NAME", help="only runs of this workflow")
+    runs.add_argument(
+        "--since",
+        type=times.since,
+        default=0.0,
+        metavar="WHEN",
+        help="only runs submitted since WHEN: an ISO 8601 time (UTC unless it says) or a "
+        "duration before now, like 10m, 2h, 1d",
+    )
     runs.set_defaults(func=list_runs)
     actions = runs.add_subparsers(dest="runs_command", metavar="[ACTION]")
     show = actions.add_parser(
@@ -388,12 +412,14 @@ async def list_runs(args: argparse.Namespace, settings: Settings) -> int:
     nc = await connect(settings, "chorus-runs")
     try:
         records = await RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs).list(
-            args.limit
+            args.limit, statuses=args.status, workflow=args.workflow, since=args.since
         )
     finally:
         await nc.close()
     if args.json:
         print(record_json(records))
+    elif not records and (args.status or args.workflow or args.since):
+        print("no runs match: see them all with `chorus runs`")
     elif not records:
         print("no runs yet: start one with `chorus run FILE INPUT`")
     else:

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -18,6 +17,7 @@ import msgspec
 
 from chorus.cli import wire
 from chorus.cli.runs import ExamplesFormatter
+from chorus.cli.times import iso
 from chorus.config import Settings
 from chorus.nats.connection import connect
 from chorus.state import SharedState, StateValue
@@ -100,6 +100,22 @@ def register(sub: Any) -> None:
     )
     watch.set_defaults(func=watch_changes)
 
+    listing = actions.add_parser(
+        "ls",
+        help="list the keys that have a value, optionally under a prefix",
+        description="List the keys that have a value now (deleted or expired ones are not "
+        "listed), sorted, one per line. With PREFIX, only PREFIX itself and the keys under "
+        "it (`orders` lists orders and orders.7, not orders2). Lock leases (_lock.*) are "
+        "listed only with the prefix _lock.",
+        epilog="examples:\n  chorus state ls\n  chorus state ls orders\n"
+        "  chorus state ls orders --json | jq length",
+        formatter_class=ExamplesFormatter,
+    )
+    # Not `prefix`: that is the subject prefix (--prefix), which every command takes.
+    listing.add_argument("key_prefix", metavar="PREFIX", nargs="?")
+    listing.add_argument("--json", action="store_true", help="print the keys as a JSON list")
+    listing.set_defaults(func=list_keys)
+
     history = actions.add_parser(
         "history",
         help="a key's earlier values, oldest first",
@@ -178,6 +194,19 @@ async def delete_value(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def list_keys(args: argparse.Namespace, settings: Settings) -> int:
+    async with shared_state(settings) as state:
+        keys = await state.keys(args.key_prefix)
+    if args.json:
+        print(json.dumps(keys))
+    elif keys:
+        print("\n".join(keys))
+    else:
+        under = f" under {args.key_prefix!r}" if args.key_prefix else ""
+        print(f"chorus: no keys{under} in {settings.subjects.state_bucket}", file=sys.stderr)
+    return 0
+
+
 def change_line(change: StateValue) -> str:
     from rich.markup import escape
 
@@ -185,7 +214,7 @@ def change_line(change: StateValue) -> str:
     value = "" if change.removed else " " + wire.short(as_text(change.value), 160)
     by = f" by {change.writer}" if change.writer else ""
     return (
-        f"[dim]{time.strftime('%H:%M:%S', time.localtime(change.time))}[/] "
+        f"[dim]{iso(change.time)}[/] "
         f"[{style}]{change.operation}[/] [bold]{escape(change.key)}[/]{escape(value)} "
         f"[dim](rev {change.revision}{escape(by)})[/]"
     )
@@ -250,7 +279,7 @@ async def show_history(args: argparse.Namespace, settings: Settings) -> int:
         style = OPERATION_STYLE.get(change.operation, "white")
         table.add_row(
             str(change.revision),
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(change.time)),
+            iso(change.time),
             f"[{style}]{change.operation}[/]",
             escape(change.writer),
             "" if change.removed else escape(wire.short(as_text(change.value), 100)),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import msgspec
@@ -133,11 +133,28 @@ class RunClient:
             raise NotFound(f"no run {run_id!r}")
         return record
 
-    async def list(self, limit: int = 50) -> list[RunHead]:
+    async def list(
+        self,
+        limit: int = 50,
+        *,
+        statuses: Collection[str] = (),
+        workflow: str = "",
+        since: float = 0.0,
+    ) -> list[RunHead]:
         """The most recently created runs first, without their steps (heads only: a list
         reads one small record per run however many steps runs have). A record that does not
-        decode is logged and left out, so one bad value never hides the others."""
-        records = await (await self.store()).heads()
+        decode is logged and left out, so one bad value never hides the others.
+
+        Only runs in one of `statuses` (any when empty), of the workflow named `workflow`
+        (any when empty), and created at or after `since` (epoch seconds) are listed; the
+        `limit` applies to what is left."""
+        records = [
+            head
+            for head in await (await self.store()).heads()
+            if (not statuses or head.status in statuses)
+            and (not workflow or head.workflow_name == workflow)
+            and head.created_at >= since
+        ]
         records.sort(key=lambda r: r.created_at, reverse=True)
         return records[:limit]
 

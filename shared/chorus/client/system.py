@@ -3,13 +3,19 @@
 Used by the CLI (`chorus agents`), the gateway (health, metrics) and anyone else who wants
 to know what runs. An entry that cannot be decoded (a forged or corrupt value) is skipped
 and logged, never a failure of the whole read.
+
+An entry's health is what its coordinator judged when it wrote it; readers judge it again
+by the age of its last heartbeat (`judged_health`): an entry nobody keeps fresh any more (an
+earlier `chorus up`'s, its coordinator gone) is never shown as healthy.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
+import msgspec
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
@@ -17,11 +23,40 @@ from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundErro
 from nats.js.kv import KeyValue
 
 from chorus.errors import InvalidMessage, NoResponders, NotFound
-from chorus.messages import AgentRecord, Metrics, decode
+from chorus.messages import AgentRecord, Health, Metrics, decode
 from chorus.nats.streams import ensure_agents_bucket
 from chorus.subjects import Subjects
 
 log = logging.getLogger("chorus.client.system")
+
+# The coordinator rewrites an entry once its `last_seen` lags the instance's last heartbeat
+# by this many heartbeat intervals (chorus.coordinator.service).
+REGISTRY_LAG_INTERVALS = 3.0
+# An entry whose last heartbeat is older than this many intervals is not healthy, whatever
+# it says: the coordinator's own limit (CHORUS_UNHEALTHY_AFTER, 3) plus the lag above, plus
+# one for the sweep's period and the write.
+STALE_AFTER_INTERVALS = 7.0
+DEAD_AFTER_INTERVALS = 12.0  # CHORUS_DEAD_AFTER (6) plus the same margin
+DEFAULT_INTERVAL_S = 2.0  # for entries that do not say theirs (CHORUS_HEARTBEAT_INTERVAL)
+
+
+def judged_health(record: AgentRecord, now: float) -> Health:
+    """The record's health, judged again by the age of its last heartbeat against the
+    instance's own interval: `unhealthy` past STALE_AFTER_INTERVALS, `dead` past
+    DEAD_AFTER_INTERVALS, never better than what the coordinator wrote."""
+    interval = record.interval_s or DEFAULT_INTERVAL_S
+    silent = (now - record.last_seen) / interval
+    if record.health == "dead" or silent > DEAD_AFTER_INTERVALS:
+        return "dead"
+    if record.health == "unhealthy" or silent > STALE_AFTER_INTERVALS:
+        return "unhealthy"
+    return "healthy"
+
+
+def judged(record: AgentRecord, now: float) -> AgentRecord:
+    """The record with its health judged again (`judged_health`)."""
+    health = judged_health(record, now)
+    return record if health == record.health else msgspec.structs.replace(record, health=health)
 
 
 class RegistryChange:
@@ -56,9 +91,11 @@ class SystemClient:
                     ) from None
         return self._registry
 
-    async def agents(self, *, create: bool = True) -> list[AgentRecord]:
-        """Every instance in the registry, by agent name then instance. With `create=False`
-        a missing registry is NotFound instead of being created empty."""
+    async def agents(self, *, create: bool = True, judge: bool = True) -> list[AgentRecord]:
+        """Every instance in the registry, by agent name then instance, each health judged
+        again by the age of its last heartbeat (`judged_health`; as stored with
+        `judge=False`). With `create=False` a missing registry is NotFound instead of being
+        created empty."""
         registry = await self._bucket(create=create)
         try:
             keys = await registry.keys()
@@ -72,11 +109,12 @@ class SystemClient:
                 continue  # the instance left between listing and reading
             record = _record(key, entry.value)
             if record is not None:
-                records.append(record)
+                records.append(judged(record, time.time()) if judge else record)
         return sorted(records, key=lambda r: (r.name, r.instance))
 
-    async def watch_agents(self) -> AsyncIterator[RegistryChange]:
-        """Every registry change from now on (after the current entries, once each)."""
+    async def watch_agents(self, *, judge: bool = True) -> AsyncIterator[RegistryChange]:
+        """Every registry change from now on (after the current entries, once each), health
+        judged again as by `agents`."""
         registry = await self._bucket(create=False)
         watcher = await registry.watchall()
         try:
@@ -92,7 +130,9 @@ class SystemClient:
                     continue
                 record = _record(entry.key, entry.value)
                 if record is not None:
-                    yield RegistryChange(entry.key, record)
+                    yield RegistryChange(
+                        entry.key, judged(record, time.time()) if judge else record
+                    )
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
 

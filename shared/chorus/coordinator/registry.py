@@ -120,6 +120,7 @@ class InstanceView:
             started_at=hb.started_at,
             breaker=self.breaker,
             usage=hb.usage,
+            interval_s=clamp_interval(hb.interval_s),
         )
 
 
@@ -286,7 +287,8 @@ class Registry:
     def restore(self, record: AgentRecord, interval_s: float) -> InstanceView | None:
         """Take an entry an earlier coordinator left in the registry bucket.
 
-        It is judged by the age of its `last_seen` (heartbeats every `interval_s`): dead when
+        It is judged by the age of its `last_seen` (heartbeats every `interval_s` unless the
+        entry says its own): dead when
         older than `dead_after` intervals, unhealthy otherwise, and healthy (routable) only
         once a heartbeat of its own arrives: a `chorus up` restarted on an old folder must
         not send tasks to the previous run's instances. None when the instance is known
@@ -303,7 +305,7 @@ class Registry:
             processed=record.processed,
             failed=record.failed,
             mean_latency_ms=record.mean_latency_ms,
-            interval_s=interval_s,
+            interval_s=record.interval_s or interval_s,
             started_at=record.started_at,
             sent_at=record.last_seen,
             state="ready" if record.state == "ready" else "draining",

@@ -26,10 +26,19 @@ from nats.micro.service import EndpointConfig, Service
 from chorus import __version__
 from chorus.client.approvals import ApprovalBook
 from chorus.client.control import ensure_control_bucket
+from chorus.client.system import REGISTRY_LAG_INTERVALS
 from chorus.config import Settings
 from chorus.coordinator.approvals import sweep_forever
 from chorus.coordinator.dispatch import Dispatcher
-from chorus.coordinator.registry import DEAD, HEALTHY, Change, Clock, InstanceView, Registry
+from chorus.coordinator.registry import (
+    DEAD,
+    HEALTHY,
+    Change,
+    Clock,
+    InstanceView,
+    Registry,
+    clamp_interval,
+)
 from chorus.coordinator.routing import Router, Weights
 from chorus.errors import InvalidMessage
 from chorus.messages import (
@@ -54,7 +63,9 @@ from chorus.telemetry.metrics import DispatchInstruments, snapshot
 log = logging.getLogger("chorus.coordinator")
 
 # An entry is rewritten when it changed (at most every REGISTRY_CHANGE_S) and, unchanged,
-# every REGISTRY_REFRESH_S so it outlives the bucket's 60 s TTL only while we are alive.
+# every REGISTRY_REFRESH_S so it outlives the bucket's 60 s TTL only while we are alive, and
+# when its `last_seen` lags the last heartbeat by REGISTRY_LAG_INTERVALS, so readers can
+# judge liveness from the entry alone (chorus.client.system.judged_health).
 REGISTRY_CHANGE_S = 2.0
 REGISTRY_REFRESH_S = 20.0
 
@@ -79,6 +90,7 @@ class Coordinator:
         self._agents: KeyValue | None = None
         self._dispatcher: Dispatcher | None = None
         self._written: dict[str, float] = {}
+        self._written_seen: dict[str, float] = {}  # the last_seen each entry was written with
         self._last_record: dict[str, tuple[object, ...]] = {}
         self._subscriptions: list[Subscription] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -218,6 +230,7 @@ class Coordinator:
         assert self._agents is not None
         if change.health in ("left", "forgotten"):
             self._written.pop(view.instance, None)
+            self._written_seen.pop(view.instance, None)
             self._last_record.pop(view.instance, None)
             await self._agents.delete(view.instance)
         else:
@@ -230,6 +243,7 @@ class Coordinator:
         record = view.record()
         await self._agents.put(instance, encode(record))
         self._written[instance] = self.clock()
+        self._written_seen[instance] = record.last_seen
         self._last_record[instance] = _fingerprint(view)
 
     async def _sweep_loop(self) -> None:
@@ -244,7 +258,15 @@ class Coordinator:
                         continue
                     since = now - self._written.get(view.instance, 0)
                     changed = self._last_record.get(view.instance) != _fingerprint(view)
-                    if since > REGISTRY_REFRESH_S or (changed and since > REGISTRY_CHANGE_S):
+                    lag = view.last_seen_wall - self._written_seen.get(view.instance, 0.0)
+                    lagging = lag > REGISTRY_LAG_INTERVALS * clamp_interval(
+                        view.heartbeat.interval_s
+                    )
+                    if (
+                        since > REGISTRY_REFRESH_S
+                        or lagging
+                        or (changed and since > REGISTRY_CHANGE_S)
+                    ):
                         await self._write(view.instance)
             except asyncio.CancelledError:
                 raise

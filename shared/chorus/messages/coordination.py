@@ -35,6 +35,9 @@ class AgentRecord(Message, tag="agent_record"):
     started_at: float
     breaker: BreakerState = "closed"
     usage: Usage = Usage()
+    # The instance's heartbeat interval (seconds; 0: not known, an entry of an older
+    # version): readers judge `last_seen` by it (chorus.client.system.judged_health).
+    interval_s: float = 0.0
 
 
 class AgentStatusChange(Message, tag="agent_status"):

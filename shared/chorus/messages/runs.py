@@ -167,6 +167,20 @@ class RunRecord(RunFields, tag="run_record", kw_only=True):
         return cls(**shared, workflow=workflow, steps=steps, events=events)
 
 
+def step_counts(record: RunRecord | RunHead) -> tuple[int, int]:
+    """(done, total) steps of a run, from a whole record or a head's summary, as every view
+    shows them: done is completed or skipped; the total is what the workflow (or a
+    hierarchical run's plan: plan, subtasks, compile) has, or the steps recorded if more."""
+    if isinstance(record, RunRecord):
+        done = sum(s.status in ("completed", "skipped") for s in record.steps)
+        total = expected_steps(record.workflow) or 0
+    else:
+        done, total = record.steps_done, record.steps_expected
+    if record.plan is not None:
+        total = len(record.plan.subtasks) + 2
+    return done, max(total, record.steps_total)
+
+
 class RunProgress(Message, tag="run_progress"):
     """Published as a run goes, on `<prefix>.run.<run>.<kind>`."""
 

@@ -103,8 +103,27 @@ def one_line(text: str, width: int) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
+def _readable(message: Any) -> str | None:
+    """A sentence for the messages whose fields say more together than any one does."""
+    if isinstance(message, runs.RunProgress):
+        where = "/".join(part for part in (message.workflow, message.step) if part)
+        return " ".join(part for part in (message.kind, where, message.detail) if part)
+    if isinstance(message, coordination.TaskOutcome):
+        tries = f"{message.attempts} attempt" + ("s" if message.attempts != 1 else "")
+        said = (
+            message.result.output
+            if message.result is not None
+            else (message.errors[-1].reason if message.errors else "")
+        )
+        return f"{message.status} task {message.task_id} after {tries}: {said}"
+    return None
+
+
 def short(message: Any, width: int = 100) -> str:
     """A one-line summary of the interesting part of a message."""
+    readable = _readable(message)
+    if readable is not None:
+        return one_line(readable, width)
     for name in ("output", "input", "question", "answer", "reason"):
         value = getattr(message, name, None)
         if isinstance(value, str) and value:

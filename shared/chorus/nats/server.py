@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -23,6 +25,32 @@ log = logging.getLogger("chorus.server")
 
 _LISTENING = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _READY = "Server is ready"
+_IN_USE = re.compile(r"listen tcp (\S+):(\d+): bind: address already in use")
+
+
+def port_in_use(host: str, port: int) -> str:
+    """What to say when `port` on `host` is taken: which port, and what to do."""
+    return (
+        f"port {port} is in use on {host} (another nats-server, or an earlier `chorus up` "
+        f"still running?): stop that server, or choose another port (chorus up --port N)"
+    )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError at once when something already listens on `host:port` (0: any port)."""
+    if port == 0:
+        return
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # As nats-server does: a port in TIME_WAIT after an earlier server is free to listen on.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(port_in_use(host, port)) from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    finally:
+        probe.close()
 
 
 def find_binary(explicit: str = "") -> str:
@@ -115,6 +143,7 @@ class NatsServer:
         self._ready = threading.Event()
         self._reader: threading.Thread | None = None
         self._lines: list[str] = []
+        self._exited_early = False  # its log ended before it said it was ready
 
     @property
     def url(self) -> str:
@@ -136,8 +165,11 @@ class NatsServer:
         return args + self.extra_args
 
     def start(self, timeout: float = 10.0) -> NatsServer:
+        check_port_free(self.host, self.port)
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._ready.clear()
+        self._exited_early = False
+        self._lines = []
         self._process = subprocess.Popen(
             self.command(),
             stdout=subprocess.DEVNULL,
@@ -147,9 +179,16 @@ class NatsServer:
         )
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
-        if not self._ready.wait(timeout) or self._process.poll() is not None:
+        ready = self._ready.wait(timeout) and not self._exited_early
+        if not ready or self._process.poll() is not None:
             output = "".join(self._lines[-20:])
             self.stop()
+            # A port taken between the check and the server's own listen (or its monitor port).
+            for line in self._lines:
+                if taken := _IN_USE.search(line):
+                    raise ConfigError(port_in_use(taken.group(1), int(taken.group(2))))
+            if self._exited_early:
+                raise ConfigError(f"nats-server exited before it was ready:\n{output}")
             raise ConfigError(f"nats-server did not become ready within {timeout}s:\n{output}")
         log.info("nats-server ready", extra={"url": self.url, "store_dir": str(self.store_dir)})
         return self
@@ -173,7 +212,9 @@ class NatsServer:
         finally:
             if sink:
                 sink.close()
-            self._ready.set()  # unblock start() when the process dies early
+            if not self._ready.is_set():
+                self._exited_early = True
+                self._ready.set()  # unblock start() when the process dies early
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, wait, then SIGKILL if it has not exited."""

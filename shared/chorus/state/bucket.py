@@ -26,7 +26,7 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 from chorus.errors import Conflict, InvalidKey
 from chorus.messages import headers
 from chorus.nats import wire
-from chorus.nats.jetstream import ordered_watch
+from chorus.nats.jetstream import last_values, ordered_watch
 from chorus.subjects import Subjects
 
 log = logging.getLogger("chorus.state")
@@ -213,6 +213,12 @@ class StateBucket:
                 )
             )
             seq = (raw.seq or seq) + 1
+
+    async def keys(self, pattern: str) -> list[str]:
+        """The keys matching `pattern` that have a value now (deleted and expired ones left
+        out): one snapshot read of the last message per key."""
+        found = await last_values(self.js, self.stream, self.subjects.state_subject(pattern))
+        return [self.subjects.state_key(msg.subject) for msg in found]
 
     async def last_revision(self) -> int:
         """The bucket's latest revision over all keys."""

@@ -185,6 +185,16 @@ class SharedState:
         """The key's stored revisions, oldest first, deletes included (the last 16 are kept)."""
         return [to_state_value(r) for r in await self._bucket.history(check_key(key))]
 
+    async def keys(self, prefix: str | None = None) -> list[str]:
+        """The keys that have a value, sorted: all of them, or `prefix` and the keys under it
+        (`orders` lists `orders` and `orders.7`, not `orders2`). Lock leases are listed only
+        when `prefix` is under their own prefix (`_lock`)."""
+        patterns = [">"] if prefix is None else [check_key(prefix, "prefix"), f"{prefix}.>"]
+        found = {key for pattern in patterns for key in await self._bucket.keys(pattern)}
+        if not (prefix or "").startswith(LOCK_KEY_PREFIX.rstrip(".")):
+            found = {key for key in found if not key.startswith(LOCK_KEY_PREFIX)}
+        return sorted(found)
+
     async def watch(
         self,
         pattern: str,
