@@ -28,6 +28,7 @@ from chorus.agent import Agent, Context
 from chorus.agent.host import AgentHost
 from chorus.auth import AuthLayout, init_auth
 from chorus.client import ChorusClient
+from chorus.client.dead_letters import DeadLetters
 from chorus.client.durable import TaskQueue
 from chorus.client.runs import RunClient
 from chorus.client.runstore import KvRunStore
@@ -669,6 +670,19 @@ async def test_an_agent_cannot_widen_a_snapshot_filter_the_api_subject_names(
     error = msgspec.json.decode(reply.data)["error"]
     assert refusal in error["description"], error
     assert await _snapshot(deployment) == before
+
+
+async def test_the_operator_reads_the_dead_letters(
+    deployment: Deployment, operator: Client
+) -> None:
+    """`chorus dlq` runs as the operator: its reads (a named consumer on the DLQ stream) are
+    allowed; deleting letters is denied to everyone else (the attacks above)."""
+    violations = len(deployment.violations())
+
+    (letter,) = await DeadLetters(operator, S).list("cap.x")
+
+    assert (letter.queue, letter.kind) == ("cap.x", "unreadable")  # the `{}` provisioned
+    assert deployment.violations()[violations:] == []
 
 
 def test_deploy_example_is_what_auth_init_writes_for_the_example_agents(tmp_path: Path) -> None:

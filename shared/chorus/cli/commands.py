@@ -19,6 +19,7 @@ def register(sub: Any) -> None:
     state.register(sub)
     auth.register(sub)
     sessions.register(sub)
+    __import__("chorus.cli.dlq", fromlist=["register"]).register(sub)  # chorus dlq
     agent = sub.add_parser("agent", help="run an agent instance")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
     run = agent_sub.add_parser(
