@@ -769,16 +769,16 @@ async def test_the_compose_system_runs_workflows_through_the_gateway_as_local_pr
             system.start(name, locals_[name])
         async with httpx.AsyncClient(
             base_url=base_url,
-            timeout=20,
+            timeout=60,
             trust_env=False,
             headers={"Authorization": f"Bearer {api_key}"},
         ) as http:
-            health = await wait_until_healthy(http, system, looked_again, set(AGENTS), 20)
+            health = await wait_until_healthy(http, system, looked_again, set(AGENTS), 60)
 
             by_name = await http.post(
                 "/api/execute",
                 json={"workflow_name": "research-report", "input": "What is JetStream?"},
-                params={"wait": "true", "timeout": "15"},
+                params={"wait": "true", "timeout": "45"},
             )
             # One task per compose agent, each routed by a capability of its spec.
             inline = {
@@ -792,7 +792,7 @@ async def test_the_compose_system_runs_workflows_through_the_gateway_as_local_pr
             by_workflow = await http.post(
                 "/api/execute",
                 json={"workflow": inline, "input": "NATS"},
-                params={"wait": "true", "timeout": "15"},
+                params={"wait": "true", "timeout": "45"},
             )
             prometheus = await http.get("/metrics")
             connz = await http.get(
