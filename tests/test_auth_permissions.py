@@ -28,6 +28,7 @@ from chorus.agent import Agent, Context
 from chorus.agent.host import AgentHost
 from chorus.auth import AuthLayout, init_auth
 from chorus.client import ChorusClient
+from chorus.client.dead_letters import DeadLetters
 from chorus.client.durable import TaskQueue
 from chorus.client.runs import RunClient
 from chorus.client.runstore import KvRunStore
@@ -44,16 +45,22 @@ from chorus.nats.streams import (
     ensure_chunk_stream,
     ensure_dead_letter_stream,
     ensure_dispatch_stream,
+    ensure_effects_bucket,
     ensure_events_stream,
     ensure_runs_stream,
+    ensure_sessions_bucket,
     ensure_tasks_bucket,
 )
 from chorus.orchestrator.service import CONSUMER as ORCHESTRATOR_CONSUMER
 from chorus.orchestrator.service import Orchestrator
-from chorus.specs.agent import AgentSpec
+from chorus.specs.agent import AgentSpec, SessionSpec
+from chorus.specs.tools import ToolSpec
 from chorus.specs.workflow import Pipeline, Step
 from chorus.state.bucket import StateBucket
 from chorus.subjects import Subjects, dispatch_target
+from chorus.tools.base import ToolCallContext, ToolDefinition
+from chorus.tools.ledger import EffectLedger
+from chorus.tools.peers import PeerTool, PeerToolSpec
 
 PREFIX = "chorus"
 S = Subjects(PREFIX)
@@ -65,6 +72,11 @@ WRITER = AgentSpec(
     state=["drafts"],
 )
 RESEARCHER = AgentSpec(name="researcher", capabilities=["research"], state=["notes"])
+# Calls the writer as a durable peer tool; keeps conversation sessions.
+CALLER = AgentSpec(name="caller", capabilities=["calling"], tools=[ToolSpec(capability="writing")])
+CHATTY = AgentSpec(name="chatty", capabilities=["chat"], session=SessionSpec())
+WRITER_EFFECT = S.kv_subject(S.effects_bucket, "writer.order1.charge.abc.1")
+WRITER_EFFECTS = S.kv_subject(S.effects_bucket, "writer.>")
 OTHER_INSTANCE = "writer-0123456789"
 
 
@@ -106,6 +118,8 @@ async def _provision(settings: Settings) -> None:
     await ensure_agents_bucket(js, S)
     await KvRunStore.open(js, S)
     await StateBucket.ensure(nc, S)
+    await ensure_sessions_bucket(js, S, 3600)
+    await ensure_effects_bucket(js, S)
     await js.add_consumer(
         S.runs_stream, ConsumerConfig(durable_name=S.runs_consumer, ack_policy=AckPolicy.EXPLICIT)
     )
@@ -113,6 +127,7 @@ async def _provision(settings: Settings) -> None:
     await js.publish(S.dead_letter("cap.x"), b"{}")
     await js.publish(S.state_subject("drafts.d1"), b'"writer draft"')
     await js.publish(S.state_subject("notes.n1"), b'"researcher note"')
+    await js.publish(WRITER_EFFECT, b'{"secret": "writer effect"}')
     await nc.close()
 
 
@@ -121,7 +136,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     root = tmp_path_factory.mktemp("auth")
     port = _free_port()
     layout = init_auth(
-        root / "conf", [WRITER, RESEARCHER], prefix=PREFIX, monitor=f"127.0.0.1:{port}"
+        root / "conf",
+        [WRITER, RESEARCHER, CALLER, CHATTY],
+        prefix=PREFIX,
+        monitor=f"127.0.0.1:{port}",
     )
     log = root / "server.log"
     server = NatsServer(root / "js", config_file=str(layout.server_config), log_file=log).start()
@@ -271,6 +289,44 @@ ATTACKS: list[tuple[str, str, str, str, str]] = [
         "",
     ),
     (AGENT, "touch a stream it does not own", "api", f"{API}.STREAM.INFO.{S.runs_stream}", ""),
+    # the effect ledger: its own records only (keys `<agent>.`)
+    (AGENT, "write another agent's effect record", "pub", WRITER_EFFECT, ""),
+    (
+        AGENT,
+        "read another agent's effect record",
+        "api",
+        f"{API}.DIRECT.GET.KV_{S.effects_bucket}.{WRITER_EFFECT}",
+        "",
+    ),
+    (
+        AGENT,
+        "snapshot another agent's effect records",
+        "api",
+        f"{API}.CONSUMER.CREATE.KV_{S.effects_bucket}.spy.{WRITER_EFFECTS}",
+        "{}",
+    ),
+    (
+        AGENT,
+        "read an effect record by sequence",
+        "api",
+        f"{API}.STREAM.MSG.GET.KV_{S.effects_bucket}",
+        '{"seq": 1}',
+    ),
+    # durable peer calls and sessions: only for agents whose spec has them
+    (AGENT, "read a task outcome", "api", f"{API}.STREAM.MSG.GET.{S.tasks_stream}", '{"seq":1}'),
+    (AGENT, "follow the task outcomes", "api", f"{API}.CONSUMER.CREATE.{S.tasks_stream}", "{}"),
+    (AGENT, "write a session", "pub", S.session_subject("session.s1"), ""),
+    (AGENT, "watch the sessions", "api", f"{API}.CONSUMER.CREATE.{S.sessions_stream}", "{}"),
+    (AGENT, "interrupt a session's turn", "pub", S.session_interrupt("s1"), ""),
+    (
+        "agent-caller",
+        "dispatch to a peer its spec does not name",
+        "pub",
+        S.dispatch(dispatch_target(capability="research")),
+        "",
+    ),
+    ("agent-caller", "write a task outcome", "pub", S.outcome("t1"), ""),
+    ("agent-chatty", "write another bucket's key", "pub", S.outcome("t1"), ""),
     (AGENT, "create a stream", "api", f"{API}.STREAM.CREATE.SPY", '{"name": "SPY"}'),
     *[
         (who, what, "api", subject, "")
@@ -466,6 +522,174 @@ async def test_services_with_their_credentials_run_a_durable_task_and_a_workflow
         await coordinator.stop()
         for nc in (*connections.values(), operator):
             await nc.close()
+    assert deployment.violations()[violations:] == []
+
+
+class Charge:
+    """A side effect that counts how often it really ran."""
+
+    definition = ToolDefinition(name="charge", side_effect=True)
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def call(self, arguments: dict[str, Any], ctx: ToolCallContext) -> Any:
+        self.runs += 1
+        return {"receipt": f"r{self.runs}"}
+
+
+@pytest.fixture
+async def coordinator(deployment: Deployment) -> AsyncIterator[Coordinator]:
+    settings = deployment.settings("coordinator")
+    nc = await connect(settings, "coordinator")
+    running = Coordinator(nc, settings)
+    await running.start()
+    yield running
+    await running.stop()
+    await nc.close()
+
+
+async def test_an_agent_makes_a_durable_peer_call_and_gets_its_answer(
+    deployment: Deployment, operator: Client, coordinator: Coordinator
+) -> None:
+    violations = len(deployment.violations())
+    caller = Agent(spec=CALLER)
+
+    @caller.on_task
+    async def call_the_writer(task: Task, ctx: Context) -> str:
+        # The peer tool of the spec's `tools: [{capability: writing}]`, as the loop calls it.
+        tool = PeerTool(PeerToolSpec(capability="writing", timeout_s=30))
+        call = ToolCallContext(
+            agent=ctx.agent_name,
+            instance=ctx.instance,
+            task_id=task.task_id,
+            client=ctx.client,
+            queue=ctx.queue,
+        )
+        answer = await tool.call({"input": task.input}, call)
+        return f"the writer {answer.instance} said: {answer.output}"
+
+    hosts = [
+        AgentHost(writer_agent(), deployment.settings("agent-writer"), model=OfflineModel()),
+        AgentHost(caller, deployment.settings("agent-caller"), model=OfflineModel()),
+    ]
+    for host in hosts:
+        await host.start()
+    try:
+        client = ChorusClient(operator, S, timeout=30)
+        result = await client.run_task(Task(input="peer"), capability="calling")
+    finally:
+        for host in hosts:
+            await host.stop(timeout=5)
+    assert result.output == f"the writer {hosts[0].instance} said: drafted peer"
+    assert deployment.violations()[violations:] == []
+
+
+async def test_an_agent_continues_a_session_under_its_credentials(
+    deployment: Deployment, operator: Client, coordinator: Coordinator
+) -> None:
+    violations = len(deployment.violations())
+    chatty = Agent(spec=CHATTY)
+
+    @chatty.on_task
+    async def chat(task: Task, ctx: Context) -> str:
+        return f"{task.input} after {len(ctx.history)} items"
+
+    host = AgentHost(chatty, deployment.settings("agent-chatty"), model=OfflineModel())
+    await host.start()
+    try:
+        client = ChorusClient(operator, S, timeout=30)
+        first = await client.run_task(Task(input="one", session_id="conv1"), capability="chat")
+        second = await client.run_task(Task(input="two", session_id="conv1"), capability="chat")
+    finally:
+        await host.stop(timeout=5)
+    assert (first.output, second.output) == ("one after 0 items", "two after 2 items")
+    assert deployment.violations()[violations:] == []
+
+
+async def test_an_agent_records_its_side_effects_under_its_own_keys(
+    deployment: Deployment, operator: Client, coordinator: Coordinator
+) -> None:
+    violations = len(deployment.violations())
+    charge = Charge()
+    payer = Agent(spec=RESEARCHER)
+
+    @payer.on_task
+    async def pay(task: Task, ctx: Context) -> str:
+        ledger = EffectLedger(ctx.client.nc, S, owner=ctx.agent_name)  # as AgentHost makes it
+        receipts = []
+        for attempt in (1, 2):  # the retry of the call gets the recorded result
+            call = ToolCallContext(
+                agent=ctx.agent_name,
+                instance=ctx.instance,
+                task_id=task.task_id,
+                attempt=attempt,
+                effect_scope=task.task_id,
+            )
+            receipts.append((await ledger.wrap(charge).call({"amount": 5}, call))["receipt"])
+        (record,) = await ledger.records(task.task_id)
+        return f"{' '.join(receipts)} {record.status} {record.key}"
+
+    host = AgentHost(payer, deployment.settings("agent-researcher"), model=OfflineModel())
+    await host.start()
+    try:
+        task = Task(input="pay")
+        result = await ChorusClient(operator, S, timeout=30).run_task(task, capability="research")
+    finally:
+        await host.stop(timeout=5)
+    receipts, status, key = result.output.rsplit(" ", 2)
+    assert (receipts, status, charge.runs) == ("r1 r1", "done", 1)
+    assert key.startswith(f"researcher.{task.task_id}.charge.")
+    assert deployment.violations()[violations:] == []
+
+
+@pytest.mark.parametrize(
+    ("wider", "refusal"),
+    [
+        (
+            {"filter_subject": S.kv_subject(S.effects_bucket, ">")},
+            "did not match filtered subject",
+        ),
+        (
+            {"filter_subjects": [S.kv_subject(S.effects_bucket, ">")]},
+            "multiple subject filters cannot use subject based API",
+        ),
+    ],
+    ids=["filter_subject", "filter_subjects"],
+)
+async def test_an_agent_cannot_widen_a_snapshot_filter_the_api_subject_names(
+    deployment: Deployment, probe_as: Any, wider: dict[str, Any], refusal: str
+) -> None:
+    """The consumer's filter in the API subject is what permissions check; nats-server refuses
+    a request whose body asks for another filter, so no agent reads beyond its own keys."""
+    probe: Probe = await probe_as(AGENT)
+    assert probe.nc is not None
+    own = S.kv_subject(S.effects_bucket, "researcher.>")
+    config = {"name": "wide", "ack_policy": "none", "deliver_policy": "last_per_subject", **wider}
+    body = {"stream_name": f"KV_{S.effects_bucket}", "config": config}
+    before = await _snapshot(deployment)
+
+    reply = await probe.nc.request(
+        f"{API}.CONSUMER.CREATE.KV_{S.effects_bucket}.wide.{own}",
+        msgspec.json.encode(body),
+        timeout=5,
+    )
+
+    error = msgspec.json.decode(reply.data)["error"]
+    assert refusal in error["description"], error
+    assert await _snapshot(deployment) == before
+
+
+async def test_the_operator_reads_the_dead_letters(
+    deployment: Deployment, operator: Client
+) -> None:
+    """`chorus dlq` runs as the operator: its reads (a named consumer on the DLQ stream) are
+    allowed; deleting letters is denied to everyone else (the attacks above)."""
+    violations = len(deployment.violations())
+
+    (letter,) = await DeadLetters(operator, S).list("cap.x")
+
+    assert (letter.queue, letter.kind) == ("cap.x", "unreadable")  # the `{}` provisioned
     assert deployment.violations()[violations:] == []
 
 

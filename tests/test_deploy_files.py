@@ -1,10 +1,11 @@
 """The container deployment files, checked against the code and a real nats-server.
 
 No Docker engine is needed: docker-compose.yml, the Dockerfile and .dockerignore are read
-and checked against the real `chorus` parser, the agent loader and pyproject.toml;
-deploy/nats-server.conf runs on the real nats-server with the flags compose gives it
-(`-js -sd <dir> -m <port>`, on a temp dir and free ports here); and compose's services run
-as local processes with the commands and environment compose gives them (`as_local_process`).
+and checked against the real `chorus` parser, the agent loader and pyproject.toml; the
+generated NATS config of deploy/auth runs on the real nats-server with the flags compose
+gives it (`-js -sd <dir> -m <port>`, on a temp dir and free ports here, with credentials
+`chorus auth init` makes for the test); and compose's services run as local processes with
+the commands, environment and credentials compose gives them (`as_local_process`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import inspect
 import json
 import os
 import re
-import secrets
 import shlex
 import signal
 import socket
@@ -23,40 +23,44 @@ import subprocess
 import sys
 import tomllib
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 import httpx
 import pytest
 import yaml
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import Error as NatsError
 from prometheus_client.parser import text_string_to_metric_families
 
 from chorus.agent.host import AgentHost
 from chorus.agent.loader import load_agent
+from chorus.auth import AuthLayout, init_auth
+from chorus.auth.permissions import inbox
+from chorus.cli.auth import example_specs
 from chorus.cli.main import build_parser
 from chorus.client import ChorusClient
 from chorus.config import Settings
+from chorus.errors import NatsAuthRefused
 from chorus.gateway.keys import add_key
 from chorus.messages import Heartbeat, RunRecord, Task, decode
 from chorus.nats.connection import connect
 from chorus.nats.server import NatsServer, find_binary
+from chorus.specs.agent import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
-NATS_CONF = ROOT / "deploy" / "nats-server.conf"
+AUTH_DIR = ROOT / "deploy" / "auth"  # what `chorus auth init --dir deploy/auth` writes
+AUTH_DIR_IN_COMPOSE = "deploy/auth"
 
 # `chorus` commands that compose runs but that are still being built. Remove each one from
 # this set when its service lands: its checks then must pass (they show XPASS until then).
 NOT_BUILT_YET: set[str] = set()
 
-SERVICE_USERS = {"coordinator", "orchestrator", "gateway", "agent", "cli"}
 NATS_SERVICE = "nats"
+SEED_VARIABLE = "NATS_NKEY_SEED"
 
 
 # --- reading the files ---------------------------------------------------------------------
@@ -82,17 +86,34 @@ def by_command(names: list[str]) -> list[Any]:
     ]
 
 
-def required_variable(value: str) -> str:
-    """`${VAR:?message}` -> `VAR`; anything else fails (a password must not have a default)."""
-    match = re.fullmatch(r"\$\{(\w+):\?[^}]*\}", value)
-    assert match, f"{value!r} is not a required variable reference ${{VAR:?message}}"
-    return match.group(1)
+def principal_of(name: str) -> str:
+    """The NATS principal a compose service should connect as: its own service principal,
+    `agent-<name>` for an agent, the operator for the `cli` service."""
+    if name in AGENTS:
+        return f"agent-{name}"
+    return "operator" if name == "cli" else name
 
 
-def nats_users() -> dict[str, str]:
-    """User -> the environment variable holding its password, from deploy/nats-server.conf."""
-    text = re.sub(r"#.*", "", NATS_CONF.read_text())
-    return dict(re.findall(r"user:\s*(\w+)\s+password:\s*\$(\w+)", text))
+def secret_files(name: str, variables: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Container path -> host path (as compose names it, repo-relative) of a service's secrets."""
+    found = {}
+    for entry in SERVICES[name].get("secrets", []):
+        if isinstance(entry, str):
+            source, target = entry, entry
+        else:
+            source, target = entry["source"], entry.get("target", entry["source"])
+        path = target if target.startswith("/") else f"/run/secrets/{target}"
+        host = interpolate(COMPOSE["secrets"][source]["file"], variables or {})
+        found[path] = host.removeprefix("./")
+    return found
+
+
+def volume_files(name: str) -> dict[str, str]:
+    """Container path -> host path or volume name, of a service's volumes."""
+    return {
+        target: source.removeprefix("./")
+        for source, target, *_ in (volume.split(":") for volume in SERVICES[name]["volumes"])
+    }
 
 
 class Instruction(NamedTuple):
@@ -197,10 +218,21 @@ class LocalProcess(NamedTuple):
     env: dict[str, str]
 
 
-def as_local_process(name: str, nats_url: str, variables: Mapping[str, str]) -> LocalProcess:
+def repo_file(path: str) -> Path:
+    return ROOT / path
+
+
+def as_local_process(
+    name: str,
+    nats_url: str,
+    variables: Mapping[str, str],
+    host_path: Callable[[str], Path] = repo_file,
+) -> LocalProcess:
     """What compose runs for service `name`, as a process on this machine: the image's
     `chorus` entrypoint becomes `python -m chorus`, paths in the image become the repository
-    files the Dockerfile copies there, and nats://nats:4222 becomes `nats_url`."""
+    files the Dockerfile copies there, a variable naming a secret's path in the container
+    (`/run/secrets/...`) names the file compose mounts there (through `host_path`), and
+    nats://nats:4222 becomes `nats_url`."""
     service = SERVICES[name]
     args = [
         str(image_path_in_repo(arg)) if PurePosixPath(arg).is_absolute() else arg
@@ -212,6 +244,10 @@ def as_local_process(name: str, nats_url: str, variables: Mapping[str, str]) -> 
         if value is not None  # compose passes these through only when set on the host
     }
     environment["NATS_URL"] = environment["NATS_URL"].replace("nats://nats:4222", nats_url)
+    mounted = secret_files(name, variables)
+    for key, value in environment.items():
+        if value in mounted:
+            environment[key] = str(host_path(mounted[value]))
     env = {**os.environ, "PYTHONPATH": str(ROOT), **environment}
     return LocalProcess([sys.executable, "-m", "chorus", *args], env)
 
@@ -250,24 +286,44 @@ def test_compose_runs_at_least_two_different_agents() -> None:
     assert len(specs) >= 2
 
 
+def generated_principals() -> dict[str, str]:
+    """Principal -> role, from the comments `chorus auth init` writes above each user."""
+    text = (AUTH_DIR / "nats-auth.conf").read_text()
+    return dict(re.findall(r"^\s*# ([\w-]+) \((\w+)", text, flags=re.MULTILINE))
+
+
 @pytest.mark.parametrize("name", CHORUS_SERVICES)
-def test_chorus_services_reach_nats_with_their_own_user(name: str) -> None:
+def test_chorus_services_reach_nats_as_their_own_principal_with_its_seed_only(name: str) -> None:
     environment = SERVICES[name]["environment"]
-    user = environment["NATS_USER"]
-    password_variable = required_variable(environment["NATS_PASSWORD"])
+    principal = principal_of(name)
+    secrets_ = secret_files(name)
+    seed_file = f"{AUTH_DIR_IN_COMPOSE}/creds/{principal}.nk"
 
     assert environment["NATS_URL"] == "nats://nats:4222"
-    assert user == ("agent" if name in AGENTS else name)
-    assert nats_users()[user] == password_variable
+    assert principal in generated_principals()
+    assert secrets_[environment[SEED_VARIABLE]] == seed_file
+    # no other principal's seed, and no password credentials besides
+    assert [p for p in secrets_.values() if "/creds/" in p] == [seed_file]
+    assert environment["NATS_INBOX_PREFIX"] == inbox(principal)
+    assert not {"NATS_USER", "NATS_PASSWORD", "NATS_TOKEN", "NATS_CREDS"} & set(environment)
 
 
-def test_nats_config_has_one_user_per_service_with_a_password_from_the_environment() -> None:
-    users = nats_users()
-    nats_environment = SERVICES[NATS_SERVICE]["environment"]
+def test_compose_mounts_every_seed_it_names_from_deploy_auth_creds() -> None:
+    files = {name: secret["file"] for name, secret in COMPOSE["secrets"].items()}
+    seeds = {name: path for name, path in files.items() if path.endswith(".nk")}
 
-    assert set(users) == SERVICE_USERS
-    for variable in users.values():
-        assert required_variable(nats_environment[variable]) == variable
+    assert seeds, "no nkey seeds are mounted"
+    for name, path in seeds.items():
+        principal = PurePosixPath(path).stem
+        assert path == f"./{AUTH_DIR_IN_COMPOSE}/creds/{principal}.nk"
+        assert name == f"nkey-{principal}"
+
+
+@pytest.mark.parametrize("path", ["deploy/auth/creds/agent-writer.nk", "deploy/auth/creds/x.env"])
+def test_seeds_stay_out_of_git_and_the_image(path: str) -> None:
+    ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False)
+    assert ignored.returncode == 0, f"git would commit {path}"
+    assert dockerignored(path)
 
 
 @pytest.mark.parametrize("name", AGENTS)
@@ -299,16 +355,21 @@ def test_nats_runs_an_official_alpine_image_of_2_11_or_later() -> None:
     assert (int(match.group(1)), int(match.group(2))) >= (2, 11)
 
 
-def test_nats_uses_the_deploy_config_with_jetstream_on_a_named_volume() -> None:
+def test_nats_uses_the_generated_config_and_its_users_with_jetstream_on_a_named_volume() -> None:
     nats_service = SERVICES[NATS_SERVICE]
     command = nats_service["command"]
-    # container path -> host path or volume name
-    mounts = {
-        target: source
-        for source, target, *_ in (volume.split(":") for volume in nats_service["volumes"])
-    }
+    mounts = volume_files(NATS_SERVICE)
+    config = PurePosixPath(command[command.index("-c") + 1])
+    (include,) = re.findall(
+        r'^include "([^"]+)"', (AUTH_DIR / "nats-server.conf").read_text(), re.M
+    )
 
-    assert (ROOT / mounts[command[command.index("-c") + 1]]).resolve() == NATS_CONF
+    assert mounts[str(config)] == f"{AUTH_DIR_IN_COMPOSE}/nats-server.conf"
+    # The include is read from the config's folder in the container.
+    assert mounts[str(config.parent / include)] == f"{AUTH_DIR_IN_COMPOSE}/{include}"
+    assert all(v.endswith(":ro") for v in nats_service["volumes"] if v.startswith("./"))
+    assert not any("creds" in source for source in mounts.values()), "nats needs no seed"
+    assert "environment" not in nats_service, "the generated config reads no variables"
     assert "-js" in command
     assert mounts[command[command.index("-sd") + 1]] in COMPOSE["volumes"]
 
@@ -320,8 +381,10 @@ def test_nats_health_check_asks_jetstream_health_on_the_monitoring_port() -> Non
 
     assert command[command.index("-m") + 1] == "8222"
     assert check[:4] == ["CMD", "wget", "-q", "--spider"]
-    assert re.fullmatch(r"http://[\w.]+:8222/healthz\?js-enabled-only=true", check[4])
-    assert any(port.endswith(":8222") for port in nats_service["ports"])
+    # inside the container, where the generated config keeps the unauthenticated port
+    assert re.fullmatch(r"http://127\.0\.0\.1:8222/healthz\?js-enabled-only=true", check[4])
+    assert "http: 127.0.0.1:8222" in (AUTH_DIR / "nats-server.conf").read_text()
+    assert not any(port.endswith(":8222") for port in nats_service["ports"])
 
 
 def test_gateway_publishes_the_port_it_listens_on_all_interfaces() -> None:
@@ -335,7 +398,7 @@ def test_gateway_publishes_the_port_it_listens_on_all_interfaces() -> None:
 
 def test_gateway_reads_its_api_keys_from_a_compose_secret_kept_out_of_git_and_the_image() -> None:
     gateway = SERVICES["gateway"]
-    (secret,) = gateway["secrets"]
+    (secret,) = [s for s in gateway["secrets"] if s == "gateway_keys"]
     source = interpolate(COMPOSE["secrets"][secret]["file"], {}).removeprefix("./")
 
     assert gateway["environment"]["CHORUS_GATEWAY_KEYS"] == f"/run/secrets/{secret}"
@@ -400,18 +463,13 @@ def free_port() -> int:
         return port
 
 
-def compose_nats_server(store_dir: Path) -> NatsServer:
+def compose_nats_server(store_dir: Path, host_path: Callable[[str], Path]) -> NatsServer:
     """The compose `nats` service as a local nats-server, with every flag of its command: the
-    config file through its bind mount (the repository file), the store on `store_dir` instead
-    of the named volume, the monitoring port on a free port. Any other flag compose adds is
-    passed on as it is; a flag compose drops (`-js`, ...) fails here."""
+    config file through its bind mount (`host_path` of its host path), the store on
+    `store_dir` instead of the named volume, the monitoring port on a free port. Any other
+    flag compose adds is passed on as it is; a flag compose drops (`-js`, ...) fails here."""
     command = list(SERVICES[NATS_SERVICE]["command"])
-    mounts = {
-        target: source
-        for source, target, *_ in (
-            volume.split(":") for volume in SERVICES[NATS_SERVICE]["volumes"]
-        )
-    }
+    mounts = volume_files(NATS_SERVICE)
 
     def take(flag: str, *, with_value: bool = True) -> str:
         at = command.index(flag)
@@ -425,65 +483,90 @@ def compose_nats_server(store_dir: Path) -> NatsServer:
     take("-m")
     return NatsServer(
         store_dir,
-        config_file=str(ROOT / mounts[config]),
+        config_file=str(host_path(mounts[config])),
         monitor_port=free_port(),
         extra_args=command,
     )
 
 
-class ConfiguredServer:
-    def __init__(self, server: NatsServer, passwords: dict[str, str], monitor_port: int) -> None:
-        self.server = server
-        self.passwords = passwords
-        self.monitor_port = monitor_port
+def host_paths(auth_dir: Path) -> Callable[[str], Path]:
+    """Host paths as compose names them, with `auth_dir` standing in for deploy/auth."""
+
+    def host_path(path: str) -> Path:
+        if PurePosixPath(path).is_relative_to(AUTH_DIR_IN_COMPOSE):
+            return auth_dir / PurePosixPath(path).relative_to(AUTH_DIR_IN_COMPOSE)
+        return ROOT / path
+
+    return host_path
+
+
+class ComposeNats(NamedTuple):
+    """The compose `nats` service on this machine, with credentials made for the test."""
+
+    server: NatsServer
+    layout: AuthLayout
+    variables: dict[str, str]  # what compose would read from .env or the shell
+    host_path: Callable[[str], Path]
 
     @property
-    def variables(self) -> dict[str, str]:
-        """The password variables as compose reads them from .env."""
-        return {variable: self.passwords[user] for user, variable in nats_users().items()}
+    def monitor_port(self) -> int:
+        assert self.server.monitor_port is not None
+        return self.server.monitor_port
 
-    def settings(self, user: str) -> Settings:
-        return Settings(
-            nats_url=self.server.url, nats_user=user, nats_password=self.passwords[user]
-        )
+    def local(self, name: str) -> LocalProcess:
+        return as_local_process(name, self.server.url, self.variables, self.host_path)
+
+    def settings(self, principal: str) -> Settings:
+        return self.layout.settings_for(principal, Settings(nats_url=self.server.url))
+
+    def principal_of_key(self, public_key: str) -> str:
+        return {key: name for name, key in self.layout.keys.items()}.get(public_key, public_key)
+
+
+def generate_deploy_auth(directory: Path) -> AuthLayout:
+    """`chorus auth init --dir deploy/auth` for the example agents, into `directory`."""
+    return init_auth(directory, [load_spec(spec) for spec in example_specs()])
 
 
 @pytest.fixture
-def configured_nats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ConfiguredServer]:
-    """deploy/nats-server.conf on nats-server, passwords in its environment as in compose."""
-    passwords = {user: f"pw{secrets.token_hex(12)}" for user in SERVICE_USERS}
-    for user, variable in nats_users().items():
-        monkeypatch.setenv(variable, passwords[user])
-    server = compose_nats_server(tmp_path / "data")
-    server.start()
-    assert server.monitor_port is not None
-    yield ConfiguredServer(server, passwords, server.monitor_port)
+def compose_nats(tmp_path: Path) -> Iterator[ComposeNats]:
+    """deploy/auth's server config on nats-server, as compose runs it, with fresh seeds (the
+    repository has none: `chorus auth init` makes them in each deployment)."""
+    layout = generate_deploy_auth(tmp_path / "deploy-auth")
+    # The server config is the committed one (nats-auth.conf differs only in the public keys).
+    assert layout.server_config.read_text() == (AUTH_DIR / "nats-server.conf").read_text()
+    host_path = host_paths(Path(layout.directory))
+    server = compose_nats_server(tmp_path / "data", host_path).start()
+    variables = {"CHORUS_GATEWAY_KEYS_FILE": str(tmp_path / "gateway-keys.jsonl")}
+    yield ComposeNats(server, layout, variables, host_path)
     server.stop()
 
 
-async def test_services_with_different_users_talk_in_one_account(
-    configured_nats: ConfiguredServer,
+async def test_services_with_different_principals_talk_in_one_account(
+    compose_nats: ComposeNats,
 ) -> None:
-    coordinator = await connect(configured_nats.settings("coordinator"), "test-coordinator")
-    agent = await connect(configured_nats.settings("agent"), "test-agent")
-    subject = Settings().subjects.event("deploy.check")
+    """A heartbeat published as agent-researcher arrives at the coordinator's subscription."""
+    coordinator = await connect(compose_nats.settings("coordinator"), "test-coordinator")
+    agent = await connect(compose_nats.settings("agent-researcher"), "test-agent")
+    subject = Settings().subjects.heartbeat("researcher-deploycheck")
     received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
     async def on_message(msg: Msg) -> None:
-        received.set_result(msg.data)
+        if not received.done():
+            received.set_result(msg.data)
 
     try:
-        await agent.subscribe(subject, cb=on_message)
-        await agent.flush(timeout=5)
-        await coordinator.publish(subject, b"hello")
-        assert await asyncio.wait_for(received, 5) == b"hello"
+        await coordinator.subscribe(subject, cb=on_message)
+        await coordinator.flush(timeout=30)  # the subscription is on the server
+        await agent.publish(subject, b"hello")
+        assert await asyncio.wait_for(received, 30) == b"hello"
     finally:
         await coordinator.close()
         await agent.close()
 
 
-async def test_the_services_account_has_jetstream(configured_nats: ConfiguredServer) -> None:
-    orchestrator = await connect(configured_nats.settings("orchestrator"), "test-orchestrator")
+async def test_the_services_account_has_jetstream(compose_nats: ComposeNats) -> None:
+    orchestrator = await connect(compose_nats.settings("orchestrator"), "test-orchestrator")
     try:
         info = await orchestrator.jetstream(timeout=5).account_info()
     finally:
@@ -491,48 +574,39 @@ async def test_the_services_account_has_jetstream(configured_nats: ConfiguredSer
     assert info.limits.max_streams != 0
 
 
-async def test_nats_refuses_a_wrong_password(configured_nats: ConfiguredServer) -> None:
-    client = NATS()
-    try:
-        with pytest.raises(NatsError, match="Authorization Violation"):
-            await client.connect(
-                configured_nats.server.url,
-                user="agent",
-                password="not-the-password",
-                allow_reconnect=False,
-                connect_timeout=2,
-            )
-    finally:
-        await client.close()  # nats-py leaves the refused socket open otherwise
+async def test_nats_refuses_a_client_without_credentials_or_with_an_unknown_nkey(
+    compose_nats: ComposeNats, tmp_path: Path
+) -> None:
+    stranger = init_auth(tmp_path / "stranger", [], services=["operator"])
+    for settings in (
+        Settings(nats_url=compose_nats.server.url),
+        stranger.settings_for("operator", Settings(nats_url=compose_nats.server.url)),
+    ):
+        with pytest.raises(NatsAuthRefused):
+            await connect(settings, "test-stranger")
 
 
-def test_compose_health_check_url_answers_ok(configured_nats: ConfiguredServer) -> None:
+def test_compose_health_check_url_answers_ok(compose_nats: ComposeNats) -> None:
     url = SERVICES[NATS_SERVICE]["healthcheck"]["test"][4]
-    local = re.sub(r"//[\w.]+:8222/", f"//127.0.0.1:{configured_nats.monitor_port}/", url)
+    local = re.sub(r"//[\w.]+:8222/", f"//127.0.0.1:{compose_nats.monitor_port}/", url)
     with urllib.request.urlopen(local, timeout=5) as response:
         assert response.status == 200
 
 
-def test_nats_server_refuses_to_start_without_a_password_variable(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    variables = sorted(nats_users().values())
-    for variable in variables[1:]:
-        monkeypatch.setenv(variable, "pwset")
-    monkeypatch.delenv(variables[0], raising=False)
-
+def test_the_committed_nats_config_is_valid_for_nats_server() -> None:
     checked = subprocess.run(
-        [find_binary(), "-c", str(NATS_CONF), "-t"], capture_output=True, text=True, timeout=10
+        [find_binary(), "-c", str(AUTH_DIR / "nats-server.conf"), "-t"],
+        capture_output=True,
+        text=True,
+        timeout=10,
     )
-
-    assert checked.returncode != 0
-    assert variables[0] in checked.stderr + checked.stdout
+    assert checked.returncode == 0, checked.stderr + checked.stdout
 
 
 async def test_compose_agent_services_serve_tasks_as_local_processes(
-    configured_nats: ConfiguredServer, tmp_path: Path
+    compose_nats: ComposeNats, tmp_path: Path
 ) -> None:
-    cli = await connect(configured_nats.settings("cli"), "test-cli")
+    cli = await connect(compose_nats.settings("operator"), "test-cli")
     prefix = interpolate(SERVICES[AGENTS[0]]["environment"]["CHORUS_PREFIX"], {})
     subjects = Settings(prefix=prefix).subjects
     ready: set[str] = set()
@@ -547,23 +621,25 @@ async def test_compose_agent_services_serve_tasks_as_local_processes(
 
     await cli.subscribe(subjects.all_heartbeats, cb=on_heartbeat)
     processes: dict[str, subprocess.Popen[bytes]] = {}
+    # Under the generated permissions agents only use the streams and buckets the
+    # coordinator creates (compose starts them together): the coordinator runs too.
     try:
-        for name in AGENTS:
-            local = as_local_process(name, configured_nats.server.url, configured_nats.variables)
+        for name in ["coordinator", *AGENTS]:
+            local = compose_nats.local(name)
             with (tmp_path / f"{name}.log").open("wb") as log:
                 processes[name] = subprocess.Popen(
                     local.argv, env=local.env, stdout=log, stderr=subprocess.STDOUT
                 )
-        await asyncio.wait_for(all_ready.wait(), 20)
-        client = ChorusClient(cli, subjects, timeout=10)
+        await asyncio.wait_for(all_ready.wait(), 60)
+        client = ChorusClient(cli, subjects, timeout=30)
 
         results = [await client.run_task(Task(input="status?"), agent=name) for name in AGENTS]
 
         assert [result.agent for result in results] == AGENTS
         for process in processes.values():
             process.send_signal(signal.SIGTERM)
-        codes = [await asyncio.to_thread(p.wait, 20) for p in processes.values()]
-        assert codes == [0] * len(AGENTS)
+        codes = [await asyncio.to_thread(p.wait, 45) for p in processes.values()]
+        assert codes == [0] * len(processes)
     finally:
         await cli.close()
         for process in processes.values():
@@ -649,13 +725,10 @@ async def wait_until_healthy(
 
 @pytest.mark.slow
 async def test_the_compose_system_runs_workflows_through_the_gateway_as_local_processes(
-    configured_nats: ConfiguredServer, tmp_path: Path
+    compose_nats: ComposeNats, tmp_path: Path
 ) -> None:
     started = [name for name in UP if name != NATS_SERVICE]
-    locals_ = {
-        name: as_local_process(name, configured_nats.server.url, configured_nats.variables)
-        for name in started
-    }
+    locals_ = {name: compose_nats.local(name) for name in started}
     gateways = [name for name in started if SERVICES[name]["command"][0] == "gateway"]
     assert len(gateways) == 1, f"compose should run one gateway, not {gateways}"
     gateway_env = locals_[gateways[0]].env
@@ -664,10 +737,14 @@ async def test_the_compose_system_runs_workflows_through_the_gateway_as_local_pr
     # the local default 127.0.0.1 (the image's CHORUS_GATEWAY_HOST=0.0.0.0 is for containers).
     assert "CHORUS_GATEWAY_PORT" in SERVICES[gateways[0]]["environment"]
     gateway_env["CHORUS_GATEWAY_PORT"] = str(free_port())
-    # The keys file compose mounts as a secret, made as deploy/README.md says.
-    assert gateway_env["CHORUS_GATEWAY_KEYS"].startswith("/run/secrets/")
-    gateway_env["CHORUS_GATEWAY_KEYS"] = str(tmp_path / "gateway-keys.jsonl")
-    api_key = add_key(tmp_path / "gateway-keys.jsonl", "test", ["read", "execute"])
+    # The keys file compose mounts as a secret (CHORUS_GATEWAY_KEYS_FILE), made as
+    # deploy/README.md says; every seed likewise comes from the test's deploy/auth.
+    keys_file = compose_nats.variables["CHORUS_GATEWAY_KEYS_FILE"]
+    assert gateway_env["CHORUS_GATEWAY_KEYS"] == keys_file
+    api_key = add_key(Path(keys_file), "test", ["read", "execute"])
+    for name, local in locals_.items():
+        seed = compose_nats.layout.seed_file(principal_of(name))
+        assert Path(local.env[SEED_VARIABLE]) == seed, name
     prefix = gateway_env["CHORUS_PREFIX"]
     assert {local.env["CHORUS_PREFIX"] for local in locals_.values()} == {prefix}
     subjects = Settings(prefix=prefix).subjects
@@ -676,7 +753,7 @@ async def test_the_compose_system_runs_workflows_through_the_gateway_as_local_pr
         for name in AGENTS
     }
 
-    cli = await connect(configured_nats.settings("cli"), "test-cli")
+    cli = await connect(compose_nats.settings("operator"), "test-cli")
     looked_again = asyncio.Event()
 
     async def on_change(msg: Msg) -> None:
@@ -692,16 +769,16 @@ async def test_the_compose_system_runs_workflows_through_the_gateway_as_local_pr
             system.start(name, locals_[name])
         async with httpx.AsyncClient(
             base_url=base_url,
-            timeout=20,
+            timeout=60,
             trust_env=False,
             headers={"Authorization": f"Bearer {api_key}"},
         ) as http:
-            health = await wait_until_healthy(http, system, looked_again, set(AGENTS), 20)
+            health = await wait_until_healthy(http, system, looked_again, set(AGENTS), 60)
 
             by_name = await http.post(
                 "/api/execute",
                 json={"workflow_name": "research-report", "input": "What is JetStream?"},
-                params={"wait": "true", "timeout": "15"},
+                params={"wait": "true", "timeout": "45"},
             )
             # One task per compose agent, each routed by a capability of its spec.
             inline = {
@@ -715,13 +792,17 @@ async def test_the_compose_system_runs_workflows_through_the_gateway_as_local_pr
             by_workflow = await http.post(
                 "/api/execute",
                 json={"workflow": inline, "input": "NATS"},
-                params={"wait": "true", "timeout": "15"},
+                params={"wait": "true", "timeout": "45"},
             )
             prometheus = await http.get("/metrics")
             connz = await http.get(
-                f"http://127.0.0.1:{configured_nats.monitor_port}/connz", params={"auth": "true"}
+                f"http://127.0.0.1:{compose_nats.monitor_port}/connz", params={"auth": "true"}
             )
-        users = {c.get("authorized_user") for c in connz.json()["connections"]}
+        # An nkey user is named by its public key.
+        users = {
+            compose_nats.principal_of_key(c.get("authorized_user", ""))
+            for c in connz.json()["connections"]
+        }
 
         for process in system.processes.values():
             process.send_signal(signal.SIGTERM)
@@ -755,8 +836,8 @@ async def test_the_compose_system_runs_workflows_through_the_gateway_as_local_pr
     assert samples["chorus_coordinator_up"] == [({}, 1.0)]
     healthy_agents = [(labels["agent"], value) for labels, value in samples["chorus_agent_healthy"]]
     assert sorted(healthy_agents) == sorted((name, 1.0) for name in AGENTS)
-    # every service connected as the user compose gives it (and this test as `cli`)
-    assert users == {SERVICES[name]["environment"]["NATS_USER"] for name in started} | {"cli"}
+    # every service connected as the principal compose gives it (and this test as operator)
+    assert users == {principal_of(name) for name in started} | {"operator"}
     assert codes == dict.fromkeys(started, 0), system.logs()
 
 

@@ -272,7 +272,9 @@ async def test_an_agent_retrying_a_task_reports_the_side_effect_call_in_doubt(
         return "paid"
 
     # The first attempt: its call starts, then its process is gone (the call is cancelled).
-    first = asyncio.create_task(ledger.call(pay, {"amount": 0}, ctx("job-1", instance="x-1")))
+    # It was the payer's too: an agent's ledger keys its records under its name.
+    payers = EffectLedger(ledger.nc, ledger.subjects, owner="payer")
+    first = asyncio.create_task(payers.call(pay, {"amount": 0}, ctx("job-1", instance="x-1")))
     await asyncio.wait_for(started.wait(), 10)
     first.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -453,6 +453,10 @@ class Subjects(msgspec.Struct, frozen=True):
         return f"{self.prefix}.session.{check_token(session_id, 'session id')}.interrupt"
 
     @property
+    def all_session_interrupts(self) -> str:
+        return f"{self.prefix}.session.*.interrupt"
+
+    @property
     def effects_bucket(self) -> str:
         """The effect ledger: one key per side-effect tool call (chorus.tools.ledger)."""
         return f"{self.prefix}-effects"

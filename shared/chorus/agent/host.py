@@ -235,8 +235,9 @@ class AgentHost:
                 on_closed=self._on_closed,
             )
         # Connected: MCP servers start, peers are described, side effects go through the
-        # effect ledger, model calls through the shared limits and budgets.
-        self._ledger = EffectLedger(self.nc, self.subjects)
+        # effect ledger (its records under this agent's name), model calls through the shared
+        # limits and budgets.
+        self._ledger = EffectLedger(self.nc, self.subjects, owner=self.agent.name)
         await self.toolbox.start(self.model, self._ledger)
         await attach_spend(self.model, self.nc, self.settings, self.instance)
         self._run_work = RunWork(self.nc, self.subjects)

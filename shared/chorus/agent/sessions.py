@@ -33,7 +33,7 @@ from nats.js.kv import KeyValue
 from chorus.agent.turns import DEFAULT_TICKET_TTL_S, TurnContext, Turns
 from chorus.errors import Conflict, InvalidMessage
 from chorus.messages import Session, decode, encode, now
-from chorus.nats.streams import ensure_sessions_bucket
+from chorus.nats.streams import ensure_sessions_bucket, open_bucket
 from chorus.subjects import Subjects
 
 __all__ = ["SessionStore", "bound_items"]
@@ -89,7 +89,12 @@ class SessionStore:
 
     async def open(self) -> SessionStore:
         """Create the bucket (or adopt it); returns self."""
-        self._kv = await ensure_sessions_bucket(self.nc.jetstream(), self.subjects, self.ttl)
+        js = self.nc.jetstream()
+        self._kv = await open_bucket(
+            js,
+            self.subjects.sessions_bucket,
+            lambda: ensure_sessions_bucket(js, self.subjects, self.ttl),
+        )
         return self
 
     @property

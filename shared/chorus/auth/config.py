@@ -133,7 +133,11 @@ def render_server(
         HEADER
         + f"server_name: {name}\n"
         + monitoring
-        + "jetstream {\n  # sync_interval: always  # see deploy/nats-server.conf\n}\n"
+        + "jetstream {\n"
+        + "  # Acked writes are fsynced every 2 minutes: a power loss can lose that much;\n"
+        + "  # `always` closes the window at a cost in throughput (deploy/README.md, NATS).\n"
+        + "  # sync_interval: always\n"
+        + "}\n"
         + (
             "# Clients connect over TLS only; set NATS_TLS_CA (and NATS_TLS_CERT/KEY for mTLS).\n"
             + tls.config_block()

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from chorus.subjects import Subjects
+from chorus.subjects import Subjects, dispatch_target
 
 MICRO_VERBS = ("PING", "INFO", "STATS")
 # Never granted to a service or an agent, even if an allow-list entry were to cover them.
@@ -47,6 +47,11 @@ class AgentGrant(msgspec.Struct, frozen=True, kw_only=True):
     # `durable: false`): it may send them tasks by request-reply, nothing else.
     peer_capabilities: list[str] = []
     peer_agents: list[str] = []
+    # Peers it calls as durable tools (`durable: true`, the default): it submits them tasks
+    # through the coordinator's dispatch subjects and reads their outcomes.
+    durable_peer_capabilities: list[str] = []
+    durable_peer_agents: list[str] = []
+    sessions: bool = False  # `session:` in its spec: the sessions bucket
 
 
 # nats-server's JetStream API subjects for one stream
@@ -185,11 +190,12 @@ def agent(
         publish += one_consumer(s.events_stream, s.event_consumer(grant.name))
     publish += spend_buckets(s)
     publish += _agent_approvals(grant.name, s)
-    # The effect ledger (side-effect tools, approved calls): create the bucket when missing,
-    # write and read its records, list a scope's records.
-    effects_kv = f"KV_{s.effects_bucket}"
-    publish += [f"$KV.{s.effects_bucket}.>", *stream_ensure(effects_kv)]
-    publish += [_api("DIRECT.GET", effects_kv, ">"), *snapshot_reads(effects_kv)]
+    publish += effect_ledger(grant.name, s)
+    if grant.durable_peer_capabilities or grant.durable_peer_agents:
+        publish += durable_peer_calls(grant, s)
+    if grant.sessions:
+        publish += sessions(s)
+        subscribe.append(s.all_session_interrupts)
     if grant.state:
         publish += stream_info(s.state_stream)
         for prefix in grant.state:
@@ -243,6 +249,61 @@ def _deciding(s: Subjects) -> list[str]:
     ]
 
 
+def effect_ledger(agent: str, subjects: Subjects) -> list[str]:
+    """Its own records of the effect ledger (chorus.tools.ledger keys them `<agent>.`): write,
+    direct get, and the snapshot read of `records()`, a pull consumer whose filter nats-py
+    puts in the API subject (`CONSUMER.CREATE.<stream>.<name>.<filter>`, which nats-server
+    checks against the request). Fetching names the consumer only: `MSG.NEXT` on any consumer
+    of the bucket (their names are random and cannot be listed)."""
+    s = subjects
+    stream = s.kv_stream(s.effects_bucket)
+    own = s.kv_subject(s.effects_bucket, f"{agent}.>")
+    return [
+        *stream_info(stream),
+        own,
+        _api("DIRECT.GET", stream, own),
+        _api("CONSUMER.CREATE", stream, "*", own),
+        _api("CONSUMER.INFO", stream, "*"),
+        _api("CONSUMER.MSG.NEXT", stream, "*"),
+    ]
+
+
+def durable_peer_calls(grant: AgentGrant, subjects: Subjects) -> list[str]:
+    """Durable peer tools (chorus.client.durable.TaskQueue): publish to the dispatch subject of
+    each peer it names, look the dispatch stream up, and read outcomes: get by key (the key is
+    in the request body: `STREAM.MSG.GET`, any key of the bucket) and the tail on the outcome
+    keys (an ephemeral consumer, its filter in the body). Both reach every task's outcome:
+    outcome keys are task ids, which carry no agent name."""
+    s = subjects
+    targets = [dispatch_target(capability=c) for c in grant.durable_peer_capabilities]
+    targets += [dispatch_target(agent=a) for a in grant.durable_peer_agents]
+    return [
+        *(s.dispatch(target) for target in targets),
+        *stream_info(s.dispatch_stream),
+        *stream_info(s.tasks_stream),
+        _api("STREAM.MSG.GET", s.tasks_stream),
+        _api("CONSUMER.CREATE", s.tasks_stream),
+    ]
+
+
+def sessions(subjects: Subjects) -> list[str]:
+    """Conversation sessions (chorus.agent.sessions): records `session.<id>` and turn tickets
+    `turn.<id>.<ticket>` of any session (their keys carry no agent name), read by key in the
+    request body, the ordered watch on a session's tickets (filter in the body: any key of
+    the bucket), and the interrupts of any session's turn."""
+    s = subjects
+    stream = s.sessions_stream
+    return [
+        *stream_info(stream),
+        s.session_subject("session.*"),
+        s.session_subject("turn.*.*"),
+        _api("STREAM.MSG.GET", stream),
+        _api("CONSUMER.CREATE", stream),
+        f"$JS.FC.{stream}.>",
+        s.all_session_interrupts,
+    ]
+
+
 def coordinator(subjects: Subjects, *, principal: str) -> Permissions:
     """Registry from heartbeats, dispatch to instances, outcomes, dead letters, metrics."""
     s = subjects
@@ -265,6 +326,8 @@ def coordinator(subjects: Subjects, *, principal: str) -> Permissions:
         # Creates the run control bucket agents read; reads it before dispatching a task.
         *stream_own(s.control_kv_stream),
         *stream_read(s.control_kv_stream),
+        *stream_own(s.kv_stream(s.sessions_bucket)),
+        *stream_own(s.kv_stream(s.effects_bucket)),
     ]
     for bucket in (s.agents_bucket, s.tasks_bucket):
         publish += [*stream_own(f"KV_{bucket}"), *stream_read(f"KV_{bucket}")]

@@ -37,7 +37,9 @@ def agent_principal_name(agent: str) -> str:
 
 def grant_of(spec: AgentSpec) -> AgentGrant:
     topics = list(spec.publishes) + ([spec.emits] if spec.emits else [])
-    direct = [t for t in spec.tools if isinstance(t, ToolSpec) and not t.durable]
+    peers = [t for t in spec.tools if isinstance(t, ToolSpec)]
+    direct = [t for t in peers if not t.durable]
+    durable = [t for t in peers if t.durable]
     return AgentGrant(
         name=spec.name,
         capabilities=list(spec.capabilities),
@@ -46,6 +48,9 @@ def grant_of(spec: AgentSpec) -> AgentGrant:
         state=list(spec.state),
         peer_capabilities=[t.capability for t in direct if t.capability],
         peer_agents=[t.agent for t in direct if t.agent],
+        durable_peer_capabilities=[t.capability for t in durable if t.capability],
+        durable_peer_agents=[t.agent for t in durable if t.agent],
+        sessions=spec.session is not None,
     )
 
 

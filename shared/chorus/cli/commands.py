@@ -16,6 +16,7 @@ def register(sub: Any) -> None:
         approvals,
         auth,
         completion,
+        dlq,
         messaging,
         runs,
         sessions,
@@ -32,6 +33,7 @@ def register(sub: Any) -> None:
     usage.register(sub)
     approvals.register(sub)
     completion.register(sub)
+    dlq.register(sub)
     agent = sub.add_parser("agent", help="run an agent instance")
     agent_sub = agent.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
     run = agent_sub.add_parser(

@@ -38,7 +38,12 @@ from chorus.errors import ConfigError, InvalidMessage, RequestTimeout, TaskFaile
 from chorus.messages import Result, Task, TaskOutcome, decode, encode, headers
 from chorus.nats.connection import raise_if_cancelled
 from chorus.nats.jetstream import StreamTail
-from chorus.nats.streams import ensure_dispatch_stream, ensure_tasks_bucket, stream_exists
+from chorus.nats.streams import (
+    ensure_dispatch_stream,
+    ensure_tasks_bucket,
+    open_bucket,
+    stream_exists,
+)
 from chorus.nats.wire import TRANSIENT, publish_durably
 from chorus.subjects import Subjects, dispatch_target
 from chorus.telemetry import tracing
@@ -87,7 +92,11 @@ class TaskQueue:
 
     async def _tasks(self) -> KeyValue:
         if self._bucket is None:
-            self._bucket = await ensure_tasks_bucket(self.js, self.subjects)
+            self._bucket = await open_bucket(
+                self.js,
+                self.subjects.tasks_bucket,
+                lambda: ensure_tasks_bucket(self.js, self.subjects),
+            )
         return self._bucket
 
     async def close(self) -> None:

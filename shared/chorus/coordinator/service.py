@@ -54,7 +54,9 @@ from chorus.nats import wire
 from chorus.nats.streams import (
     ensure_agents_bucket,
     ensure_chunk_stream,
+    ensure_effects_bucket,
     ensure_events_stream,
+    ensure_sessions_bucket,
     ensure_tasks_bucket,
 )
 from chorus.state.bucket import StateBucket
@@ -110,6 +112,8 @@ class Coordinator:
         await ensure_events_stream(js, self.subjects)
         await ensure_chunk_stream(js, self.subjects, self.settings.stream_max_age)
         await StateBucket.ensure(self.nc, self.subjects)
+        await ensure_sessions_bucket(js, self.subjects, self.settings.session_ttl)
+        await ensure_effects_bucket(js, self.subjects)
         self._agents = await ensure_agents_bucket(js, self.subjects)
         tasks = await ensure_tasks_bucket(js, self.subjects)
         await ensure_control_bucket(js, self.subjects)  # agents read it, may not create it

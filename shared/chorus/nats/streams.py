@@ -83,6 +83,16 @@ async def ensure_or_await(
     )
 
 
+async def open_bucket(
+    js: JetStreamContext, bucket: str, create: Callable[[], Awaitable[object]]
+) -> KeyValue:
+    """The bucket, looked up first (`$JS.API.STREAM.INFO.KV_<bucket>` is all agent credentials
+    may do with it), created with `create` when missing, or else awaited from the process that
+    may create it (the coordinator)."""
+    await ensure_or_await(js, f"KV_{bucket}", create)
+    return await js.key_value(bucket)
+
+
 async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     try:
         return await js.create_key_value(config)
@@ -227,16 +237,25 @@ async def ensure_chunk_stream(js: JetStreamContext, subjects: Subjects, max_age_
 
 
 async def ensure_effects_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
-    """The effect ledger: intent, then result, of each side-effect tool call."""
-    return await ensure_bucket(
+    """The effect ledger: intent, then result, of each side-effect tool call. Direct gets
+    name the key in the API subject, so an agent's permissions can cover its own records
+    only (a bucket made before without them gains them here)."""
+    await ensure_bucket(
         js,
         KeyValueConfig(
             bucket=subjects.effects_bucket,
             history=1,
             ttl=EFFECTS_MAX_AGE_S,
             storage=StorageType.FILE,
+            direct=True,
         ),
     )
+    stream = (await js.stream_info(subjects.kv_stream(subjects.effects_bucket))).config
+    if not stream.allow_direct:
+        stream.allow_direct = True
+        log.info("enabling direct gets on the effects bucket", extra={"stream": stream.name})
+        await js.update_stream(stream)
+    return await js.key_value(subjects.effects_bucket)
 
 
 LIMITS_MAX_AGE_S = 24 * 3600  # a limit or pause nobody touched for a day is gone

@@ -4,7 +4,9 @@
 (bucket `<prefix>-effects`, kept 7 days) keyed by what stays the same when the task is
 retried: the task's `effect_scope`, the tool's name, a hash of the arguments as canonical
 JSON, and the occurrence of that (tool, arguments) pair in the attempt (the third identical
-call of an attempt is the third of the retry too). Before the tool runs, an intent is
+call of an attempt is the third of the retry too). An agent's ledger (`owner`, its name)
+puts its keys under `<agent>.`, so its NATS permissions cover its own records only; a retry
+that lands on an agent of another name does not see them. Before the tool runs, an intent is
 written with a KV `create`; after it, the output or error, under the same key. So a retry
 
 - finds the recorded output (or error) and returns it without running the tool;
@@ -37,8 +39,8 @@ from nats.js.kv import KeyValue
 from chorus.errors import EffectInDoubt, ToolFailed
 from chorus.messages import EffectRecord, EffectStatus, decode, encode
 from chorus.nats.jetstream import last_values
-from chorus.nats.streams import ensure_effects_bucket
-from chorus.subjects import Subjects
+from chorus.nats.streams import ensure_effects_bucket, open_bucket
+from chorus.subjects import Subjects, check_token
 from chorus.tools.base import Tool, ToolCallContext, ToolDefinition
 
 __all__ = ["RERUN", "EffectLedger", "LedgeredTool", "Reconcilable", "arguments_hash"]
@@ -104,16 +106,27 @@ class _Occurrences:
 class EffectLedger:
     """Intent and result of each side-effect tool call, in KV, shared by every process."""
 
-    def __init__(self, nc: Client, subjects: Subjects) -> None:
+    def __init__(self, nc: Client, subjects: Subjects, *, owner: str = "") -> None:
+        """`owner`: the agent name whose records these are (the first token of each key)."""
         self.nc = nc
         self.subjects = subjects
+        self.owner = check_token(owner, "effect ledger owner") if owner else ""
         self._kv: KeyValue | None = None
         self._occurrences = _Occurrences()
 
     async def bucket(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await ensure_effects_bucket(self.nc.jetstream(), self.subjects)
+            js = self.nc.jetstream()
+            self._kv = await open_bucket(
+                js,
+                self.subjects.effects_bucket,
+                lambda: ensure_effects_bucket(js, self.subjects),
+            )
         return self._kv
+
+    def _scope_prefix(self, scope: str) -> str:
+        """The key prefix of a scope's records: `[<owner>.]<scope>`."""
+        return f"{self.owner}.{scope_key(scope)}" if self.owner else scope_key(scope)
 
     def wrap(self, tool: Tool) -> Tool:
         """The tool behind the ledger when its definition says `side_effect`; else as is."""
@@ -129,7 +142,7 @@ class EffectLedger:
         messages = await last_values(
             self.nc.jetstream(),
             subjects.kv_stream(bucket),
-            subjects.kv_subject(bucket, f"{scope_key(scope)}.>"),
+            subjects.kv_subject(bucket, f"{self._scope_prefix(scope)}.>"),
         )
         return [decode(m.data, EffectRecord) for m in messages if m.data]
 
@@ -149,7 +162,7 @@ class EffectLedger:
             return await tool.call(arguments, ctx)
         digest = arguments_hash(arguments)
         occurrence = self._occurrences.next(scope, ctx, definition.name, digest)
-        key = f"{scope_key(scope)}.{definition.name}.{digest}.{occurrence}"
+        key = f"{self._scope_prefix(scope)}.{definition.name}.{digest}.{occurrence}"
         intent = EffectRecord(
             key=key,
             scope=scope,
