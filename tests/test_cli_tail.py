@@ -9,6 +9,7 @@ import sys
 from datetime import UTC, datetime
 
 from nats.aio.client import Client
+from nats.js.api import StorageType, StreamConfig
 
 from chorus.client import ChorusClient
 from chorus.config import Settings
@@ -73,6 +74,36 @@ async def test_history_stops_after_count_messages(nc: Client, settings: Settings
     assert result.returncode == 0, result.stderr
     orders = [json.loads(line)["data"]["data"]["order"] for line in result.stdout.splitlines()]
     assert orders == [0, 1]
+
+
+async def test_history_finds_a_stream_past_the_first_page_of_the_server_s_list(
+    nc: Client, settings: Settings
+) -> None:
+    # The server lists streams 256 to a page, by name: 300 that sort first push ours past it.
+    js = nc.jetstream()
+    pad = f"AAA_{settings.prefix}"
+    for i in range(300):
+        await js.add_stream(
+            StreamConfig(
+                name=f"{pad}_{i:03}",
+                subjects=[f"{pad}.{i}"],
+                storage=StorageType.MEMORY,
+            )
+        )
+    try:
+        client = ChorusClient(nc, settings.subjects)
+        await client.publish_event(Event(topic="orders.created", data={"order": 7}))
+
+        result = await achorus(
+            settings, "tail", settings.subjects.all_events, "--history", "--json", "--count", "1"
+        )
+    finally:
+        for i in range(300):
+            await js.delete_stream(f"{pad}_{i:03}")
+
+    assert result.returncode == 0, result.stderr
+    [line] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert line["data"]["data"] == {"order": 7}
 
 
 async def test_run_progress_prints_as_a_readable_line(nc: Client, settings: Settings) -> None:

@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, RetentionPolicy
 from nats.js.errors import APIError
 
-from chorus.nats.jetstream import ordered_watch
+from chorus.nats.jetstream import every_stream, ordered_watch
 
 CATCH_UP_S = 30.0  # how long the replay waits for every stream's stored messages
 
@@ -66,7 +66,7 @@ class Source:
 async def sources(js: JetStreamContext, pattern: str) -> list[Source]:
     """The streams (not work queues) whose subjects overlap `pattern`, with the overlap."""
     found: list[Source] = []
-    for info in await js.streams_info():
+    for info in await every_stream(js):
         config = info.config
         if config.name is None or config.retention not in (None, RetentionPolicy.LIMITS):
             continue

@@ -63,7 +63,7 @@ from chorus.messages import (
 )
 from chorus.nats import wire
 from chorus.nats.dead_letters import MAX_DELIVERIES, delivered_for_the_last_time
-from chorus.nats.jetstream import ClaimKeeper, DurableConsumer
+from chorus.nats.jetstream import ClaimKeeper, DurableConsumer, every_consumer
 from chorus.nats.streams import ensure_dead_letter_stream, ensure_dispatch_stream
 from chorus.telemetry import tracing
 from chorus.telemetry.metrics import DispatchInstruments
@@ -146,7 +146,7 @@ class Dispatcher:
         await ensure_dead_letter_stream(self.js, self.subjects)
         self._claims.start()
         # Targets that already have a consumer (from an earlier run) resume at once.
-        for info in await self.js.consumers_info(self.subjects.dispatch_stream):
+        for info in await every_consumer(self.js, self.subjects.dispatch_stream):
             target = (info.config.filter_subject or "").removeprefix(self.subjects.dispatch(""))
             if target:
                 self.serve(target)

@@ -41,7 +41,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, StreamInfo
 from nats.js.errors import BadRequestError
 
 from chorus.messages import headers
@@ -243,6 +243,22 @@ async def ordered_watch(
         inactive_threshold=inactive_threshold,
     )
     return await js.subscribe(subject, stream=stream, cb=cb, ordered_consumer=True, config=config)
+
+
+async def every_stream(js: JetStreamContext) -> list[StreamInfo]:
+    """Every stream on the server: nats-py's `streams_info` answers one page (256) only."""
+    found: list[StreamInfo] = []
+    while page := await js.streams_info(offset=len(found)):
+        found += page
+    return found
+
+
+async def every_consumer(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
+    """Every consumer of `stream`: nats-py's `consumers_info` answers one page (256) only."""
+    found: list[ConsumerInfo] = []
+    while page := await js.consumers_info(stream, offset=len(found)):
+        found += page
+    return found
 
 
 START_WITHIN_S = 30.0  # a tail started while the server restarts keeps trying this long
