@@ -15,6 +15,8 @@ from chorus.subjects import Subjects, check_token
 # Data shipped in the wheel (not imported: `chorus.examples` sits at the top of the layers).
 EXAMPLE_WORKFLOWS = Path(__file__).parent / "examples" / "workflows"
 
+MAX_REPLICAS = 5  # JetStream's limit on the copies of a stream
+
 # environment variable -> settings field
 ENVIRONMENT: dict[str, str] = {
     "NATS_URL": "nats_url",
@@ -58,6 +60,7 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_TRACE_FILE": "trace_file",
     "CHORUS_STREAM_MAX_AGE": "stream_max_age",
     "CHORUS_DEDUPE_WINDOW": "dedupe_window",
+    "CHORUS_REPLICAS": "replicas",
 }
 
 
@@ -114,6 +117,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # durable tasks: the dispatch stream drops a resubmitted task id this long (seconds);
     # later, the recorded outcome answers it (chorus.client.durable)
     dedupe_window: float = 120.0
+    # how many servers of a NATS cluster hold a copy of each stream and bucket Chorus creates
+    # (1 for a single server; `chorus up --cluster 3` sets 3). JetStream allows 1 to 5.
+    replicas: int = 1
 
     @property
     def subjects(self) -> Subjects:
@@ -141,4 +147,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             var = next((v for v, f in ENVIRONMENT.items() if f == field), field)
             raise ConfigError(f"setting {var} is invalid: {exc}") from None
         check_token(settings.prefix, "CHORUS_PREFIX")
+        if not 1 <= settings.replicas <= MAX_REPLICAS:
+            raise ConfigError(
+                f"CHORUS_REPLICAS must be 1 to {MAX_REPLICAS} (the copies JetStream keeps of "
+                f"each stream), got {settings.replicas}"
+            )
         return settings

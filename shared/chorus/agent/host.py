@@ -214,7 +214,7 @@ class AgentHost:
             )
         # Connected: MCP servers start, peers are described, side effects go through the
         # effect ledger.
-        self._ledger = EffectLedger(self.nc, self.subjects)
+        self._ledger = EffectLedger(self.nc, self.subjects, replicas=self.settings.replicas)
         await self.toolbox.start(self.model, self._ledger)
         self._streams = TaskStreams(self.nc, self.subjects, max_age_s=self.settings.stream_max_age)
         await self._streams.ready()  # checked now, not on the first task's first token
@@ -445,7 +445,11 @@ class AgentHost:
         """The conversation sessions, opened on first use."""
         if self._sessions is None:
             store = SessionStore(
-                self.nc, self.subjects, self.settings.session_ttl, holder=self.instance
+                self.nc,
+                self.subjects,
+                self.settings.session_ttl,
+                holder=self.instance,
+                replicas=self.settings.replicas,
             )
             self._sessions = await store.open()
         return self._sessions

@@ -79,8 +79,12 @@ class SessionStore:
         *,
         holder: str = "",
         ticket_ttl_s: int = DEFAULT_TICKET_TTL_S,
+        replicas: int | None = None,
     ) -> None:
+        """`replicas`: the bucket's copies in a cluster (CHORUS_REPLICAS; None: one when
+        created, an existing bucket's left alone)."""
         self.nc = nc
+        self.replicas = replicas
         self.subjects = subjects
         self.ttl = ttl
         self.holder = holder or f"{socket.gethostname()}-{os.getpid()}"
@@ -89,7 +93,9 @@ class SessionStore:
 
     async def open(self) -> SessionStore:
         """Create the bucket (or adopt it); returns self."""
-        self._kv = await ensure_sessions_bucket(self.nc.jetstream(), self.subjects, self.ttl)
+        self._kv = await ensure_sessions_bucket(
+            self.nc.jetstream(), self.subjects, self.ttl, replicas=self.replicas
+        )
         return self
 
     @property

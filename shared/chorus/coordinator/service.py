@@ -91,11 +91,15 @@ class Coordinator:
     async def start(self) -> None:
         js = self.nc.jetstream()
         # What agents use but, under generated credentials, may not create (chorus.auth).
-        await ensure_events_stream(js, self.subjects)
-        await ensure_chunk_stream(js, self.subjects, self.settings.stream_max_age)
-        await StateBucket.ensure(self.nc, self.subjects)
-        self._agents = await ensure_agents_bucket(js, self.subjects)
-        tasks = await ensure_tasks_bucket(js, self.subjects)
+        # Their replica count (CHORUS_REPLICAS) is the coordinator's to set.
+        replicas = self.settings.replicas
+        await ensure_events_stream(js, self.subjects, replicas=replicas)
+        await ensure_chunk_stream(
+            js, self.subjects, self.settings.stream_max_age, replicas=replicas
+        )
+        await StateBucket.ensure(self.nc, self.subjects, replicas=replicas)
+        self._agents = await ensure_agents_bucket(js, self.subjects, replicas=replicas)
+        tasks = await ensure_tasks_bucket(js, self.subjects, replicas=replicas)
         self._dispatcher = Dispatcher(
             self.nc, self.settings, self.registry, self.router, tasks, self.dispatch_metrics
         )

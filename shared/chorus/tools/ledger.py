@@ -104,15 +104,20 @@ class _Occurrences:
 class EffectLedger:
     """Intent and result of each side-effect tool call, in KV, shared by every process."""
 
-    def __init__(self, nc: Client, subjects: Subjects) -> None:
+    def __init__(self, nc: Client, subjects: Subjects, *, replicas: int | None = None) -> None:
+        """`replicas`: the bucket's copies in a cluster (CHORUS_REPLICAS; None: one when
+        created, an existing bucket's left alone)."""
         self.nc = nc
         self.subjects = subjects
+        self.replicas = replicas
         self._kv: KeyValue | None = None
         self._occurrences = _Occurrences()
 
     async def bucket(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await ensure_effects_bucket(self.nc.jetstream(), self.subjects)
+            self._kv = await ensure_effects_bucket(
+                self.nc.jetstream(), self.subjects, replicas=self.replicas
+            )
         return self._kv
 
     def wrap(self, tool: Tool) -> Tool:
