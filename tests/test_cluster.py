@@ -4,6 +4,11 @@ complete, the leader of the dispatch stream SIGKILLed loses nothing, and it rejo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,15 +22,17 @@ from chorus.client.durable import TaskQueue
 from chorus.client.runs import RunClient
 from chorus.config import Settings
 from chorus.coordinator.service import Coordinator
-from chorus.errors import ConfigError
+from chorus.errors import ConfigError, NatsAuthRefused
+from chorus.local import wait_for_instances
 from chorus.messages import RunRequest, Task
-from chorus.nats.cluster import NatsCluster
+from chorus.nats.cluster import NatsCluster, free_ports
 from chorus.nats.connection import connect
 from chorus.nats.server import NatsServer
 from chorus.nats.streams import ensure_dispatch_stream
 from chorus.specs.workflow import Pipeline, Step
 from chorus.subjects import Subjects
 from tests.helpers import StartHost, StartOrchestrator
+from tests.test_demo_and_up import mode, operator_settings
 
 WORKFLOW = Pipeline(
     name="two", steps=[Step(capability="work", name="one"), Step(capability="work", name="two")]
@@ -183,3 +190,65 @@ def test_replicas_setting_is_checked() -> None:
     with pytest.raises(ConfigError, match="CHORUS_REPLICAS must be 1 to 5"):
         Settings.from_env({"CHORUS_REPLICAS": "0"})
     assert Settings.from_env({"CHORUS_REPLICAS": "3"}).replicas == 3
+
+
+def consecutive_free_ports(count: int) -> int:
+    """The first of `count` consecutive ports that are free now (`chorus up --port P`)."""
+    for _ in range(50):
+        base = free_ports(1)[0]
+        if base + count > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as probes:
+                for port in range(base, base + count):
+                    probe = probes.enter_context(socket.socket())
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
+async def test_up_with_a_cluster_runs_with_auth_on_every_node_and_three_replicas(
+    tmp_path: Path,
+) -> None:
+    port = consecutive_free_ports(3)
+    data = tmp_path / "data"
+    up = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "chorus", "up", "--cluster", "3", "--data-dir", str(data)),
+            *("--port", str(port), "--no-gateway", "--agent", "researcher"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The third node alone: every node serves the generated users.
+        anonymous = Settings(nats_url=f"nats://127.0.0.1:{port + 2}", connect_wait=30)
+        settings = await asyncio.to_thread(operator_settings, data, anonymous)
+        nc = await connect(settings, "test")
+        try:
+            await wait_for_instances(nc, settings.subjects, {"researcher": 1}, timeout=60)
+            result = await TaskQueue(nc, settings.subjects).run(
+                Task(input="hi"), capability="research", timeout=30
+            )
+            tasks = await nc.jetstream().stream_info(f"KV_{settings.subjects.tasks_bucket}")
+        finally:
+            await nc.close()
+        with pytest.raises(NatsAuthRefused):
+            await connect(anonymous, "test-without-credentials")
+    finally:
+        up.send_signal(signal.SIGINT)
+        code = await asyncio.to_thread(up.wait, 60)
+    errors = up.stderr.read() if up.stderr else ""
+    if up.stderr:
+        up.stderr.close()
+
+    assert code == 0, errors
+    assert result.output
+    assert tasks.config.num_replicas == 3
+    assert tasks.cluster is not None and tasks.cluster.name == "chorus"
+    for node in ("n1", "n2", "n3"):
+        assert (data / "cluster" / node / "jetstream" / "jetstream").is_dir()
+        assert mode(data / "cluster" / f"{node}.conf") == 0o600  # it holds the route password
