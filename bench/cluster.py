@@ -1,5 +1,6 @@
 """Durable tasks on one nats-server (1 replica) against a three-node cluster (3 replicas),
-measured in the same run, as a ratio.
+measured in the same run, as a ratio; then, on the cluster, the leader of the dispatch
+stream is SIGKILLed: how late the next durable task is, and how long the node takes to rejoin.
 
 For each setup: the server or the cluster (`chorus.nats.cluster.NatsCluster`, as `chorus up
 --cluster 3` starts it), the coordinator and N agents as real processes (offline model: an
@@ -16,9 +17,11 @@ asserted.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,8 +129,31 @@ async def measure(workdir: Path, size: int, sizes: Sizes) -> tuple[Figure, Figur
         pipe = Figure(f"durable, {label}, {IN_FLIGHT} in flight")
         await in_flight(durable, sizes.in_flight, pipe)
         print(pipe.line(), flush=True)
+        if fleet.nodes is not None:
+            await failover(fleet, durable)
         await queue.close()
         return seq, pipe
+
+
+async def failover(fleet: ClusterFleet, durable: Callable[[], Awaitable[None]]) -> None:
+    """SIGKILL the leader of the dispatch stream, then: how long the next durable task takes
+    (a new leader is elected meanwhile), and how long the node takes to rejoin."""
+    assert fleet.nodes is not None
+    info = await fleet.nc.jetstream().stream_info(fleet.subjects.dispatch_stream)
+    leader = info.cluster.leader if info.cluster else None
+    assert leader is not None
+    fleet.nodes.kill(leader)
+    killed = time.perf_counter()
+    await durable()
+    after_kill = time.perf_counter() - killed
+    started = time.perf_counter()
+    await asyncio.to_thread(fleet.nodes.restart, leader)
+    rejoined = time.perf_counter() - started
+    print(
+        f"failover: dispatch-stream leader {leader} killed; the next durable task took "
+        f"{after_kill:.2f} s; the node restarted and rejoined in {rejoined:.2f} s",
+        flush=True,
+    )
 
 
 async def main_async(args: argparse.Namespace, workdir: Path) -> None:
