@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -188,55 +188,36 @@ class NatsCluster:
 
     # what the cluster says about itself
 
+    def running(self) -> dict[str, str]:
+        """The monitoring URL of each node that runs now, by name."""
+        return {
+            name: self.monitor_url(name)
+            for name, node in self.nodes.items()
+            if node.pid is not None and not node.exited
+        }
+
     def jsz(self, node: str) -> dict[str, object] | None:
         """The node's /jsz, or None when it does not answer."""
-        try:
-            with urllib.request.urlopen(
-                self.monitor_url(node) + "/jsz", timeout=_HTTP_TIMEOUT_S
-            ) as response:
-                data = json.load(response)
-        except (OSError, urllib.error.URLError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        return jsz(self.monitor_url(node))
 
     def meta_leader(self) -> str | None:
         """The JetStream meta leader's name as the running nodes see it (None: no leader)."""
-        for node, server in self.nodes.items():
-            if server.pid is None:
-                continue
-            meta = (self.jsz(node) or {}).get("meta_cluster")
-            if isinstance(meta, dict) and meta.get("leader"):
-                return str(meta["leader"])
+        for url in self.running().values():
+            leader = meta_leader_seen(url)
+            if leader:
+                return leader
         return None
 
-    def _leader_seen(self, node: str) -> str | None:
-        if self.nodes[node].pid is None:
-            return "(not running)"
-        meta = (self.jsz(node) or {}).get("meta_cluster")
-        return str(meta.get("leader") or "") if isinstance(meta, dict) else None
-
     def formed(self) -> bool:
-        """Every running node names the same meta leader, and the leader sees all its peers
-        (every node of the cluster) current."""
-        running = [node for node, server in self.nodes.items() if server.pid is not None]
-        metas = {node: (self.jsz(node) or {}).get("meta_cluster") for node in running}
-        leaders = {meta.get("leader") for meta in metas.values() if isinstance(meta, dict)}
-        if len(leaders) != 1 or len(metas) != len(running):
-            return False
-        leader = leaders.pop()
-        view = metas.get(str(leader))
-        if not isinstance(view, dict) or view.get("cluster_size") != self.size:
-            return False
-        peers = view.get("replicas") or []
-        current = {p.get("name") for p in peers if isinstance(p, dict) and p.get("current")}
-        return current >= set(running) - {leader}
+        """Every running node names the same meta leader, which sees every other current."""
+        return formed(self.running(), self.size)
 
     def wait_formed(self, timeout: float = FORM_TIMEOUT_S) -> None:
         """Until `formed()`, looking every 50 ms; ConfigError after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while not self.formed():
             if time.monotonic() > deadline:
-                seen = {node: self._leader_seen(node) for node in self.nodes}
+                seen = {node: meta_leader_seen(url) for node, url in self.running().items()}
                 raise ConfigError(
                     f"the NATS cluster did not form within {timeout}s (the JetStream meta "
                     f"leader each node sees: {seen}); see the nodes' logs"
@@ -253,3 +234,44 @@ class NatsCluster:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def jsz(monitor_url: str) -> dict[str, object] | None:
+    """A node's /jsz (its JetStream view), or None when it does not answer."""
+    try:
+        with urllib.request.urlopen(monitor_url + "/jsz", timeout=_HTTP_TIMEOUT_S) as response:
+            data = json.load(response)
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _meta(monitor_url: str) -> dict[str, object] | None:
+    meta = (jsz(monitor_url) or {}).get("meta_cluster")
+    return meta if isinstance(meta, dict) else None
+
+
+def meta_leader_seen(monitor_url: str) -> str | None:
+    """The meta leader a node names ("" while it knows none; None: it does not answer)."""
+    meta = _meta(monitor_url)
+    return None if meta is None else str(meta.get("leader") or "")
+
+
+def formed(monitors: Mapping[str, str], size: int) -> bool:
+    """Whether the nodes (name -> monitoring URL, those running) form a cluster of `size`:
+    each names the same JetStream meta leader, and the leader sees every other one current."""
+    metas = {node: _meta(url) for node, url in monitors.items()}
+    leaders = {str(meta.get("leader") or "") for meta in metas.values() if meta is not None}
+    if len(leaders) != 1 or None in metas.values():
+        return False
+    leader = leaders.pop()
+    view = metas.get(leader)
+    if view is None or view.get("cluster_size") != size:
+        return False
+    peers = view.get("replicas")
+    current = (
+        {p.get("name") for p in peers if isinstance(p, dict) and p.get("current")}
+        if isinstance(peers, list)
+        else set()
+    )
+    return current >= set(monitors) - {leader}
