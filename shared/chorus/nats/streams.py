@@ -20,7 +20,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from chorus.errors import ConfigError
-from chorus.nats.replicas import ensure_replicas, placed
+from chorus.nats.replicas import ensure_replicas, until_settled
 from chorus.subjects import Subjects
 
 log = logging.getLogger("chorus.nats.streams")
@@ -36,17 +36,29 @@ _CONFIG_CONFLICT = 10058  # "stream name already in use with a different configu
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Create the stream, or update it when it exists with another config.
+    """Create the stream, or, for the service that owns it, update it when it exists with
+    another config.
 
-    Replicas: `config.num_replicas` (the services pass CHORUS_REPLICAS) is what a new stream
-    gets and what an existing one with fewer is raised to; an existing stream with more keeps
-    them (lowering copies is an operator's decision), and None (a client that does not own
-    the stream) creates it with one and leaves an existing stream's count alone."""
-    await placed(lambda: _create_or_update(js, config), config.name or "", config.num_replicas)
+    `config.num_replicas`: the services pass CHORUS_REPLICAS, what a new stream gets and
+    what an existing one with fewer is raised to (an existing stream with more keeps them:
+    lowering copies is an operator's decision). None: a client that does not own the stream
+    (a command, the TaskQueue) creates it with one replica when it is missing and never
+    changes an existing one."""
+    name = config.name or ""
+    if config.num_replicas is None:
+        if await stream_exists(js, name):
+            return
+        try:
+            await until_settled(lambda: js.add_stream(config), name, None)
+        except BadRequestError as exc:
+            if exc.err_code != _CONFIG_CONFLICT:  # made by another process meanwhile
+                raise
+        return
+    await until_settled(lambda: _create_or_update(js, config), name, config.num_replicas)
 
 
 async def _create_or_update(js: JetStreamContext, config: StreamConfig) -> None:
-    wanted = config.num_replicas
+    wanted = config.num_replicas or 1
     try:
         await js.add_stream(config)
         return
@@ -54,7 +66,7 @@ async def _create_or_update(js: JetStreamContext, config: StreamConfig) -> None:
         if exc.err_code != _CONFIG_CONFLICT:
             raise
     existing = (await js.stream_info(config.name or "")).config.num_replicas or 1
-    if wanted is None or wanted < existing:
+    if wanted < existing:
         config = dataclasses.replace(config, num_replicas=existing)
         try:
             await js.add_stream(config)  # the same config: changes nothing, needs no update
@@ -66,9 +78,10 @@ async def _create_or_update(js: JetStreamContext, config: StreamConfig) -> None:
 
 
 async def stream_exists(js: JetStreamContext, name: str) -> bool:
-    """Whether the stream exists: a check that needs only `$JS.API.STREAM.INFO.<name>`."""
+    """Whether the stream exists: a check that needs only `$JS.API.STREAM.INFO.<name>`
+    (asked again while a cluster elects the stream's leader)."""
     try:
-        await js.stream_info(name)
+        await until_settled(lambda: js.stream_info(name), name, None, unanswered=True)
     except NotFoundError:
         return False
     return True
@@ -113,17 +126,26 @@ async def ensure_bucket(
 ) -> KeyValue:
     """Create the bucket, or adopt it as it is. `replicas` (the services, from
     CHORUS_REPLICAS): the copies it is created with, and what an existing bucket with fewer
-    is raised to; None creates it with one and leaves an existing one's alone."""
+    is raised to; None (a client) creates it with one when missing and leaves an existing
+    one alone."""
+    stream = f"KV_{config.bucket}"
+
+    async def bind() -> KeyValue:
+        # Binding reads the bucket's info, from its leader: asked again while one is elected.
+        name = config.bucket
+        return await until_settled(lambda: js.key_value(name), stream, None, unanswered=True)
+
+    if replicas is None and await stream_exists(js, stream):
+        return await bind()
     if replicas is not None:
         config = dataclasses.replace(config, replicas=replicas)
-    stream = f"KV_{config.bucket}"
     try:
-        return await placed(lambda: js.create_key_value(config), stream, config.replicas)
+        return await until_settled(lambda: js.create_key_value(config), stream, config.replicas)
     except BadRequestError as exc:
         if exc.err_code != _CONFIG_CONFLICT:
             raise
     await ensure_replicas(js, stream, replicas)
-    return await js.key_value(config.bucket)
+    return await bind()
 
 
 async def ensure_events_stream(

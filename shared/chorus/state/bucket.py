@@ -27,7 +27,7 @@ from chorus.errors import Conflict, InvalidKey
 from chorus.messages import headers
 from chorus.nats import wire
 from chorus.nats.jetstream import ordered_watch
-from chorus.nats.replicas import ensure_replicas, placed
+from chorus.nats.replicas import ensure_replicas, until_settled
 from chorus.subjects import Subjects
 
 log = logging.getLogger("chorus.state")
@@ -158,7 +158,9 @@ class StateBucket:
             await js.stream_info(subjects.state_stream)
         except NotFoundError:
             try:
-                await placed(lambda: js.create_key_value(config), subjects.state_stream, replicas)
+                await until_settled(
+                    lambda: js.create_key_value(config), subjects.state_stream, replicas
+                )
             except BadRequestError as exc:
                 if exc.err_code != _STREAM_CONFIG_CONFLICT:
                     raise
