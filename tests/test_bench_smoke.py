@@ -29,6 +29,11 @@ KEY_LINES: dict[str, list[str]] = {
     ],
     "mcp_tool": ["MCP stdio tool call (McpSource)", "same function in process", "MCP overhead"],
     "kv_contention": ["SharedState.update", "raw kv.update CAS", "SharedState / raw"],
+    "cluster": [
+        "durable, 1 node, R1, 100 in flight",
+        "durable, 3 nodes, R3, 100 in flight",
+        "| durable tasks/s, 100 in flight |",
+    ],
     "agent_startup": [
         "| offline model |",
         "| import nats, msgspec |",

@@ -15,6 +15,8 @@ from chorus.subjects import Subjects, check_token
 # Data shipped in the wheel (not imported: `chorus.examples` sits at the top of the layers).
 EXAMPLE_WORKFLOWS = Path(__file__).parent / "examples" / "workflows"
 
+MAX_REPLICAS = 5  # JetStream's limit on the copies of a stream
+
 # environment variable -> settings field
 ENVIRONMENT: dict[str, str] = {
     "NATS_URL": "nats_url",
@@ -63,6 +65,7 @@ ENVIRONMENT: dict[str, str] = {
     "CHORUS_APPROVAL_TIMEOUT": "approval_timeout",
     "CHORUS_APPROVAL_SWEEP": "approval_sweep",
     "CHORUS_WAIT_SWEEP": "wait_sweep",
+    "CHORUS_REPLICAS": "replicas",
 }
 
 
@@ -130,6 +133,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # human steps: every orchestrator reads the waiting runs this often (seconds) and times
     # out those past their deadline, whoever parked them (chorus.orchestrator.waits)
     wait_sweep: float = 10.0
+    # how many servers of a NATS cluster hold a copy of each stream and bucket Chorus creates
+    # (1 for a single server; `chorus up --cluster 3` sets 3). JetStream allows 1 to 5.
+    replicas: int = 1
 
     @property
     def subjects(self) -> Subjects:
@@ -157,4 +163,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             var = next((v for v, f in ENVIRONMENT.items() if f == field), field)
             raise ConfigError(f"setting {var} is invalid: {exc}") from None
         check_token(settings.prefix, "CHORUS_PREFIX")
+        if not 1 <= settings.replicas <= MAX_REPLICAS:
+            raise ConfigError(
+                f"CHORUS_REPLICAS must be 1 to {MAX_REPLICAS} (the copies JetStream keeps of "
+                f"each stream), got {settings.replicas}"
+            )
         return settings

@@ -5,6 +5,10 @@ same Python, so what runs here is what runs in containers. With `auth` (the defa
 the server runs the config `chorus.auth.init_auth` writes into DATA_DIR/auth and each child
 connects as its own principal, with only that principal's permissions. The data dir is the
 owner's alone (0700, files 0600): it holds the seeds and every process's log.
+
+With `cluster` N > 1 the server is N clustered nats-servers (chorus.nats.cluster, stores under
+DATA_DIR/cluster), each serving the same users; every child is given all their URLs and
+CHORUS_REPLICAS=N.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from nats.aio.msg import Msg
 
 from chorus.auth import AuthLayout, init_auth
 from chorus.auth.principals import agent_principal_name
-from chorus.config import Settings
+from chorus.config import MAX_REPLICAS, Settings
+from chorus.errors import ConfigError
 from chorus.messages import Heartbeat, decode
+from chorus.nats.cluster import NatsCluster
 from chorus.nats.server import NatsServer
 from chorus.specs.agent import AgentSpec
 from chorus.subjects import Subjects
@@ -33,6 +39,7 @@ from chorus.subjects import Subjects
 log = logging.getLogger("chorus.local")
 
 AUTH_DIR = "auth"
+CLUSTER_DIR = "cluster"
 # Credentials in the caller's environment must not reach a child that has its own.
 CREDENTIAL_VARIABLES = (
     "NATS_USER",
@@ -72,20 +79,43 @@ class LocalSystem:
         port: int = 0,
         prefix: str = "chorus",
         agents: list[AgentSpec] | None = None,
+        cluster: int = 1,
     ) -> None:
         """`agents`: the specs whose instances will run, for their credentials; None runs
-        the system without NATS authorization (`--no-auth`)."""
+        the system without NATS authorization (`--no-auth`). `cluster`: how many
+        nats-servers (1: one server; N: a cluster on ports PORT..PORT+N-1, or free ones when
+        `port` is 0), and the replicas of every stream and bucket."""
+        if cluster < 1:
+            raise ConfigError(f"--cluster {cluster}: a cluster needs at least 1 server")
         self.data_dir = private_dir(data_dir)
         self.prefix = prefix
+        self.replicas = min(cluster, MAX_REPLICAS)
         self.auth: AuthLayout | None = None
         if agents is not None:
             self.auth = init_auth(data_dir / AUTH_DIR, agents, prefix=prefix, monitor=None)
-        self.server = NatsServer(
-            data_dir / "jetstream",
-            port=port,
-            log_file=private_file(data_dir / "nats-server.log"),
-            config_file=str(self.auth.server_config) if self.auth else None,
-        )
+        self.cluster: NatsCluster | None = None
+        self.servers: dict[str, NatsServer]
+        if cluster > 1:
+            self.cluster = NatsCluster(
+                private_dir(data_dir / CLUSTER_DIR),
+                cluster,
+                client_ports=[port + i for i in range(cluster)] if port else None,
+                auth_include=self.auth.auth_include if self.auth else None,
+                log_dir=data_dir,
+            )
+            self.servers = dict(self.cluster.nodes)
+            for node in self.servers.values():
+                if node.log_file is not None:
+                    private_file(node.log_file)
+        else:
+            self.servers = {
+                "nats-server": NatsServer(
+                    data_dir / "jetstream",
+                    port=port,
+                    log_file=private_file(data_dir / "nats-server.log"),
+                    config_file=str(self.auth.server_config) if self.auth else None,
+                )
+            }
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.commands: dict[str, tuple[str, ...]] = {}
         self.principals: dict[str, str] = {}
@@ -94,16 +124,38 @@ class LocalSystem:
         self.stopping = False
 
     @property
+    def server(self) -> NatsServer:
+        """The server (the first node of a cluster)."""
+        return next(iter(self.servers.values()))
+
+    @property
     def url(self) -> str:
-        return self.server.url
+        """Every server's URL, comma-separated."""
+        return self.cluster.url if self.cluster else self.server.url
 
     def start_server(self) -> None:
-        self.server.start()
+        """Start the server, or the cluster and wait until it has formed."""
+        if self.cluster is not None:
+            self.cluster.start()
+        else:
+            self.server.start()
+
+    def stop_server(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+        else:
+            self.server.stop()
 
     def env(self, principal: str = "operator") -> dict[str, str]:
         """The environment of a child that connects as `principal` (when auth is on)."""
         env = dict(os.environ)
-        env.update({"NATS_URL": self.url, "CHORUS_PREFIX": self.prefix})
+        env.update(
+            {
+                "NATS_URL": self.url,
+                "CHORUS_PREFIX": self.prefix,
+                "CHORUS_REPLICAS": str(self.replicas),
+            }
+        )
         if self.auth is not None:
             for variable in CREDENTIAL_VARIABLES:
                 env.pop(variable, None)
@@ -112,7 +164,9 @@ class LocalSystem:
 
     def settings_for(self, principal: str, settings: Settings) -> Settings:
         """`settings` that reach this system's server as `principal`."""
-        settings = msgspec.structs.replace(settings, nats_url=self.url, prefix=self.prefix)
+        settings = msgspec.structs.replace(
+            settings, nats_url=self.url, prefix=self.prefix, replicas=self.replicas
+        )
         return self.auth.settings_for(principal, settings) if self.auth else settings
 
     def spawn(self, name: str, *args: str, principal: str = "operator") -> subprocess.Popen[bytes]:
@@ -154,6 +208,33 @@ class LocalSystem:
             restarted.append(name)
         return restarted
 
+    def supervise_servers(self) -> list[str]:
+        """Start again the cluster nodes that exited (the others keep serving meanwhile);
+        returns their names. Blocks while a node starts: call it in a thread."""
+        if self.cluster is None or self.stopping:
+            return []
+        restarted = []
+        now = time.monotonic()
+        for name, node in self.servers.items():
+            if not node.exited:
+                continue
+            due = self._next_start.setdefault(
+                name, now + min(30.0, 2.0 ** self.restarts.get(name, 0))
+            )
+            if now < due:
+                continue
+            del self._next_start[name]
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            log.warning("restarting exited nats-server", extra={"node": name})
+            node.stop()  # reaps the dead process
+            try:
+                node.start()
+            except ConfigError as exc:
+                log.warning("nats-server did not start", extra={"node": name, "error": str(exc)})
+                continue
+            restarted.append(name)
+        return restarted
+
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM every child (they drain), wait, SIGKILL stragglers, then stop the server."""
         self.stopping = True
@@ -168,7 +249,7 @@ class LocalSystem:
                 child.kill()
                 child.wait()
         self.children.clear()
-        self.server.stop()
+        self.stop_server()
 
 
 async def wait_for_instances(

@@ -127,13 +127,14 @@ def status_table(system: LocalSystem, gateway_port: int | None) -> Table:
     )
     for column in ("process", "pid", "state", "restarts", "log"):
         table.add_column(column)
-    table.add_row(
-        "nats-server",
-        str(system.server.pid or ""),
-        "running",
-        "0",
-        str(system.data_dir / "nats-server.log"),
-    )
+    for name, server in system.servers.items():
+        table.add_row(
+            name if system.cluster is None else f"nats-server {name}",
+            str(server.pid or ""),
+            "[red]exited[/]" if server.exited else "[green]running[/]",
+            str(system.restarts.get(name, 0)),
+            str(server.log_file or ""),
+        )
     for name, child in system.children.items():
         code = child.poll()
         state = "[green]running[/]" if code is None else f"[red]exited {code}[/]"
@@ -155,13 +156,14 @@ async def run_up(
     prefix: str,
     *,
     auth: bool = True,
+    cluster: int = 1,
 ) -> int:
     from rich.console import Console
     from rich.live import Live
     from rich.markup import escape
 
     specs = [agent.load() for agent in agents] if auth else None
-    system = LocalSystem(data_dir, port=port, prefix=prefix, agents=specs)
+    system = LocalSystem(data_dir, port=port, prefix=prefix, agents=specs, cluster=cluster)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -184,11 +186,13 @@ async def run_up(
         ) as live:
             while not stop.is_set():
                 system.supervise()
+                if system.cluster is not None:
+                    await asyncio.to_thread(system.supervise_servers)
                 live.update(status_table(system, gateway_port))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)  # the status refresh period
     finally:
-        with console.status("stopping: agents drain, then services, then nats-server"):
+        with console.status("stopping: agents drain, then services, then NATS"):
             await asyncio.to_thread(system.stop)
     console.print(f"stopped; data kept in {data_dir}")
     return 0

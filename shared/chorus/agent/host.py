@@ -237,7 +237,9 @@ class AgentHost:
         # Connected: MCP servers start, peers are described, side effects go through the
         # effect ledger (its records under this agent's name), model calls through the shared
         # limits and budgets.
-        self._ledger = EffectLedger(self.nc, self.subjects, owner=self.agent.name)
+        self._ledger = EffectLedger(
+            self.nc, self.subjects, owner=self.agent.name, replicas=self.settings.replicas
+        )
         await self.toolbox.start(self.model, self._ledger)
         await attach_spend(self.model, self.nc, self.settings, self.instance)
         self._run_work = RunWork(self.nc, self.subjects)
@@ -514,7 +516,11 @@ class AgentHost:
         """The conversation sessions, opened on first use."""
         if self._sessions is None:
             store = SessionStore(
-                self.nc, self.subjects, self.settings.session_ttl, holder=self.instance
+                self.nc,
+                self.subjects,
+                self.settings.session_ttl,
+                holder=self.instance,
+                replicas=self.settings.replicas,
             )
             self._sessions = await store.open()
         return self._sessions

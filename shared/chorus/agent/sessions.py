@@ -79,8 +79,12 @@ class SessionStore:
         *,
         holder: str = "",
         ticket_ttl_s: int = DEFAULT_TICKET_TTL_S,
+        replicas: int | None = None,
     ) -> None:
+        """`replicas`: the bucket's copies in a cluster (CHORUS_REPLICAS; None: one when
+        created, an existing bucket's left alone)."""
         self.nc = nc
+        self.replicas = replicas
         self.subjects = subjects
         self.ttl = ttl
         self.holder = holder or f"{socket.gethostname()}-{os.getpid()}"
@@ -93,7 +97,7 @@ class SessionStore:
         self._kv = await open_bucket(
             js,
             self.subjects.sessions_bucket,
-            lambda: ensure_sessions_bucket(js, self.subjects, self.ttl),
+            lambda: ensure_sessions_bucket(js, self.subjects, self.ttl, replicas=self.replicas),
         )
         return self
 

@@ -163,11 +163,20 @@ def register(sub: Any) -> None:
         "orchestrator, the gateway and agents (the examples unless --agent is given), with a "
         "live status table. Children that exit are restarted. Ctrl-C stops everything.",
         epilog="examples:\n  chorus up\n  chorus up --agent researcher=3 --agent my-agent.yaml\n"
+        "  chorus up --cluster 3            # three nats-servers, 3 replicas of everything\n"
         "  set -a; . .chorus/auth/creds/operator.env; set +a; chorus tail   # another terminal",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     up.add_argument("--data-dir", default=".chorus", help="JetStream data and logs (.chorus)")
     up.add_argument("--port", type=int, default=4222, help="NATS client port (4222)")
+    up.add_argument(
+        "--cluster",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N clustered nats-servers (client ports PORT..PORT+N-1; 0 for free ports) "
+        "and keep N replicas of every stream and bucket (CHORUS_REPLICAS=N)",
+    )
     up.add_argument("--gateway-port", type=int, default=8080, help="HTTP port (8080)")
     up.add_argument("--no-gateway", action="store_true", help="do not start the gateway")
     up.add_argument(
@@ -307,4 +316,5 @@ async def run_up(args: argparse.Namespace, settings: Settings) -> int:
         agents,
         settings.prefix,
         auth=not args.no_auth,
+        cluster=args.cluster,
     )

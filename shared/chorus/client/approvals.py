@@ -64,12 +64,21 @@ def new_approval_id() -> str:
 class ApprovalBook:
     """Read, write and decide approvals; any role opens one on its own connection."""
 
-    def __init__(self, nc: Client, subjects: Subjects, *, create: bool = True) -> None:
-        """`create`: make the bucket when missing (services); agents wait for it instead."""
+    def __init__(
+        self,
+        nc: Client,
+        subjects: Subjects,
+        *,
+        create: bool = True,
+        replicas: int | None = None,
+    ) -> None:
+        """`create`: make the bucket when missing (services); agents wait for it instead.
+        `replicas`: the coordinator's CHORUS_REPLICAS, for the copies it keeps in a cluster."""
         self.nc = nc
         self.js = nc.jetstream()
         self.subjects = subjects
         self._create = create
+        self._replicas = replicas
         self._kv: KeyValue | None = None
 
     async def bucket(self) -> KeyValue:
@@ -80,7 +89,9 @@ class ApprovalBook:
                     self.subjects.approvals_stream,
                     lambda: ensure_approvals_bucket(self.js, self.subjects),
                 )
-            self._kv = await ensure_approvals_bucket(self.js, self.subjects)
+            self._kv = await ensure_approvals_bucket(
+                self.js, self.subjects, replicas=self._replicas
+            )
         return self._kv
 
     # the agent's side

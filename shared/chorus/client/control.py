@@ -43,7 +43,9 @@ MAX_STEER = 50  # steer messages kept per run
 _UPDATE_TRIES = 20
 
 
-async def ensure_control_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+async def ensure_control_bucket(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int | None = None
+) -> KeyValue:
     return await ensure_bucket(
         js,
         KeyValueConfig(
@@ -52,6 +54,7 @@ async def ensure_control_bucket(js: JetStreamContext, subjects: Subjects) -> Key
             ttl=CONTROL_MAX_AGE_S,
             storage=StorageType.FILE,
         ),
+        replicas=replicas,
     )
 
 

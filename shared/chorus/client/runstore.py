@@ -62,13 +62,17 @@ class KvRunStore:
         self._with_workflow: set[str] = set()  # runs whose workflow key is known to exist
 
     @classmethod
-    async def open(cls, js: JetStreamContext, subjects: Subjects) -> KvRunStore:
-        """Bind to the runs bucket, creating it when it does not exist yet."""
+    async def open(
+        cls, js: JetStreamContext, subjects: Subjects, *, replicas: int | None = None
+    ) -> KvRunStore:
+        """Bind to the runs bucket, creating it when it does not exist yet. `replicas` (the
+        orchestrator's CHORUS_REPLICAS): its copies (an existing bucket with fewer is raised)."""
         kv = await ensure_bucket(
             js,
             KeyValueConfig(
                 bucket=subjects.runs_bucket, history=RUN_HISTORY, storage=StorageType.FILE
             ),
+            replicas=replicas,
         )
         return cls(js, kv, subjects)
 

@@ -28,6 +28,7 @@ from nats.js.errors import NotFoundError
 
 from chorus.errors import InvalidMessage
 from chorus.messages import StreamChunk, decode
+from chorus.nats.replicas import until_settled
 from chorus.nats.streams import ensure_chunk_stream, stream_exists
 from chorus.subjects import Subjects
 
@@ -78,13 +79,19 @@ class ChunkReader:
             if self.from_seq > 0
             else ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         )
-        self._subscription = await self.js.subscribe(
-            self.subject,
-            stream=stream,
-            cb=self._queue.put,  # bounded: a slow reader holds the consumer back, loses nothing
-            ordered_consumer=True,
-            idle_heartbeat=self.heartbeat_s,
-            config=config,
+        # Asked again while a cluster elects the stream's leader (no answer until then).
+        self._subscription = await until_settled(
+            lambda: self.js.subscribe(
+                self.subject,
+                stream=stream,
+                cb=self._queue.put,  # bounded: a slow reader holds the consumer back
+                ordered_consumer=True,
+                idle_heartbeat=self.heartbeat_s,
+                config=config,
+            ),
+            stream,
+            None,
+            unanswered=True,
         )
         return self
 

@@ -141,9 +141,12 @@ class Dispatcher:
 
     async def start(self) -> None:
         await ensure_dispatch_stream(
-            self.js, self.subjects, dedupe_window=self.settings.dedupe_window
+            self.js,
+            self.subjects,
+            dedupe_window=self.settings.dedupe_window,
+            replicas=self.settings.replicas,
         )
-        await ensure_dead_letter_stream(self.js, self.subjects)
+        await ensure_dead_letter_stream(self.js, self.subjects, replicas=self.settings.replicas)
         self._claims.start()
         # Targets that already have a consumer (from an earlier run) resume at once.
         for info in await every_consumer(self.js, self.subjects.dispatch_stream):

@@ -109,14 +109,21 @@ class Coordinator:
     async def start(self) -> None:
         js = self.nc.jetstream()
         # What agents use but, under generated credentials, may not create (chorus.auth).
-        await ensure_events_stream(js, self.subjects)
-        await ensure_chunk_stream(js, self.subjects, self.settings.stream_max_age)
-        await StateBucket.ensure(self.nc, self.subjects)
-        await ensure_sessions_bucket(js, self.subjects, self.settings.session_ttl)
-        await ensure_effects_bucket(js, self.subjects)
-        self._agents = await ensure_agents_bucket(js, self.subjects)
-        tasks = await ensure_tasks_bucket(js, self.subjects)
-        await ensure_control_bucket(js, self.subjects)  # agents read it, may not create it
+        # Their replica count (CHORUS_REPLICAS) is the coordinator's to set.
+        replicas = self.settings.replicas
+        await ensure_events_stream(js, self.subjects, replicas=replicas)
+        await ensure_chunk_stream(
+            js, self.subjects, self.settings.stream_max_age, replicas=replicas
+        )
+        await StateBucket.ensure(self.nc, self.subjects, replicas=replicas)
+        await ensure_sessions_bucket(
+            js, self.subjects, self.settings.session_ttl, replicas=replicas
+        )
+        await ensure_effects_bucket(js, self.subjects, replicas=replicas)
+        self._agents = await ensure_agents_bucket(js, self.subjects, replicas=replicas)
+        tasks = await ensure_tasks_bucket(js, self.subjects, replicas=replicas)
+        # agents read it, may not create it
+        await ensure_control_bucket(js, self.subjects, replicas=replicas)
         self._dispatcher = Dispatcher(
             self.nc, self.settings, self.registry, self.router, tasks, self.dispatch_metrics
         )
@@ -143,7 +150,7 @@ class Coordinator:
             )
         )
         self._sweeper = asyncio.create_task(self._sweep_loop())
-        self.approvals = ApprovalBook(self.nc, self.subjects)
+        self.approvals = ApprovalBook(self.nc, self.subjects, replicas=self.settings.replicas)
         await self.approvals.bucket()  # agents may use it, not create it (chorus.auth)
         self._approval_sweeper = asyncio.create_task(
             sweep_forever(self.approvals, self.settings.approval_sweep)

@@ -153,6 +153,11 @@ class NatsServer:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def exited(self) -> bool:
+        """Started, and its process has ended since (killed, crashed) without `stop()`."""
+        return self._process is not None and self._process.poll() is not None
+
     def command(self) -> list[str]:
         args = [find_binary(self.binary)]
         if self.config_file:

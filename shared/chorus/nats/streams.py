@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -19,6 +20,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from chorus.errors import ConfigError
+from chorus.nats.replicas import ensure_replicas, until_settled
 from chorus.subjects import Subjects
 
 log = logging.getLogger("chorus.nats.streams")
@@ -30,20 +32,56 @@ TASKS_MAX_AGE_S = 7 * 24 * 3600
 EFFECTS_MAX_AGE_S = 7 * 24 * 3600  # a retry later than this may repeat a side effect
 
 
+_CONFIG_CONFLICT = 10058  # "stream name already in use with a different configuration"
+
+
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Create the stream, or update it when it exists with another config."""
+    """Create the stream, or, for the service that owns it, update it when it exists with
+    another config.
+
+    `config.num_replicas`: the services pass CHORUS_REPLICAS, what a new stream gets and
+    what an existing one with fewer is raised to (an existing stream with more keeps them:
+    lowering copies is an operator's decision). None: a client that does not own the stream
+    (a command, the TaskQueue) creates it with one replica when it is missing and never
+    changes an existing one."""
+    name = config.name or ""
+    if config.num_replicas is None:
+        if await stream_exists(js, name):
+            return
+        try:
+            await until_settled(lambda: js.add_stream(config), name, None)
+        except BadRequestError as exc:
+            if exc.err_code != _CONFIG_CONFLICT:  # made by another process meanwhile
+                raise
+        return
+    await until_settled(lambda: _create_or_update(js, config), name, config.num_replicas)
+
+
+async def _create_or_update(js: JetStreamContext, config: StreamConfig) -> None:
+    wanted = config.num_replicas or 1
     try:
         await js.add_stream(config)
-    except BadRequestError as exc:  # "stream name already in use with a different configuration"
-        if exc.err_code != 10058:
+        return
+    except BadRequestError as exc:
+        if exc.err_code != _CONFIG_CONFLICT:
             raise
-        await js.update_stream(config)
+    existing = (await js.stream_info(config.name or "")).config.num_replicas or 1
+    if wanted < existing:
+        config = dataclasses.replace(config, num_replicas=existing)
+        try:
+            await js.add_stream(config)  # the same config: changes nothing, needs no update
+            return
+        except BadRequestError as exc:
+            if exc.err_code != _CONFIG_CONFLICT:
+                raise
+    await js.update_stream(config)
 
 
 async def stream_exists(js: JetStreamContext, name: str) -> bool:
-    """Whether the stream exists: a check that needs only `$JS.API.STREAM.INFO.<name>`."""
+    """Whether the stream exists: a check that needs only `$JS.API.STREAM.INFO.<name>`
+    (asked again while a cluster elects the stream's leader)."""
     try:
-        await js.stream_info(name)
+        await until_settled(lambda: js.stream_info(name), name, None, unanswered=True)
     except NotFoundError:
         return False
     return True
@@ -93,22 +131,43 @@ async def open_bucket(
     return await js.key_value(bucket)
 
 
-async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+async def ensure_bucket(
+    js: JetStreamContext, config: KeyValueConfig, *, replicas: int | None = None
+) -> KeyValue:
+    """Create the bucket, or adopt it as it is. `replicas` (the services, from
+    CHORUS_REPLICAS): the copies it is created with, and what an existing bucket with fewer
+    is raised to; None (a client) creates it with one when missing and leaves an existing
+    one alone."""
+    stream = f"KV_{config.bucket}"
+
+    async def bind() -> KeyValue:
+        # Binding reads the bucket's info, from its leader: asked again while one is elected.
+        name = config.bucket
+        return await until_settled(lambda: js.key_value(name), stream, None, unanswered=True)
+
+    if replicas is None and await stream_exists(js, stream):
+        return await bind()
+    if replicas is not None:
+        config = dataclasses.replace(config, replicas=replicas)
     try:
-        return await js.create_key_value(config)
+        return await until_settled(lambda: js.create_key_value(config), stream, config.replicas)
     except BadRequestError as exc:
-        if exc.err_code != 10058:
+        if exc.err_code != _CONFIG_CONFLICT:
             raise
-        return await js.key_value(config.bucket)
+    await ensure_replicas(js, stream, replicas)
+    return await bind()
 
 
-async def ensure_events_stream(js: JetStreamContext, subjects: Subjects) -> None:
+async def ensure_events_stream(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int | None = None
+) -> None:
     await ensure_stream(
         js,
         StreamConfig(
             name=subjects.events_stream,
             subjects=[subjects.all_events],
             storage=StorageType.FILE,
+            num_replicas=replicas,
             retention=RetentionPolicy.LIMITS,
             max_age=EVENTS_MAX_AGE_S,
             duplicate_window=DEDUPE_WINDOW_S,
@@ -117,7 +176,11 @@ async def ensure_events_stream(js: JetStreamContext, subjects: Subjects) -> None
 
 
 async def ensure_dispatch_stream(
-    js: JetStreamContext, subjects: Subjects, *, dedupe_window: float = DEDUPE_WINDOW_S
+    js: JetStreamContext,
+    subjects: Subjects,
+    *,
+    dedupe_window: float = DEDUPE_WINDOW_S,
+    replicas: int | None = None,
 ) -> None:
     """Submitted tasks wait here until an instance is free; each is removed once acked.
 
@@ -130,26 +193,32 @@ async def ensure_dispatch_stream(
             name=subjects.dispatch_stream,
             subjects=[subjects.all_dispatch],
             storage=StorageType.FILE,
+            num_replicas=replicas,
             retention=RetentionPolicy.WORK_QUEUE,
             duplicate_window=dedupe_window,
         ),
     )
 
 
-async def ensure_dead_letter_stream(js: JetStreamContext, subjects: Subjects) -> None:
+async def ensure_dead_letter_stream(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int | None = None
+) -> None:
     await ensure_stream(
         js,
         StreamConfig(
             name=subjects.dead_letter_stream,
             subjects=[subjects.all_dead_letters],
             storage=StorageType.FILE,
+            num_replicas=replicas,
             retention=RetentionPolicy.LIMITS,
             duplicate_window=DEDUPE_WINDOW_S,
         ),
     )
 
 
-async def ensure_tasks_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+async def ensure_tasks_bucket(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int | None = None
+) -> KeyValue:
     return await ensure_bucket(
         js,
         KeyValueConfig(
@@ -158,10 +227,13 @@ async def ensure_tasks_bucket(js: JetStreamContext, subjects: Subjects) -> KeyVa
             ttl=TASKS_MAX_AGE_S,
             storage=StorageType.FILE,
         ),
+        replicas=replicas,
     )
 
 
-async def ensure_agents_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+async def ensure_agents_bucket(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int | None = None
+) -> KeyValue:
     return await ensure_bucket(
         js,
         KeyValueConfig(
@@ -170,6 +242,7 @@ async def ensure_agents_bucket(js: JetStreamContext, subjects: Subjects) -> KeyV
             ttl=REGISTRY_TTL_S,
             storage=StorageType.FILE,
         ),
+        replicas=replicas,
     )
 
 
@@ -177,7 +250,7 @@ SESSION_MARKER_TTL_S = 1  # expiry markers of turn tickets only need to reach th
 
 
 async def ensure_sessions_bucket(
-    js: JetStreamContext, subjects: Subjects, ttl_s: float
+    js: JetStreamContext, subjects: Subjects, ttl_s: float, *, replicas: int | None = None
 ) -> KeyValue:
     """Conversation sessions: one record per session (history 1) that expires `ttl_s` after
     its last write, and turn tickets with a TTL of their own (so expiry markers wake waiters)."""
@@ -195,10 +268,13 @@ async def ensure_sessions_bucket(
             storage=StorageType.FILE,
             limit_marker_ttl=SESSION_MARKER_TTL_S,
         ),
+        replicas=replicas,
     )
 
 
-async def ensure_runs_stream(js: JetStreamContext, subjects: Subjects) -> None:
+async def ensure_runs_stream(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int | None = None
+) -> None:
     """Submitted runs (and resumes of waiting ones) wait here for an orchestrator; each is
     removed once its run finishes or parks again."""
     await ensure_stream(
@@ -207,13 +283,16 @@ async def ensure_runs_stream(js: JetStreamContext, subjects: Subjects) -> None:
             name=subjects.runs_stream,
             subjects=[subjects.run_submit(), subjects.all_run_resumes],
             storage=StorageType.FILE,
+            num_replicas=replicas,
             retention=RetentionPolicy.WORK_QUEUE,
             duplicate_window=DEDUPE_WINDOW_S,
         ),
     )
 
 
-async def ensure_chunk_stream(js: JetStreamContext, subjects: Subjects, max_age_s: float) -> None:
+async def ensure_chunk_stream(
+    js: JetStreamContext, subjects: Subjects, max_age_s: float, *, replicas: int | None = None
+) -> None:
     """The live output of tasks: file storage, so a reader resumes across a server restart;
     kept `max_age_s` (CHORUS_STREAM_MAX_AGE), oldest dropped first."""
     if not max_age_s >= 1:
@@ -227,6 +306,7 @@ async def ensure_chunk_stream(js: JetStreamContext, subjects: Subjects, max_age_
             description="Chorus live output of tasks (text deltas, tool calls, answers)",
             subjects=[subjects.all_task_streams],
             storage=StorageType.FILE,
+            num_replicas=replicas,
             retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.OLD,
             max_age=max_age_s,
@@ -236,7 +316,9 @@ async def ensure_chunk_stream(js: JetStreamContext, subjects: Subjects, max_age_
     )
 
 
-async def ensure_effects_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+async def ensure_effects_bucket(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int | None = None
+) -> KeyValue:
     """The effect ledger: intent, then result, of each side-effect tool call. Direct gets
     name the key in the API subject, so an agent's permissions can cover its own records
     only (a bucket made before without them gains them here)."""
@@ -249,6 +331,7 @@ async def ensure_effects_bucket(js: JetStreamContext, subjects: Subjects) -> Key
             storage=StorageType.FILE,
             direct=True,
         ),
+        replicas=replicas,
     )
     stream = (await js.stream_info(subjects.kv_stream(subjects.effects_bucket))).config
     if not stream.allow_direct:
@@ -296,7 +379,9 @@ async def ensure_budgets_bucket(js: JetStreamContext, subjects: Subjects) -> Key
 APPROVALS_MAX_AGE_S = 30 * 24 * 3600  # approval records and parked tasks, decided or not
 
 
-async def ensure_approvals_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+async def ensure_approvals_bucket(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int | None = None
+) -> KeyValue:
     """Tool calls waiting for a person and the tasks parked on them (chorus.client.approvals):
     each record changes compare-and-set, so history 1 is enough."""
     return await ensure_bucket(
@@ -308,4 +393,5 @@ async def ensure_approvals_bucket(js: JetStreamContext, subjects: Subjects) -> K
             ttl=APPROVALS_MAX_AGE_S,
             storage=StorageType.FILE,
         ),
+        replicas=replicas,
     )

@@ -145,6 +145,10 @@ async def js_publish(
 # find no responder. A publish carrying `Nats-Msg-Id` can be retried safely: the stream drops
 # the duplicate. These are the errors worth retrying.
 TRANSIENT = (nats.errors.TimeoutError, nats.errors.NoRespondersError, NoStreamResponseError)
+# One attempt's wait for the stream's ack. A stream whose cluster leader died answers nothing
+# until a new one is elected (seconds): short attempts land soon after it is, where 5 s ones
+# arrived up to 5 s late.
+ATTEMPT_TIMEOUT_S = 1.0
 
 
 async def publish_durably(
@@ -162,7 +166,7 @@ async def publish_durably(
     delay = 0.1
     while True:
         try:
-            return await js_publish(js, subject, payload, headers)
+            return await js_publish(js, subject, payload, headers, timeout=ATTEMPT_TIMEOUT_S)
         except TRANSIENT:
             if loop.time() + delay > deadline:
                 raise

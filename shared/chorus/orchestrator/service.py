@@ -137,7 +137,7 @@ class Orchestrator:
 
     async def start(self) -> None:
         js = self.nc.jetstream()
-        await ensure_runs_stream(js, self.subjects)
+        await ensure_runs_stream(js, self.subjects, replicas=self.settings.replicas)
         client = ChorusClient(self.nc, self.subjects, timeout=self.settings.request_timeout)
         self._queue = TaskQueue(self.nc, self.subjects)
         runner: TaskRunner = (
@@ -145,7 +145,7 @@ class Orchestrator:
             if self.durable_tasks
             else DirectRunner(client)
         )
-        store = await KvRunStore.open(js, self.subjects)
+        store = await KvRunStore.open(js, self.subjects, replicas=self.settings.replicas)
         self._engine = Engine(
             runner,
             store,
@@ -321,7 +321,9 @@ class Orchestrator:
     ) -> None:
         """Take the request off the queue onto `<prefix>.dlq.runs`, with the reason."""
         if not self._dead_letters_ready:  # made on first use: start-up stays as quick as it was
-            await ensure_dead_letter_stream(self.nc.jetstream(), self.subjects)
+            await ensure_dead_letter_stream(
+                self.nc.jetstream(), self.subjects, replicas=self.settings.replicas
+            )
             self._dead_letters_ready = True
         await dead_letter(
             self.nc.jetstream(),

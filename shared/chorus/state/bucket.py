@@ -27,6 +27,7 @@ from chorus.errors import Conflict, InvalidKey
 from chorus.messages import headers
 from chorus.nats import wire
 from chorus.nats.jetstream import last_values, ordered_watch
+from chorus.nats.replicas import ensure_replicas, until_settled
 from chorus.subjects import Subjects
 
 log = logging.getLogger("chorus.state")
@@ -136,8 +137,12 @@ class StateBucket:
         self._direct = direct
 
     @classmethod
-    async def ensure(cls, nc: Client, subjects: Subjects) -> StateBucket:
-        """Create the bucket (file storage, history, TTLs allowed) or adopt an existing one."""
+    async def ensure(
+        cls, nc: Client, subjects: Subjects, *, replicas: int | None = None
+    ) -> StateBucket:
+        """Create the bucket (file storage, history, TTLs allowed) or adopt an existing one.
+        `replicas` (the coordinator's CHORUS_REPLICAS): its copies in a cluster, and what an
+        existing bucket with fewer is raised to; None: one when created, else left alone."""
         js = nc.jetstream()
         config = KeyValueConfig(
             bucket=subjects.state_bucket,
@@ -146,16 +151,20 @@ class StateBucket:
             storage=StorageType.FILE,
             direct=True,
             limit_marker_ttl=MARKER_TTL_S,
+            replicas=replicas or 1,
         )
         # Look before creating: agent credentials may read the bucket but not create it.
         try:
             await js.stream_info(subjects.state_stream)
         except NotFoundError:
             try:
-                await js.create_key_value(config)
+                await until_settled(
+                    lambda: js.create_key_value(config), subjects.state_stream, replicas
+                )
             except BadRequestError as exc:
                 if exc.err_code != _STREAM_CONFIG_CONFLICT:
                     raise
+        await ensure_replicas(js, subjects.state_stream, replicas)
         await cls._enable_leases(js, subjects.state_stream)
         stream = (await js.stream_info(subjects.state_stream)).config
         return cls(

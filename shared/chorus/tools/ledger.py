@@ -106,11 +106,16 @@ class _Occurrences:
 class EffectLedger:
     """Intent and result of each side-effect tool call, in KV, shared by every process."""
 
-    def __init__(self, nc: Client, subjects: Subjects, *, owner: str = "") -> None:
-        """`owner`: the agent name whose records these are (the first token of each key)."""
+    def __init__(
+        self, nc: Client, subjects: Subjects, *, owner: str = "", replicas: int | None = None
+    ) -> None:
+        """`owner`: the agent name whose records these are (the first token of each key).
+        `replicas`: the bucket's copies in a cluster (CHORUS_REPLICAS; None: one when
+        created, an existing bucket's left alone)."""
         self.nc = nc
         self.subjects = subjects
         self.owner = check_token(owner, "effect ledger owner") if owner else ""
+        self.replicas = replicas
         self._kv: KeyValue | None = None
         self._occurrences = _Occurrences()
 
@@ -120,7 +125,7 @@ class EffectLedger:
             self._kv = await open_bucket(
                 js,
                 self.subjects.effects_bucket,
-                lambda: ensure_effects_bucket(js, self.subjects),
+                lambda: ensure_effects_bucket(js, self.subjects, replicas=self.replicas),
             )
         return self._kv
 
