@@ -86,7 +86,7 @@ async def show_approval(
                 f"{decided.approval_id}` would: the task resumes on an {AGENT} instance"
             )
         else:
-            _print_commands(console, pending.approval_id, env_setup)
+            _print_commands(console, pending, env_setup)
             decided_or_none = await _decision(console, changes, pending)
             if decided_or_none is None:
                 console.print(
@@ -121,8 +121,13 @@ async def _first_pending(
                 return approval
 
 
-def _print_commands(console: Console, approval_id: str, env_setup: str) -> None:
-    console.print("decide it in another terminal:", soft_wrap=True)
+def _print_commands(console: Console, pending: Approval, env_setup: str) -> None:
+    approval_id = pending.approval_id
+    console.print(
+        f"decide it in another terminal (the demo waits; at {pending.expires_at} it expires "
+        "and the model is told it was rejected):",
+        soft_wrap=True,
+    )
     if env_setup:
         console.print(f"  {escape(env_setup)}", soft_wrap=True, highlight=False)
     else:
@@ -171,7 +176,10 @@ def _print_decision(console: Console, approval: Approval) -> None:
             f"{escape(approval.reason)}"
         )
     else:
-        console.print(f"[red]{approval.status}[/]: nobody decided ({escape(approval.reason)})")
+        console.print(
+            f"[red]{approval.status}[/]: nobody decided in time ({escape(approval.reason)}); "
+            "the model is told it was rejected"
+        )
 
 
 async def _finished(console: Console, running: asyncio.Task[Result]) -> bool:
