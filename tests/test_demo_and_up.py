@@ -22,11 +22,15 @@ from chorus.local import wait_for_instances
 from chorus.nats.connection import connect
 
 
+def demo_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "OPENAI_"))}
+
+
 def test_demo_runs_a_task_and_every_pattern_offline(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "OPENAI_"))}
+    env = demo_env()
 
     result = subprocess.run(
-        [sys.executable, "-m", "chorus", "demo", "--data-dir", str(tmp_path / "demo")],
+        [sys.executable, "-m", "chorus", "demo", "--approve", "--data-dir", str(tmp_path / "demo")],
         env=env,
         capture_output=True,
         text=True,
@@ -36,6 +40,10 @@ def test_demo_runs_a_task_and_every_pattern_offline(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "answered by researcher" in result.stdout
     assert "tool call turn 1: define" in result.stdout  # the glossary agent's Python tool
+    # The announcer's tool waited for an approval, which the demo gave itself (--approve).
+    [approval_id] = re.findall(r"approval pending (\w+): announcer calls announce", result.stdout)
+    assert f"as `chorus approve {approval_id}` would" in result.stdout
+    assert "(approved) → posted to the notice board" in result.stdout
     for pattern in ("pipeline", "parallel", "event-driven", "hierarchical", "business process"):
         line = next(line for line in result.stdout.splitlines() if f" {pattern} " in line)
         assert "completed" in line, line
@@ -45,6 +53,70 @@ def test_demo_runs_a_task_and_every_pattern_offline(tmp_path: Path) -> None:
     assert "0.0 ms" not in result.stdout
     assert re.search(r"answered by researcher .*: [\d.]+ (ms|µs) round trip", result.stdout)
     assert (tmp_path / "demo" / "logs" / "coordinator.log").exists()
+
+
+LINE_WAIT_S = 120.0  # the demo starts a whole system first, on a loaded machine
+
+
+async def line_matching(
+    stream: asyncio.StreamReader, pattern: str, seen: list[str]
+) -> re.Match[str]:
+    """The first line of the demo's output matching `pattern` (everything read kept in
+    `seen` for the failure message)."""
+    async with asyncio.timeout(LINE_WAIT_S):
+        while line := (await stream.readline()).decode():
+            seen.append(line)
+            if found := re.search(pattern, line):
+                return found
+    raise AssertionError(f"no line matching {pattern!r} in:\n{''.join(seen)}")
+
+
+async def test_demo_waits_for_an_approval_given_with_chorus_approve_in_another_terminal(
+    tmp_path: Path,
+) -> None:
+    demo = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "chorus", "demo", "--no-approve", "--task", "ship it"),
+        *("--data-dir", str(tmp_path / "demo")),
+        env=demo_env(),
+        stdin=subprocess.DEVNULL,  # not a terminal: only --no-approve makes it wait
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert demo.stdout is not None
+    seen: list[str] = []
+    try:
+        pending = await line_matching(demo.stdout, r"approval pending (\w+): announcer", seen)
+        approval_id = pending.group(1)
+        setup = (await line_matching(demo.stdout, r"^  (set -a; .*)$", seen)).group(1)
+        printed = await line_matching(demo.stdout, rf"^  (chorus approve {approval_id})$", seen)
+
+        # What the demo told the user to type in another terminal, as they would type it.
+        terminal = {**demo_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        approve = await asyncio.to_thread(
+            subprocess.run,
+            ["bash", "-c", f"{setup}; {printed.group(1)}"],
+            env=terminal,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert approve.returncode == 0, approve.stdout + approve.stderr
+        assert f"{approval_id} approved: announce of announcer resumes" in approve.stdout
+
+        await line_matching(demo.stdout, r"approved by cli:", seen)
+        await line_matching(
+            demo.stdout, r"announce\(.*\) \(approved\) → posted to the notice board: ship it", seen
+        )
+        rest = (await asyncio.wait_for(demo.stdout.read(), LINE_WAIT_S)).decode()
+        code = await asyncio.wait_for(demo.wait(), LINE_WAIT_S)
+    finally:
+        if demo.returncode is None:
+            demo.kill()
+            await demo.wait()
+    shown = "".join(seen) + rest
+    assert code == 0, shown
+    # The model heard the tool's output once the task resumed (the line wraps when piped).
+    assert "(tool announce: posted to the notice board: ship it)" in " ".join(shown.split())
 
 
 def free_port() -> int:

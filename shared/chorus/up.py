@@ -37,6 +37,7 @@ DEFAULT_AGENTS: tuple[tuple[str, int], ...] = (
     ("planner", 1),
     ("glossary", 1),
     ("editor", 1),
+    ("announcer", 1),
 )
 
 

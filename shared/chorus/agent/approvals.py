@@ -234,8 +234,13 @@ async def _decided(
     once: list[Tool] = []
     if tool is not None:
         inner = tool.tool if isinstance(tool, LedgeredTool) else tool
-        # A ledger of its own: its count of identical calls starts at 1 on every resume.
-        fresh = EffectLedger(ledger.nc, ledger.subjects) if ledger is not None else None
+        # A ledger of its own: its count of identical calls starts at 1 on every resume; keys
+        # under the agent's name, as its permissions allow (chorus.auth.permissions).
+        fresh = (
+            EffectLedger(ledger.nc, ledger.subjects, owner=ledger.owner)
+            if ledger is not None
+            else None
+        )
         once = [LedgeredTool(inner, fresh) if fresh is not None else inner]
     # The approval's own scope: a resume delivered twice finds the first run's outcome.
     ctx = dataclasses.replace(

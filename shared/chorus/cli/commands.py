@@ -141,9 +141,12 @@ def register(sub: Any) -> None:
         "demo",
         help="start a local system and run a task and one workflow of each pattern",
         description="Start an embedded nats-server, the coordinator, the orchestrator and the "
-        "example agents as separate processes, route a task, run one example workflow of each "
-        "pattern, print the results, stop. Needs no API key (offline model) and no Docker.",
-        epilog="examples:\n  chorus demo\n  chorus demo --attach   # use the system at NATS_URL",
+        "example agents as separate processes, route a task, park a tool call on a person's "
+        "approval, run one example workflow of each pattern, print the results, stop. Needs no "
+        "API key (offline model) and no Docker.",
+        epilog="examples:\n  chorus demo             # decide its approval with `chorus approve ID`"
+        "\n  chorus demo --approve   # unattended: the demo approves it itself"
+        "\n  chorus demo --attach    # use the system at NATS_URL",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--data-dir", help="keep JetStream data and logs here (default: temp dir)")
@@ -154,6 +157,13 @@ def register(sub: Any) -> None:
         help="use the running system at NATS_URL (e.g. from chorus up)",
     )
     demo.add_argument("--timeout", type=float, default=120.0, help="seconds per workflow")
+    demo.add_argument(
+        "--approve",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="approve the demo's tool call itself (--no-approve: wait for `chorus approve ID` "
+        "from another terminal; default: wait when stdin is a terminal, else approve)",
+    )
     demo.set_defaults(func=run_demo)
 
     up = sub.add_parser(
@@ -298,7 +308,14 @@ async def print_schema(args: argparse.Namespace, settings: Settings) -> int:
 async def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     from chorus.demo import run_demo as demo
 
-    return await demo(settings, args.data_dir, args.task, attach=args.attach, timeout=args.timeout)
+    return await demo(
+        settings,
+        args.data_dir,
+        args.task,
+        attach=args.attach,
+        timeout=args.timeout,
+        approve=args.approve,
+    )
 
 
 async def run_up(args: argparse.Namespace, settings: Settings) -> int:

@@ -31,3 +31,15 @@ def define(text: str, limit: int = 3) -> list[Entry]:
     lowered = text.lower()
     found = [Entry(term, meaning) for term, meaning in GLOSSARY.items() if term in lowered]
     return found[:limit]
+
+
+@tool
+def announce(text: str) -> str:
+    """Post an announcement to the team's notice board (an example: it posts nowhere, it
+    answers what it would post). The announcer agent's spec makes every call wait for a
+    person's approval.
+
+    Args:
+        text: the announcement
+    """
+    return f"posted to the notice board: {text}"

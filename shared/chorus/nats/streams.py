@@ -322,7 +322,7 @@ async def ensure_effects_bucket(
     """The effect ledger: intent, then result, of each side-effect tool call. Direct gets
     name the key in the API subject, so an agent's permissions can cover its own records
     only (a bucket made before without them gains them here)."""
-    await ensure_bucket(
+    return await ensure_direct_bucket(
         js,
         KeyValueConfig(
             bucket=subjects.effects_bucket,
@@ -333,12 +333,22 @@ async def ensure_effects_bucket(
         ),
         replicas=replicas,
     )
-    stream = (await js.stream_info(subjects.kv_stream(subjects.effects_bucket))).config
-    if not stream.allow_direct:
-        stream.allow_direct = True
-        log.info("enabling direct gets on the effects bucket", extra={"stream": stream.name})
-        await js.update_stream(stream)
-    return await js.key_value(subjects.effects_bucket)
+
+
+async def ensure_direct_bucket(
+    js: JetStreamContext, config: KeyValueConfig, *, replicas: int | None = None
+) -> KeyValue:
+    """A bucket read by direct gets, whose API subject names the key: what lets an agent's
+    permissions cover its own keys only. A bucket made before without them gains them.
+    `replicas` as for ensure_bucket."""
+    bucket = await ensure_bucket(js, config, replicas=replicas)
+    stream = (await js.stream_info(Subjects.kv_stream(config.bucket))).config
+    if stream.allow_direct:
+        return bucket
+    stream.allow_direct = True
+    log.info("enabling direct gets on a bucket", extra={"stream": stream.name})
+    await js.update_stream(stream)
+    return await js.key_value(config.bucket)
 
 
 LIMITS_MAX_AGE_S = 24 * 3600  # a limit or pause nobody touched for a day is gone
@@ -383,8 +393,9 @@ async def ensure_approvals_bucket(
     js: JetStreamContext, subjects: Subjects, *, replicas: int | None = None
 ) -> KeyValue:
     """Tool calls waiting for a person and the tasks parked on them (chorus.client.approvals):
-    each record changes compare-and-set, so history 1 is enough."""
-    return await ensure_bucket(
+    each record changes compare-and-set, so history 1 is enough. Direct gets: an agent reads
+    only its own approvals and parked tasks (chorus.auth.permissions)."""
+    return await ensure_direct_bucket(
         js,
         KeyValueConfig(
             bucket=subjects.approvals_bucket,
@@ -392,6 +403,7 @@ async def ensure_approvals_bucket(
             history=1,
             ttl=APPROVALS_MAX_AGE_S,
             storage=StorageType.FILE,
+            direct=True,
         ),
         replicas=replicas,
     )

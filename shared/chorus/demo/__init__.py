@@ -3,8 +3,10 @@
 It starts a local system (nats-server, coordinator, orchestrator and the example agents,
 each its own process) unless `--attach` points it at a running one, routes one task to
 the `research` capability (its text shown as the agent writes it: set
-CHORUS_OFFLINE_CHUNK_DELAY=0.05 to watch the offline model type), then runs the example
-workflow of each pattern and prints what came back.
+CHORUS_OFFLINE_CHUNK_DELAY=0.05 to watch the offline model type), shows agents calling
+tools, parks a task on a tool call that needs a person's approval (decided in another
+terminal with `chorus approve ID`, or by the demo itself with `--approve`), then runs the
+example workflow of each pattern and prints what came back.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from chorus.client import ChorusClient
 from chorus.client.runs import RunClient
 from chorus.client.streams import ChunkReader
 from chorus.config import Settings
+from chorus.demo.approval import show_approval
 from chorus.local import LocalSystem, wait_for_instances
 from chorus.messages import RunRecord, RunRequest, Task
 from chorus.messages.runs import step_counts
@@ -43,9 +46,22 @@ PATTERNS: tuple[tuple[str, str, object], ...] = (
 
 
 async def run_demo(
-    settings: Settings, data_dir: str | None, question: str, *, attach: bool, timeout: float
+    settings: Settings,
+    data_dir: str | None,
+    question: str,
+    *,
+    attach: bool,
+    timeout: float,
+    approve: bool | None = None,
 ) -> int:
+    """`approve`: decide the demo's approval itself (True), leave it to a person (False), or
+    (None) decide it itself only when stdin is not a terminal, so the demo runs unattended."""
+    if approve is None:
+        approve = not sys.stdin.isatty()
+        if approve:
+            console.print("stdin is not a terminal: the demo approves its tool call itself")
     system: LocalSystem | None = None
+    env_setup = ""  # what another terminal runs first to reach this system (attach: theirs)
     if not attach:
         root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="chorus-demo-"))
         # Authorization on, as with `chorus up`: the demo connects as the operator.
@@ -56,10 +72,21 @@ async def run_demo(
         console.print(f"[green]nats-server[/] ready at {system.url} (data and logs in {root})")
         start_services(system, default_agents(), gateway_port=None)
         settings = system.settings_for("operator", Settings.from_env(prefix=settings.prefix))
+        env_setup = f"export NATS_URL={system.url}"
+        if system.auth is not None:
+            env_setup = f"set -a; . {system.auth.env_file('operator')}; set +a; {env_setup}"
     try:
         nc = await connect(settings, "chorus-demo")
         try:
-            return await _show(nc, settings, question, timeout, expect_all=system is not None)
+            return await _show(
+                nc,
+                settings,
+                question,
+                timeout,
+                expect_all=system is not None,
+                approve=approve,
+                env_setup=env_setup,
+            )
         finally:
             await nc.close()
     finally:
@@ -109,7 +136,14 @@ async def _live_output(chunks: ChunkReader) -> None:
 
 
 async def _show(
-    nc: object, settings: Settings, question: str, timeout: float, *, expect_all: bool
+    nc: object,
+    settings: Settings,
+    question: str,
+    timeout: float,
+    *,
+    expect_all: bool,
+    approve: bool,
+    env_setup: str,
 ) -> int:
     from nats.aio.client import Client
 
@@ -143,6 +177,11 @@ async def _show(
         await _show_tools(client, question, "glossary", "an agent with a Python tool")
     if "editor" in wanted:
         await _show_tools(client, question, "editing", "an agent with another agent as a tool")
+    approval_shown = True
+    if "announcer" in wanted:
+        approval_shown = await show_approval(
+            console, nc, settings, question, approve=approve, env_setup=env_setup, timeout=timeout
+        )
 
     runs = RunClient(nc, settings.subjects, workflow_dirs=settings.workflow_dirs)
     table = Table(title="one workflow of each pattern", title_justify="left")
@@ -172,4 +211,4 @@ async def _show(
         + ", ".join(r.run_id[:8] for r in records)
         + ")"
     )
-    return 0 if all(r.status == "completed" for r in records) else 1
+    return 0 if approval_shown and all(r.status == "completed" for r in records) else 1
