@@ -489,7 +489,7 @@ class AgentHost:
             return replies[-1].output, ctx.tool_calls
 
         spec = self.agent.spec.session or SessionSpec()
-        await in_session(await self.sessions(), spec, task, self.agent.name, handle)
+        await in_session(await self.sessions(), spec, task, handle)
         return replies[-1]
 
     async def _in_doubt(self, ctx: Context) -> list[str]:
@@ -514,7 +514,11 @@ class AgentHost:
         """The conversation sessions, opened on first use."""
         if self._sessions is None:
             store = SessionStore(
-                self.nc, self.subjects, self.settings.session_ttl, holder=self.instance
+                self.nc,
+                self.subjects,
+                self.settings.session_ttl,
+                agent=self.agent.name,
+                holder=self.instance,
             )
             self._sessions = await store.open()
         return self._sessions

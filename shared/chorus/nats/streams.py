@@ -179,13 +179,15 @@ SESSION_MARKER_TTL_S = 1  # expiry markers of turn tickets only need to reach th
 async def ensure_sessions_bucket(
     js: JetStreamContext, subjects: Subjects, ttl_s: float
 ) -> KeyValue:
-    """Conversation sessions: one record per session (history 1) that expires `ttl_s` after
-    its last write, and turn tickets with a TTL of their own (so expiry markers wake waiters)."""
+    """Conversation sessions: one record per agent and session (history 1) that expires
+    `ttl_s` after its last write, and turn tickets with a TTL of their own (so expiry markers
+    wake waiters). Direct gets name the key in the API subject, so an agent's permissions can
+    cover its own sessions only (a bucket made before without them gains them here)."""
     if not ttl_s >= 1:
         from chorus.errors import ConfigError
 
         raise ConfigError(f"CHORUS_SESSION_TTL must be at least 1 second, got {ttl_s!r}")
-    return await ensure_bucket(
+    await ensure_bucket(
         js,
         KeyValueConfig(
             bucket=subjects.sessions_bucket,
@@ -194,8 +196,10 @@ async def ensure_sessions_bucket(
             ttl=ttl_s,
             storage=StorageType.FILE,
             limit_marker_ttl=SESSION_MARKER_TTL_S,
+            direct=True,
         ),
     )
+    return await _allow_direct(js, subjects.sessions_bucket)
 
 
 async def ensure_runs_stream(js: JetStreamContext, subjects: Subjects) -> None:
@@ -250,12 +254,17 @@ async def ensure_effects_bucket(js: JetStreamContext, subjects: Subjects) -> Key
             direct=True,
         ),
     )
-    stream = (await js.stream_info(subjects.kv_stream(subjects.effects_bucket))).config
+    return await _allow_direct(js, subjects.effects_bucket)
+
+
+async def _allow_direct(js: JetStreamContext, bucket: str) -> KeyValue:
+    """The bucket, its direct gets switched on when it was made without them."""
+    stream = (await js.stream_info(f"KV_{bucket}")).config
     if not stream.allow_direct:
         stream.allow_direct = True
-        log.info("enabling direct gets on the effects bucket", extra={"stream": stream.name})
+        log.info("enabling direct gets on a bucket", extra={"stream": stream.name})
         await js.update_stream(stream)
-    return await js.key_value(subjects.effects_bucket)
+    return await js.key_value(bucket)
 
 
 LIMITS_MAX_AGE_S = 24 * 3600  # a limit or pause nobody touched for a day is gone
