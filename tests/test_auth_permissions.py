@@ -75,6 +75,10 @@ RESEARCHER = AgentSpec(name="researcher", capabilities=["research"], state=["not
 # Calls the writer as a durable peer tool; keeps conversation sessions.
 CALLER = AgentSpec(name="caller", capabilities=["calling"], tools=[ToolSpec(capability="writing")])
 CHATTY = AgentSpec(name="chatty", capabilities=["chat"], session=SessionSpec())
+# Keeps sessions too: may use its own, never chatty's.
+GOSSIP = AgentSpec(name="gossip", capabilities=["gossip"], session=SessionSpec())
+CHATTY_SESSION = S.session_subject(S.session_key("chatty", "conv0"))
+CHATTY_TICKETS = S.session_subject(S.session_turns_key("chatty", "conv0"))
 WRITER_EFFECT = S.kv_subject(S.effects_bucket, "writer.order1.charge.abc.1")
 WRITER_EFFECTS = S.kv_subject(S.effects_bucket, "writer.>")
 OTHER_INSTANCE = "writer-0123456789"
@@ -128,6 +132,7 @@ async def _provision(settings: Settings) -> None:
     await js.publish(S.state_subject("drafts.d1"), b'"writer draft"')
     await js.publish(S.state_subject("notes.n1"), b'"researcher note"')
     await js.publish(WRITER_EFFECT, b'{"secret": "writer effect"}')
+    await js.publish(CHATTY_SESSION, b'{"session_id": "conv0", "items": ["chatty secret"]}')
     await nc.close()
 
 
@@ -137,7 +142,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     port = _free_port()
     layout = init_auth(
         root / "conf",
-        [WRITER, RESEARCHER, CALLER, CHATTY],
+        [WRITER, RESEARCHER, CALLER, CHATTY, GOSSIP],
         prefix=PREFIX,
         monitor=f"127.0.0.1:{port}",
     )
@@ -207,7 +212,7 @@ async def _snapshot(deployment: Deployment) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for info in await js.streams_info():
         seen[info.config.name] = (info.state.messages, info.state.last_seq)
-    for stream in (S.runs_stream, S.events_stream):
+    for stream in (S.runs_stream, S.events_stream, S.sessions_stream):
         seen[f"consumers:{stream}"] = sorted(c.name for c in await js.consumers_info(stream))
     await nc.close()
     return seen
@@ -315,9 +320,60 @@ ATTACKS: list[tuple[str, str, str, str, str]] = [
     # durable peer calls and sessions: only for agents whose spec has them
     (AGENT, "read a task outcome", "api", f"{API}.STREAM.MSG.GET.{S.tasks_stream}", '{"seq":1}'),
     (AGENT, "follow the task outcomes", "api", f"{API}.CONSUMER.CREATE.{S.tasks_stream}", "{}"),
-    (AGENT, "write a session", "pub", S.session_subject("session.s1"), ""),
+    (AGENT, "write a session", "pub", S.session_subject(S.session_key("researcher", "s1")), ""),
     (AGENT, "watch the sessions", "api", f"{API}.CONSUMER.CREATE.{S.sessions_stream}", "{}"),
-    (AGENT, "interrupt a session's turn", "pub", S.session_interrupt("s1"), ""),
+    (AGENT, "interrupt a session's turn", "pub", S.session_interrupt("researcher", "s1"), ""),
+    # an agent with `session:` and another agent's sessions
+    *[
+        ("agent-gossip", what, how, subject, extra)
+        for what, how, subject, extra in (
+            ("write another agent's session", "pub", CHATTY_SESSION, ""),
+            (
+                "write a turn ticket of another agent's session",
+                "pub",
+                S.session_subject(S.session_turn_key("chatty", "conv0", "t1")),
+                "",
+            ),
+            (
+                "direct-get another agent's session",
+                "api",
+                f"{API}.DIRECT.GET.{S.sessions_stream}.{CHATTY_SESSION}",
+                "",
+            ),
+            (
+                "read another agent's session by subject in the body",
+                "api",
+                f"{API}.DIRECT.GET.{S.sessions_stream}",
+                msgspec.json.encode({"last_by_subj": CHATTY_SESSION}).decode(),
+            ),
+            (
+                "get another agent's session by sequence",
+                "api",
+                f"{API}.STREAM.MSG.GET.{S.sessions_stream}",
+                '{"seq": 1}',
+            ),
+            (
+                "watch another agent's turn tickets",
+                "api",
+                f"{API}.CONSUMER.CREATE.{S.sessions_stream}.spy.{CHATTY_TICKETS}",
+                "{}",
+            ),
+            (
+                "watch every session through a filter in the body",
+                "api",
+                f"{API}.CONSUMER.CREATE.{S.sessions_stream}",
+                "{}",
+            ),
+            (
+                "interrupt another agent's session",
+                "pub",
+                S.session_interrupt("chatty", "conv0"),
+                "",
+            ),
+            ("hear another agent's interrupts", "sub", S.session_interrupts("chatty"), ""),
+            ("hear another agent's session writes", "sub", CHATTY_SESSION, ""),
+        )
+    ],
     (
         "agent-caller",
         "dispatch to a peer its spec does not name",
@@ -604,6 +660,32 @@ async def test_an_agent_continues_a_session_under_its_credentials(
     finally:
         await host.stop(timeout=5)
     assert (first.output, second.output) == ("one after 0 items", "two after 2 items")
+    assert deployment.violations()[violations:] == []
+
+
+async def test_an_agent_with_the_same_session_id_as_another_keeps_its_own_conversation(
+    deployment: Deployment, operator: Client, coordinator: Coordinator
+) -> None:
+    """gossip's `conv0` is not chatty's `conv0` (provisioned with one item): its first turn
+    starts empty, its second sees its first, and its credentials suffice for all of it."""
+    violations = len(deployment.violations())
+    gossip = Agent(spec=GOSSIP)
+
+    @gossip.on_task
+    async def chat(task: Task, ctx: Context) -> str:
+        return f"{task.input} after {len(ctx.history)} items"
+
+    host = AgentHost(gossip, deployment.settings("agent-gossip"), model=OfflineModel())
+    await host.start()
+    try:
+        client = ChorusClient(operator, S, timeout=30)
+        first = await client.run_task(Task(input="one", session_id="conv0"), capability="gossip")
+        second = await client.run_task(Task(input="two", session_id="conv0"), capability="gossip")
+    finally:
+        await host.stop(timeout=5)
+    assert (first.output, second.output) == ("one after 0 items", "two after 2 items")
+    chatty_record = await operator.jetstream().get_last_msg(S.sessions_stream, CHATTY_SESSION)
+    assert b"chatty secret" in (chatty_record.data or b"")
     assert deployment.violations()[violations:] == []
 
 

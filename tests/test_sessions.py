@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.api import KeyValueConfig
 
 from chorus.agent import Agent
 from chorus.agent.sessions import SessionStore, bound_items
@@ -22,6 +23,8 @@ from chorus.llm.base import ModelRequest
 from chorus.llm.offline import OfflineModel
 from chorus.messages import Task, decode
 from chorus.nats.connection import connect
+from chorus.nats.jetstream import ordered_watch
+from chorus.nats.streams import ensure_sessions_bucket
 from chorus.specs.agent import load_spec
 from tests.cli import achorus
 from tests.helpers import StartHost, write_spec
@@ -35,6 +38,7 @@ async def open_store(settings: Settings) -> AsyncIterator[OpenStore]:
     connections: list[Client] = []
 
     async def open_one(**kw: Any) -> SessionStore:
+        kw.setdefault("agent", "chat")
         nc = await connect(settings, f"replica-{len(connections)}")
         connections.append(nc)
         return await SessionStore(nc, settings.subjects, ttl=settings.session_ttl, **kw).open()
@@ -123,12 +127,43 @@ def test_a_tool_output_whose_call_was_dropped_goes_with_it() -> None:
 async def test_the_bucket_expires_sessions_after_the_session_ttl(
     settings: Settings, nc: Client
 ) -> None:
-    await SessionStore(nc, settings.subjects, ttl=3600).open()
+    await SessionStore(nc, settings.subjects, ttl=3600, agent="chat").open()
 
     info = await nc.jetstream().stream_info(settings.subjects.sessions_stream)
 
     assert info.config.max_age == 3600
     assert info.config.max_msgs_per_subject == 1
+
+
+async def test_two_agents_with_one_session_id_keep_two_conversations(
+    open_store: OpenStore, settings: Settings, nc: Client
+) -> None:
+    chat, other = await open_store(agent="chat"), await open_store(agent="other")
+    await chat.append("shared", [said("user", "for chat")], max_items=50, max_bytes=65536)
+    await other.append("shared", [said("user", "for other")], max_items=50, max_bytes=65536)
+
+    seen = {store.agent: (await store.load("shared")).items for store in (chat, other)}
+
+    assert seen == {"chat": [said("user", "for chat")], "other": [said("user", "for other")]}
+    subjects = settings.subjects
+    stored = await nc.jetstream().get_last_msg(
+        subjects.sessions_stream, subjects.session_subject("session.other.shared")
+    )
+    assert b"for other" in (stored.data or b"")
+
+
+async def test_a_bucket_made_without_direct_gets_gains_them(settings: Settings, nc: Client) -> None:
+    """Sessions are read by direct get (the key in the API subject, which permissions
+    scope): the coordinator switches it on for a bucket an older version made."""
+    js = nc.jetstream()
+    await js.create_key_value(
+        KeyValueConfig(bucket=settings.subjects.sessions_bucket, history=1, ttl=3600)
+    )
+
+    await ensure_sessions_bucket(js, settings.subjects, 3600)
+
+    info = await js.stream_info(settings.subjects.sessions_stream)
+    assert info.config.allow_direct
 
 
 async def test_a_bad_session_id_is_refused_naming_it(open_store: OpenStore) -> None:
@@ -149,7 +184,9 @@ async def ticket_written(nc: Client, settings: Settings, session_id: str) -> asy
         if msg.data:
             written.put_nowait(msg.subject)
 
-    subject = settings.subjects.session_subject(settings.subjects.session_turns_key(session_id))
+    subject = settings.subjects.session_subject(
+        settings.subjects.session_turns_key("chat", session_id)
+    )
     await nc.subscribe(subject, cb=on_msg)
     await nc.flush()
     return written
@@ -288,13 +325,32 @@ async def test_cli_session_show_prints_the_items(open_store: OpenStore, settings
     )
 
     text = await achorus(settings, "session", "show", "cli1")
-    as_json = await achorus(settings, "session", "show", "cli1", "--json")
+    as_json = await achorus(settings, "session", "show", "cli1", "--agent", "chat", "--json")
     missing = await achorus(settings, "session", "show", "nobody")
+    not_this_agent = await achorus(settings, "session", "show", "cli1", "--agent", "other")
 
     assert text.returncode == 0, text.stderr
+    assert "of agent chat" in text.stdout
     assert "user: what is 2+3?" in text.stdout and "assistant: 5" in text.stdout
     assert json.loads(as_json.stdout)["items"][1] == said("assistant", "5")
     assert missing.returncode == 1 and "no session 'nobody'" in missing.stderr
+    assert not_this_agent.returncode == 1
+    assert "no session 'cli1' of agent 'other'" in not_this_agent.stderr
+
+
+async def test_cli_session_show_asks_for_the_agent_when_several_have_the_id(
+    open_store: OpenStore, settings: Settings
+) -> None:
+    for agent in ("chat", "other"):
+        store = await open_store(agent=agent)
+        await store.append("both", [said("user", agent)], max_items=50, max_bytes=4096)
+
+    ambiguous = await achorus(settings, "session", "show", "both")
+    picked = await achorus(settings, "session", "show", "both", "--agent", "other")
+
+    assert ambiguous.returncode == 2
+    assert "agents chat, other" in ambiguous.stderr and "--agent NAME" in ambiguous.stderr
+    assert picked.returncode == 0 and "user: other" in picked.stdout
 
 
 async def test_a_dead_holders_turn_passes_to_the_waiter_when_its_ticket_expires(
@@ -302,7 +358,7 @@ async def test_a_dead_holders_turn_passes_to_the_waiter_when_its_ticket_expires(
 ) -> None:
     holder_nc = await connect(settings, "doomed")
     holder = await SessionStore(
-        holder_nc, settings.subjects, ttl=settings.session_ttl, ticket_ttl_s=2
+        holder_nc, settings.subjects, ttl=settings.session_ttl, agent="chat", ticket_ttl_s=2
     ).open()
     waiter = await open_store()
     entered = asyncio.Event()
@@ -344,3 +400,33 @@ async def test_an_agent_replica_answers_turn_two_with_the_history_of_turn_one(
 
     assert seen == [(), ("my name is Ada", "answer to my name is Ada")]
     assert reply.output == "answer to what is my name?"
+
+
+async def test_a_named_watch_recreated_after_a_gap_gets_a_fresh_name_and_keeps_delivering(
+    nc: Client, settings: Settings
+) -> None:
+    """The turn watch's consumer is named (its filter then sits in the API subject). nats-py
+    re-creates an ordered consumer after a gap with the name it was given; the old one still
+    exists and cannot change its start, so each re-creation takes a new name."""
+    store = await SessionStore(nc, settings.subjects, ttl=3600, agent="chat").open()
+    subjects = settings.subjects
+    pattern = subjects.session_subject(subjects.session_turns_key("chat", "gap"))
+    seen: asyncio.Queue[str] = asyncio.Queue()
+
+    async def on_msg(msg: Msg) -> None:
+        seen.put_nowait(msg.subject)
+
+    watch = await ordered_watch(
+        nc.jetstream(), pattern, stream=subjects.sessions_stream, cb=on_msg, named=True
+    )
+    first = (await watch.consumer_info()).name
+    await store.kv.put(subjects.session_turn_key("chat", "gap", "t1"), b"{}")
+    assert (await asyncio.wait_for(seen.get(), 5)).endswith(".t1")
+
+    jsi = watch._sub._jsi  # what nats-py does on a gap in the delivery sequence
+    await jsi.reset_ordered_consumer(jsi._sseq + 1)
+    await store.kv.put(subjects.session_turn_key("chat", "gap", "t2"), b"{}")
+
+    assert (await asyncio.wait_for(seen.get(), 5)).endswith(".t2")
+    assert watch._consumer != first
+    await watch.unsubscribe()

@@ -35,6 +35,10 @@ def check_token(value: str, what: str) -> str:
     return value
 
 
+def _agent_token(agent: str) -> str:
+    return agent if agent == "*" else check_token(agent, "agent name")
+
+
 def dispatch_target(*, capability: str = "", agent: str = "") -> str:
     """The target token pair of a durable task: `cap.<capability>` or `agent.<name>`."""
     if bool(capability) == bool(agent):
@@ -433,28 +437,48 @@ class Subjects(msgspec.Struct, frozen=True):
     def sessions_stream(self) -> str:
         return f"KV_{self.sessions_bucket}"
 
-    def session_key(self, session_id: str) -> str:
-        """The key of a session's record (its bounded conversation history)."""
-        return f"session.{check_token(session_id, 'session id')}"
+    # Every key and interrupt subject carries the agent name as a token of its own, so an
+    # agent's permissions cover its own sessions only (chorus.auth.permissions.sessions).
 
-    def session_turns_key(self, session_id: str) -> str:
+    def session_key(self, agent: str, session_id: str) -> str:
+        """The key of an agent's session record (its bounded conversation history)."""
+        return f"session.{check_token(agent, 'agent name')}.{check_token(session_id, 'session id')}"
+
+    def session_keys(self, agent: str) -> str:
+        """The key pattern of every session record of an agent (`*` for every agent's)."""
+        return f"session.{_agent_token(agent)}.*"
+
+    def session_keys_of_id(self, session_id: str) -> str:
+        """The key pattern of every agent's session of one id (the operator's look-up)."""
+        return f"session.*.{check_token(session_id, 'session id')}"
+
+    def session_turns_key(self, agent: str, session_id: str) -> str:
         """The key pattern of a session's turn tickets (one per task holding or waiting)."""
-        return f"turn.{check_token(session_id, 'session id')}.*"
+        return f"turn.{check_token(agent, 'agent name')}.{check_token(session_id, 'session id')}.*"
 
-    def session_turn_key(self, session_id: str, ticket_id: str) -> str:
-        sid = check_token(session_id, "session id")
-        return f"turn.{sid}.{check_token(ticket_id, 'ticket id')}"
+    def session_turn_key(self, agent: str, session_id: str, ticket_id: str) -> str:
+        owner, sid = check_token(agent, "agent name"), check_token(session_id, "session id")
+        return f"turn.{owner}.{sid}.{check_token(ticket_id, 'ticket id')}"
+
+    def agent_turn_keys(self, agent: str) -> str:
+        """The key pattern of every turn ticket of an agent's sessions."""
+        return f"turn.{_agent_token(agent)}.*.*"
 
     def session_subject(self, key: str) -> str:
         return f"$KV.{self.sessions_bucket}.{key}"
 
-    def session_interrupt(self, session_id: str) -> str:
+    def session_interrupt(self, agent: str, session_id: str) -> str:
         """A newer turn asks the running turn of the session to stop (policy `interrupt`)."""
-        return f"{self.prefix}.session.{check_token(session_id, 'session id')}.interrupt"
+        sid = check_token(session_id, "session id")
+        return f"{self.prefix}.session.{check_token(agent, 'agent name')}.{sid}.interrupt"
+
+    def session_interrupts(self, agent: str) -> str:
+        """The interrupts of every session of an agent (`*` for every agent's)."""
+        return f"{self.prefix}.session.{_agent_token(agent)}.*.interrupt"
 
     @property
     def all_session_interrupts(self) -> str:
-        return f"{self.prefix}.session.*.interrupt"
+        return self.session_interrupts("*")
 
     @property
     def effects_bucket(self) -> str:

@@ -49,11 +49,9 @@ def _error_output(error: str) -> str:
     return msgspec.json.encode({"error": error}).decode()
 
 
-async def in_session(
-    store: SessionStore, spec: SessionSpec, task: Task, agent: str, handle: Handler
-) -> str:
-    """Run `handle(history)` in the session's turn (its policy decides about a turn already
-    running), then append the turn; returns the answer."""
+async def in_session(store: SessionStore, spec: SessionSpec, task: Task, handle: Handler) -> str:
+    """Run `handle(history)` in the turn of the store's agent's session (its policy decides
+    about a turn already running), then append the turn; returns the answer."""
     async with store.turn(task.session_id, spec.policy):
         session = await store.load(task.session_id)
         answer, tool_calls = await handle(history_items(session.items))
@@ -62,6 +60,5 @@ async def in_session(
             turn_items(task.input, tool_calls, answer),
             max_items=spec.max_items,
             max_bytes=spec.max_bytes,
-            agent=agent,
         )
     return answer

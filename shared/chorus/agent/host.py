@@ -491,7 +491,7 @@ class AgentHost:
             return replies[-1].output, ctx.tool_calls
 
         spec = self.agent.spec.session or SessionSpec()
-        await in_session(await self.sessions(), spec, task, self.agent.name, handle)
+        await in_session(await self.sessions(), spec, task, handle)
         return replies[-1]
 
     async def _in_doubt(self, ctx: Context) -> list[str]:
@@ -519,6 +519,7 @@ class AgentHost:
                 self.nc,
                 self.subjects,
                 self.settings.session_ttl,
+                agent=self.agent.name,
                 holder=self.instance,
                 replicas=self.settings.replicas,
             )

@@ -1,7 +1,11 @@
-"""Conversation sessions: a bounded history per session id, in KV, shared by every replica.
+"""Conversation sessions: a bounded history per agent and session id, in KV, shared by every
+replica of the agent.
 
-The record of session `s` is the key `session.s` of the bucket `<prefix>-sessions` (history
-1; it expires CHORUS_SESSION_TTL after its last write). `append` is a compare-and-set on the
+The record of agent `a`'s session `s` is the key `session.a.s` of the bucket
+`<prefix>-sessions` (history 1; it expires CHORUS_SESSION_TTL after its last write). The
+agent name in every key lets NATS permissions give an agent its own sessions only: another
+agent's task with the same session id is another conversation. Reads are direct gets, the
+key in the API subject (the bucket has `allow_direct`). `append` is a compare-and-set on the
 record's revision, retried on conflict by reloading and re-appending, so two replicas never
 lose each other's turns, and turn 2 answered by another replica sees turn 1. History is
 bounded: the oldest items go first, by count and by encoded bytes, and a tool output whose
@@ -10,7 +14,9 @@ call was dropped goes with it (a model API refuses an output without its call).
 Two tasks for one session at once: `store.turn(session_id, policy)` (chorus.agent.turns)
 runs them one at a time in arrival order, rejects the second, or interrupts the first.
 
-    store = await SessionStore(nc, settings.subjects, ttl=settings.session_ttl).open()
+    store = await SessionStore(
+        nc, settings.subjects, ttl=settings.session_ttl, agent=spec.name
+    ).open()
     async with store.turn(task.session_id, spec.session.policy):
         history = (await store.load(task.session_id)).items
         ...  # run the model on history + the new input
@@ -33,10 +39,11 @@ from nats.js.kv import KeyValue
 from chorus.agent.turns import DEFAULT_TICKET_TTL_S, TurnContext, Turns
 from chorus.errors import Conflict, InvalidMessage
 from chorus.messages import Session, decode, encode, now
+from chorus.nats.jetstream import last_values
 from chorus.nats.streams import ensure_sessions_bucket, open_bucket
-from chorus.subjects import Subjects
+from chorus.subjects import Subjects, check_token
 
-__all__ = ["SessionStore", "bound_items"]
+__all__ = ["SessionStore", "bound_items", "sessions_named"]
 
 log = logging.getLogger("chorus.agent.sessions")
 
@@ -77,18 +84,23 @@ class SessionStore:
         subjects: Subjects,
         ttl: float,
         *,
+        agent: str,
         holder: str = "",
         ticket_ttl_s: int = DEFAULT_TICKET_TTL_S,
         replicas: int | None = None,
     ) -> None:
-        """`replicas`: the bucket's copies in a cluster (CHORUS_REPLICAS; None: one when
+        """`agent`: the agent name whose sessions these are (the second token of each key).
+        `replicas`: the bucket's copies in a cluster (CHORUS_REPLICAS; None: one when
         created, an existing bucket's left alone)."""
         self.nc = nc
         self.replicas = replicas
         self.subjects = subjects
         self.ttl = ttl
+        self.agent = check_token(agent, "session owner (agent name)")
         self.holder = holder or f"{socket.gethostname()}-{os.getpid()}"
-        self.turns = Turns(nc, subjects, holder=self.holder, ticket_ttl_s=ticket_ttl_s)
+        self.turns = Turns(
+            nc, subjects, agent=self.agent, holder=self.holder, ticket_ttl_s=ticket_ttl_s
+        )
         self._kv: KeyValue | None = None
 
     async def open(self) -> SessionStore:
@@ -108,7 +120,7 @@ class SessionStore:
         return self._kv
 
     async def _read(self, session_id: str) -> tuple[Session, int]:
-        key = self.subjects.session_key(session_id)
+        key = self.subjects.session_key(self.agent, session_id)
         try:
             entry = await self.kv.get(key)
         except KeyNotFoundError:  # never written, deleted, or expired
@@ -129,15 +141,10 @@ class SessionStore:
         *,
         max_items: int,
         max_bytes: int,
-        agent: str = "",
     ) -> Session:
         """Add one turn's items after whatever is stored now, keeping the bounds."""
         return await self._change(
-            session_id,
-            lambda items: [*items, *new_items],
-            max_items=max_items,
-            max_bytes=max_bytes,
-            agent=agent,
+            session_id, lambda items: [*items, *new_items], max_items=max_items, max_bytes=max_bytes
         )
 
     async def _change(
@@ -147,14 +154,13 @@ class SessionStore:
         *,
         max_items: int,
         max_bytes: int,
-        agent: str,
     ) -> Session:
-        key = self.subjects.session_key(session_id)
+        key = self.subjects.session_key(self.agent, session_id)
         for _ in range(_CAS_ATTEMPTS):
             current, revision = await self._read(session_id)
             updated = Session(
                 session_id=session_id,
-                agent=agent or current.agent,
+                agent=self.agent,
                 items=bound_items(change(current.items), max_items=max_items, max_bytes=max_bytes),
                 turns=current.turns + 1,
                 updated_at=now(),
@@ -181,3 +187,11 @@ class SessionStore:
     ) -> TurnContext:
         """Hold the session's turn for the block (see chorus.agent.turns)."""
         return self.turns.turn(session_id, policy, on_interrupt=on_interrupt, timeout=timeout)
+
+
+async def sessions_named(nc: Client, subjects: Subjects, session_id: str) -> list[Session]:
+    """Every agent's session of this id (`session.*.<id>`), for the operator's
+    `chorus session show ID` without `--agent`: one snapshot read of the bucket."""
+    pattern = subjects.session_subject(subjects.session_keys_of_id(session_id))
+    messages = await last_values(nc.jetstream(), subjects.sessions_stream, pattern)
+    return [decode(m.data, Session) for m in messages if m.data]

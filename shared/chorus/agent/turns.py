@@ -1,10 +1,12 @@
 """One turn at a time per conversation session, across processes, in arrival order.
 
-Each task that wants a session's turn writes a ticket `turn.<session>.<ticket>` to the
-sessions bucket, with a TTL renewed every third of it while its task lives (a dead holder's
+Each task that wants a session's turn writes a ticket `turn.<agent>.<session>.<ticket>` to
+the sessions bucket, with a TTL renewed every third of it while its task lives (a dead holder's
 ticket expires, and the server's expiry marker wakes the waiters). The tickets' first
 revisions order the turns: the live ticket with the smallest one holds the turn. A waiter
-watches the session's ticket keys, so it wakes when the one ahead finishes; nobody polls.
+watches the session's ticket keys, so it wakes when the one ahead finishes; nobody polls. The
+watch is a named ordered consumer, its filter in the API subject, so the agent's permissions
+can cover its own sessions' tickets only.
 
 Policies for a task that finds the turn taken: `enqueue` waits its turn; `reject` raises
 SessionBusy at once; `interrupt` publishes a SessionInterrupt on the session's interrupt
@@ -67,14 +69,17 @@ class Turns:
         nc: Client,
         subjects: Subjects,
         *,
+        agent: str,
         holder: str,
         ticket_ttl_s: int = DEFAULT_TICKET_TTL_S,
     ) -> None:
+        """`agent`: the agent name whose sessions' turns these are."""
         if ticket_ttl_s < 2:
             raise ConfigError(f"turn ticket ttl must be at least 2 seconds, got {ticket_ttl_s}")
         self.nc = nc
         self.subjects = subjects
         self.js = nc.jetstream()
+        self.agent = agent
         self.holder = holder
         self.ticket_ttl_s = ticket_ttl_s
 
@@ -92,7 +97,7 @@ class Turns:
         turn, `on_interrupt` is called; without one, the task that entered the block is
         cancelled and the block raises SessionInterrupted.
         """
-        self.subjects.session_key(session_id)  # checks the id
+        self.subjects.session_key(self.agent, session_id)  # checks the id
         return TurnContext(self, session_id, check_policy(policy), on_interrupt, timeout)
 
     async def publish_ticket(self, key: str, ticket: TurnTicket, *, expect: int) -> int:
@@ -123,7 +128,7 @@ class TurnContext:
         self._on_interrupt = on_interrupt
         self._timeout = timeout
         self._ticket_id = new_id()
-        self._key = turns.subjects.session_turn_key(session_id, self._ticket_id)
+        self._key = turns.subjects.session_turn_key(turns.agent, session_id, self._ticket_id)
         self._revision = 0
         self._order = 0
         self._holding = False
@@ -140,7 +145,8 @@ class TurnContext:
         # Listen for interrupts before the ticket exists: a newer ticket's interrupt always
         # comes after ours was written, so it cannot be missed.
         self._interrupts = await turns.nc.subscribe(
-            turns.subjects.session_interrupt(self._session_id), cb=self._on_interrupt_msg
+            turns.subjects.session_interrupt(turns.agent, self._session_id),
+            cb=self._on_interrupt_msg,
         )
         live: dict[str, int] = {}
         changed = asyncio.Event()
@@ -159,10 +165,13 @@ class TurnContext:
 
         watch = await ordered_watch(
             turns.js,
-            turns.subjects.session_subject(turns.subjects.session_turns_key(self._session_id)),
+            turns.subjects.session_subject(
+                turns.subjects.session_turns_key(turns.agent, self._session_id)
+            ),
             stream=turns.subjects.sessions_stream,
             cb=on_ticket,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            named=True,
         )
         try:
             ticket = TurnTicket(
@@ -213,7 +222,7 @@ class TurnContext:
                     )
                     await wire.publish(
                         self._turns.nc,
-                        self._turns.subjects.session_interrupt(self._session_id),
+                        self._turns.subjects.session_interrupt(self._turns.agent, self._session_id),
                         encode(interrupt),
                     )
                     announced = True

@@ -194,8 +194,8 @@ def agent(
     if grant.durable_peer_capabilities or grant.durable_peer_agents:
         publish += durable_peer_calls(grant, s)
     if grant.sessions:
-        publish += sessions(s)
-        subscribe.append(s.all_session_interrupts)
+        publish += sessions(grant.name, s)
+        subscribe.append(s.session_interrupts(grant.name))
     if grant.state:
         publish += stream_info(s.state_stream)
         for prefix in grant.state:
@@ -286,21 +286,25 @@ def durable_peer_calls(grant: AgentGrant, subjects: Subjects) -> list[str]:
     ]
 
 
-def sessions(subjects: Subjects) -> list[str]:
-    """Conversation sessions (chorus.agent.sessions): records `session.<id>` and turn tickets
-    `turn.<id>.<ticket>` of any session (their keys carry no agent name), read by key in the
-    request body, the ordered watch on a session's tickets (filter in the body: any key of
-    the bucket), and the interrupts of any session's turn."""
+def sessions(agent: str, subjects: Subjects) -> list[str]:
+    """Its own conversation sessions (chorus.agent.sessions keys them under the agent name):
+    write its records `session.<agent>.<id>` and turn tickets `turn.<agent>.<id>.<ticket>`,
+    read its records by direct get (the key in the API subject), watch its sessions' tickets
+    through a named ordered consumer (nats-py puts the filter in the API subject,
+    `CONSUMER.CREATE.<stream>.<name>.<filter>`, which nats-server checks against the
+    request), and publish its sessions' interrupts. Never another agent's."""
     s = subjects
     stream = s.sessions_stream
+    records = s.session_subject(s.session_keys(agent))
+    tickets = s.session_subject(s.agent_turn_keys(agent))
     return [
         *stream_info(stream),
-        s.session_subject("session.*"),
-        s.session_subject("turn.*.*"),
-        _api("STREAM.MSG.GET", stream),
-        _api("CONSUMER.CREATE", stream),
+        records,
+        tickets,
+        _api("DIRECT.GET", stream, records),
+        _api("CONSUMER.CREATE", stream, "*", tickets),
         f"$JS.FC.{stream}.>",
-        s.all_session_interrupts,
+        s.session_interrupts(agent),
     ]
 
 

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -234,15 +235,43 @@ async def ordered_watch(
     deliver_policy: DeliverPolicy = DeliverPolicy.NEW,
     start_time: datetime.datetime | None = None,
     inactive_threshold: float = 30.0,
+    named: bool = False,
 ) -> Any:
     """An ordered push consumer on `subject` (messages to `cb`, or read with `next_msg`):
-    from new messages, the last per subject, all, or `start_time` (BY_START_TIME)."""
+    from new messages, the last per subject, all, or `start_time` (BY_START_TIME).
+
+    `named`: the consumer gets a fresh random name at each (re-)creation, so nats-py creates
+    it with `CONSUMER.CREATE.<stream>.<name>.<subject>`: the filter in the API subject, which
+    NATS permissions can scope and the server checks against the request (unnamed, the filter
+    is in the request body). A re-creation after a gap needs a new name: the old consumer may
+    still exist, and one of the same name cannot change its start (nats-py re-creates with
+    the name it was first given, through `_JSI.recreate_consumer`, so that is wrapped)."""
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.BY_START_TIME if start_time is not None else deliver_policy,
         opt_start_time=start_time,
         inactive_threshold=inactive_threshold,
+        name=_consumer_name() if named else None,
     )
-    return await js.subscribe(subject, stream=stream, cb=cb, ordered_consumer=True, config=config)
+    subscription = await js.subscribe(
+        subject, stream=stream, cb=cb, ordered_consumer=True, config=config
+    )
+    if named:
+        _fresh_name_on_recreate(subscription._sub._jsi)
+    return subscription
+
+
+def _consumer_name() -> str:
+    return f"w{secrets.token_hex(10)}"
+
+
+def _fresh_name_on_recreate(jsi: Any) -> None:
+    recreate = jsi.recreate_consumer
+
+    async def recreate_named() -> None:
+        jsi._ccreq.name = _consumer_name()
+        await recreate()
+
+    jsi.recreate_consumer = recreate_named
 
 
 async def every_stream(js: JetStreamContext) -> list[StreamInfo]:

@@ -252,13 +252,15 @@ SESSION_MARKER_TTL_S = 1  # expiry markers of turn tickets only need to reach th
 async def ensure_sessions_bucket(
     js: JetStreamContext, subjects: Subjects, ttl_s: float, *, replicas: int | None = None
 ) -> KeyValue:
-    """Conversation sessions: one record per session (history 1) that expires `ttl_s` after
-    its last write, and turn tickets with a TTL of their own (so expiry markers wake waiters)."""
+    """Conversation sessions: one record per agent and session (history 1) that expires
+    `ttl_s` after its last write, and turn tickets with a TTL of their own (so expiry markers
+    wake waiters). Direct gets name the key in the API subject, so an agent's permissions can
+    cover its own sessions only (a bucket made before without them gains them here)."""
     if not ttl_s >= 1:
         from chorus.errors import ConfigError
 
         raise ConfigError(f"CHORUS_SESSION_TTL must be at least 1 second, got {ttl_s!r}")
-    return await ensure_bucket(
+    return await ensure_direct_bucket(
         js,
         KeyValueConfig(
             bucket=subjects.sessions_bucket,
@@ -267,6 +269,7 @@ async def ensure_sessions_bucket(
             ttl=ttl_s,
             storage=StorageType.FILE,
             limit_marker_ttl=SESSION_MARKER_TTL_S,
+            direct=True,
         ),
         replicas=replicas,
     )
