@@ -170,8 +170,12 @@ async def test_a_submitter_hears_an_outcome_stored_while_it_was_reconnecting(
         tasks = await ensure_tasks_bucket(coordinator_nc.jetstream(), settings.subjects)
         watcher = await tasks.watch(settings.subjects.outcome_key(task.task_id))
         release.set()
-        while (entry := await watcher.updates(timeout=10)) is None or not entry.value:
-            pass
+
+        async def stored() -> None:
+            while (entry := await watcher.updates(timeout=10)) is None or not entry.value:
+                pass
+
+        await asyncio.wait_for(stored(), 30)
         await watcher.stop()
         assert not submitter.is_connected  # stored while the submitter was away
 
