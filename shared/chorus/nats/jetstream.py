@@ -46,6 +46,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, 
 from nats.js.errors import BadRequestError
 
 from chorus.messages import headers
+from chorus.nats.replicas import until_settled
 
 log = logging.getLogger("chorus.nats.jetstream")
 
@@ -213,7 +214,14 @@ async def last_values(
         inactive_threshold=30.0,
         mem_storage=True,
     )
-    subscription = await js.pull_subscribe(filter_subject, stream=stream, config=config)
+    # The consumer is made by the stream's leader: asked again while a cluster elects one (a
+    # consumer left by an unanswered attempt lapses after its inactive threshold).
+    subscription = await until_settled(
+        lambda: js.pull_subscribe(filter_subject, stream=stream, config=config),
+        stream,
+        None,
+        unanswered=True,
+    )
     found: list[Msg] = []
     try:
         pending = (await subscription.consumer_info()).num_pending or 0
