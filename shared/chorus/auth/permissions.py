@@ -332,6 +332,9 @@ def coordinator(subjects: Subjects, *, principal: str) -> Permissions:
         *stream_read(s.control_kv_stream),
         *stream_own(s.kv_stream(s.sessions_bucket)),
         *stream_own(s.kv_stream(s.effects_bucket)),
+        # Creates the spend buckets with CHORUS_REPLICAS (agents make a missing one with one).
+        *stream_own(s.kv_stream(s.limits_bucket)),
+        *stream_own(s.kv_stream(s.budgets_bucket)),
     ]
     for bucket in (s.agents_bucket, s.tasks_bucket):
         publish += [*stream_own(f"KV_{bucket}"), *stream_read(f"KV_{bucket}")]

@@ -38,17 +38,23 @@ REGISTRY_LAG_INTERVALS = 3.0
 STALE_AFTER_INTERVALS = 7.0
 DEAD_AFTER_INTERVALS = 12.0  # CHORUS_DEAD_AFTER (6) plus the same margin
 DEFAULT_INTERVAL_S = 2.0  # for entries that do not say theirs (CHORUS_HEARTBEAT_INTERVAL)
+# ... and never sooner than this (seconds): with short intervals a loaded machine delays
+# registry writes by more than 7 intervals (0.2 s heartbeats: 1.4 s) while the instance lives.
+STALE_MIN_S = 10.0
+DEAD_MIN_S = 20.0
 
 
 def judged_health(record: AgentRecord, now: float) -> Health:
     """The record's health, judged again by the age of its last heartbeat against the
-    instance's own interval: `unhealthy` past STALE_AFTER_INTERVALS, `dead` past
-    DEAD_AFTER_INTERVALS, never better than what the coordinator wrote."""
+    instance's own interval: `unhealthy` past STALE_AFTER_INTERVALS (at least STALE_MIN_S),
+    `dead` past DEAD_AFTER_INTERVALS (at least DEAD_MIN_S), never better than what the
+    coordinator wrote."""
     interval = record.interval_s or DEFAULT_INTERVAL_S
-    silent = (now - record.last_seen) / interval
-    if record.health == "dead" or silent > DEAD_AFTER_INTERVALS:
+    silent_s = now - record.last_seen
+    if record.health == "dead" or silent_s > max(DEAD_AFTER_INTERVALS * interval, DEAD_MIN_S):
         return "dead"
-    if record.health == "unhealthy" or silent > STALE_AFTER_INTERVALS:
+    stale_s = max(STALE_AFTER_INTERVALS * interval, STALE_MIN_S)
+    if record.health == "unhealthy" or silent_s > stale_s:
         return "unhealthy"
     return "healthy"
 

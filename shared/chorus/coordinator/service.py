@@ -53,9 +53,11 @@ from chorus.messages import (
 from chorus.nats import wire
 from chorus.nats.streams import (
     ensure_agents_bucket,
+    ensure_budgets_bucket,
     ensure_chunk_stream,
     ensure_effects_bucket,
     ensure_events_stream,
+    ensure_limits_bucket,
     ensure_sessions_bucket,
     ensure_tasks_bucket,
 )
@@ -120,6 +122,8 @@ class Coordinator:
             js, self.subjects, self.settings.session_ttl, replicas=replicas
         )
         await ensure_effects_bucket(js, self.subjects, replicas=replicas)
+        await ensure_limits_bucket(js, self.subjects, replicas=replicas)
+        await ensure_budgets_bucket(js, self.subjects, replicas=replicas)
         self._agents = await ensure_agents_bucket(js, self.subjects, replicas=replicas)
         tasks = await ensure_tasks_bucket(js, self.subjects, replicas=replicas)
         # agents read it, may not create it

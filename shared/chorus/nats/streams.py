@@ -358,7 +358,9 @@ LIMITS_MAX_AGE_S = 24 * 3600  # a limit or pause nobody touched for a day is gon
 BUDGETS_MAX_AGE_S = 31 * 24 * 3600  # an account untouched for a month (a run's, an agent's)
 
 
-async def ensure_limits_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+async def ensure_limits_bucket(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int | None = None
+) -> KeyValue:
     """Shared rate-limit windows and provider pauses: one small value per key, read and
     written compare-and-set on every limited model call (direct gets: no leader round trip)."""
     return await ensure_bucket(
@@ -371,10 +373,13 @@ async def ensure_limits_bucket(js: JetStreamContext, subjects: Subjects) -> KeyV
             storage=StorageType.FILE,
             direct=True,
         ),
+        replicas=replicas,
     )
 
 
-async def ensure_budgets_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+async def ensure_budgets_bucket(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int | None = None
+) -> KeyValue:
     """Budget accounts of runs and agents, reserved and settled compare-and-set."""
     return await ensure_bucket(
         js,
@@ -386,6 +391,7 @@ async def ensure_budgets_bucket(js: JetStreamContext, subjects: Subjects) -> Key
             storage=StorageType.FILE,
             direct=True,
         ),
+        replicas=replicas,
     )
 
 
