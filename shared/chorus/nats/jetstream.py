@@ -46,6 +46,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, 
 from nats.js.errors import BadRequestError
 
 from chorus.messages import headers
+from chorus.nats.connection import raise_if_cancelled, subscribe
 from chorus.nats.replicas import until_settled
 
 log = logging.getLogger("chorus.nats.jetstream")
@@ -396,7 +397,9 @@ class StreamTail:
         self._stale.clear()
         inbox = self.nc.new_inbox()
         self._delivered = 0
-        self._subscription = await self.nc.subscribe(inbox, cb=self._on_message)
+        # The seam's subscribe: nats-py's own swallows a cancellation that comes meanwhile,
+        # and a stop() while the watchdog re-creates the consumer would then wait for ever.
+        self._subscription = await subscribe(self.nc, inbox, cb=self._on_message)
         config = ConsumerConfig(
             deliver_subject=inbox,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
@@ -433,6 +436,7 @@ class StreamTail:
 
     async def _watch(self) -> None:
         while not self.nc.is_closed:
+            raise_if_cancelled()  # a cancel a library swallowed (see chorus.nats.connection)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stale.wait(), self.heartbeat * 2)
             if self._alive and not self._stale.is_set():
