@@ -159,7 +159,9 @@ async def connect(
             raise _tls_failed(settings, exc) from None
         except (TimeoutError, NoServersError, OSError) as exc:
             if time.monotonic() + delay > deadline:
-                reset = bool(reported) and isinstance(reported[-1], ConnectionResetError)
+                # The server hung up mid-handshake: a reset, or an end of stream.
+                cut = (ConnectionError, nats.errors.UnexpectedEOF)
+                reset = bool(reported) and isinstance(reported[-1], cut)
                 if reset and _uses_tls(settings):
                     raise _tls_reset(settings) from None
                 raise NatsUnreachable(
@@ -233,7 +235,7 @@ def _tls_reset(settings: Settings) -> NatsTlsFailed:
     requires client certificates refuses one without after the handshake, and the client
     sees either the alert or only the reset, depending on timing."""
     return NatsTlsFailed(
-        f"TLS with NATS at {redact_url(settings.nats_url)} failed (the server reset the "
+        f"TLS with NATS at {redact_url(settings.nats_url)} failed (the server closed the "
         "connection during the handshake): set NATS_TLS_CERT and NATS_TLS_KEY when the "
         "server requires client certificates, and NATS_TLS_CA to the CA that signed the "
         "server's certificate"
